@@ -1,0 +1,147 @@
+"""`otr` entry point: pops the subcommand and hands the rest to Hydra. Wiring only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+USAGE = """usage: otr <command> [hydra overrides ...]
+
+commands:
+  train    fine-tune a model from a recipe:  otr train recipe=smollm2_demo loss.beta=-0.2
+           multirun sweeps:                   otr train -m recipe=smollm2_demo loss.beta=0,-0.1
+           print the composed config:         otr train recipe=qwen8b_math dry_run=true
+
+Recipes live in {recipes}; `otr train --help` lists every config group and option.
+"""
+
+# Errors caused by the user's input: shown as one clear message, no traceback.
+USER_ERROR_EXIT = 2
+
+
+def recipes_dir() -> Path:
+    """The recipes tree: beside the package in a checkout/editable install, else packaged."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir.parent / "recipes", package_dir / "recipes"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"otr's recipes/ directory was not found next to {package_dir}")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from otr_cli.config import ConfigError
+    from otr_cli.data import DataError
+    from otr_cli.models import ModelSourceError
+    from otr_cli.train.checkpoints import CheckpointError
+    from otr_cli.train.loop import RunExistsError
+
+    return (ConfigError, DataError, ModelSourceError, CheckpointError, RunExistsError)
+
+
+def fail(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def configure_logging() -> None:
+    from rich.logging import RichHandler
+
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handler = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if "WORLD_SIZE" in os.environ
+                                           and os.environ["WORLD_SIZE"] != "1" else "%(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("otr").setLevel(level)
+    logging.getLogger("otr_cli").setLevel(level)
+    for noisy in ("transformers", "datasets", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train_task(cfg) -> Optional[dict]:
+    """Body of `otr train` (called by Hydra with the composed config)."""
+    from omegaconf import OmegaConf
+
+    from otr_cli.config import validate
+
+    try:
+        typed = validate(cfg)
+        if typed.dry_run:
+            print_dry_run(typed, OmegaConf.to_yaml(cfg))
+            return None
+        configure_logging()
+        from otr_cli.train.loop import run_training
+
+        return run_training(typed)
+    except _user_errors() as err:
+        fail(str(err))
+
+
+def print_dry_run(typed, resolved_yaml: str) -> None:
+    """Config, DeepSpeed JSON and batch arithmetic, without touching weights or data."""
+    import torch
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    from otr_cli.train.distributed import world_size_from_env
+    from otr_cli.train.ds_config import BatchArithmetic, build_deepspeed_config
+
+    console = Console()
+    world_size = world_size_from_env()
+    on_gpu = torch.cuda.is_available()
+    console.rule("resolved config")
+    console.print(Syntax(resolved_yaml, "yaml", theme="ansi_dark"))
+    console.rule(f"DeepSpeed config (world size {world_size}, {'GPU' if on_gpu else 'CPU'})")
+    console.print_json(json.dumps(build_deepspeed_config(typed, world_size=world_size, on_gpu=on_gpu)))
+    console.rule("batch")
+    arithmetic = BatchArithmetic(typed.trainer.micro_batch_size, typed.trainer.grad_accum, world_size)
+    console.print(arithmetic.describe(), highlight=False)
+    steps = (f"{typed.trainer.max_steps} optimizer steps" if typed.trainer.max_steps > 0
+             else f"{typed.trainer.epochs} epoch(s); steps are derived from the data size at start-up")
+    console.print(f"training length: {steps}", highlight=False)
+    console.print("dry run: nothing was loaded or written.", highlight=False)
+
+
+def _run_hydra(task: Callable, config_name: str, command: str, overrides: list[str]) -> int:
+    import hydra
+
+    from otr_cli.config import GROUP_SCHEMAS, ConfigError, check_override_keys, register_configs
+
+    try:
+        check_override_keys(overrides, tuple(GROUP_SCHEMAS) + ("recipe",))
+    except ConfigError as err:
+        fail(str(err))
+    register_configs()
+    main_fn = hydra.main(config_path=str(recipes_dir()), config_name=config_name, version_base="1.3")(task)
+    saved_argv = sys.argv
+    sys.argv = [f"otr {command}"] + overrides
+    try:
+        main_fn()
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+COMMANDS = {"train": (train_task, "train")}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(recipes=recipes_dir()))
+        return 0
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        fail(f"unknown command {command!r}; available: {', '.join(COMMANDS)}. See `otr --help`.")
+    task, config_name = COMMANDS[command]
+    return _run_hydra(task, config_name, command, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Typed schema of every config group, registered with Hydra's ConfigStore.
+
+The YAML files under ``recipes/`` are merged onto these dataclasses, so a key that does not
+exist or a value of the wrong type fails at start-up with the key's full path. Checks that
+the type system cannot express (ranges, allowed names, combinations) live in ``validate``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+OBJECTIVES = ("sft", "dft", "otr", "otr_exact")
+REDUCTIONS = ("token", "sequence")
+BASELINES = ("none", "mean", "loo")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRUNCATIONS = ("truncate", "drop")
+DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer")
+
+
+class ConfigError(ValueError):
+    """A config value that is well-typed but not usable; the message names the key."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local directory, a .gguf file, or the built-in name "smollm2-135m-instruct".
+    name_or_path: str = "smollm2-135m-instruct"
+    # File name inside name_or_path when it is a directory or hub repo holding a GGUF.
+    gguf_file: Optional[str] = None
+    revision: Optional[str] = None
+    # Tokenizer source when it differs from the model (defaults to the model's).
+    tokenizer: Optional[str] = None
+    trust_remote_code: bool = False
+    # "auto": bf16 on GPU, fp32 on CPU.
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    attn_implementation: Optional[str] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class SyntheticArithConfig:
+    """Built-in arithmetic word problems; see ``otr_cli.data.synthetic_arith``."""
+
+    num_train: int = 2000
+    num_validation: int = 64
+    num_test: int = 200
+    # Number of operations per in-distribution problem (inclusive range).
+    min_steps: int = 2
+    max_steps: int = 3
+    max_operand: int = 20
+    # The out-of-distribution split: more steps, larger numbers.
+    ood_steps: int = 5
+    ood_max_operand: int = 99
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    # "synthetic_arith", a hub id, or a local .json / .jsonl / .parquet file or directory.
+    source: str = "synthetic_arith"
+    # Hub subset / configuration name, e.g. "main" for openai/gsm8k.
+    subset: Optional[str] = None
+    split: str = "train"
+    format: str = "auto"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    # System prompt added to question/answer and prompt/completion examples (None: none added).
+    system_prompt: Optional[str] = None
+    # Jinja chat template overriding the tokenizer's (a template string or a path to a file).
+    chat_template: Optional[str] = None
+    max_length: int = 512
+    truncation: str = "truncate"
+    # Keep only the first N training examples after shuffling (None: all).
+    max_examples: Optional[int] = None
+    # Validation: a separate split of the source, or a fraction / count held out of train.
+    validation_split: Optional[str] = None
+    validation_size: float = 0.0
+    shuffle: bool = True
+    synthetic: SyntheticArithConfig = field(default_factory=SyntheticArithConfig)
+
+
+@dataclass
+class PhaseConfig:
+    objective: str = "sft"
+    steps: int = 0
+
+
+@dataclass
+class LossConfig:
+    objective: str = "sft"
+    # OTR: samples per position, rollout temperature, reward of a non-target sample.
+    k: int = 256
+    temperature: float = 1.0
+    beta: float = 0.0
+    baseline: str = "none"
+    reduction: str = "token"
+    # Rows of hidden states per chunk of the fused kernel (None: chosen from V and H).
+    chunk_size: Optional[int] = None
+    # "fused" (chunked, never materialises logits) or "reference" (naive, for checks).
+    implementation: str = "fused"
+    # Run SFT for this many optimizer steps before switching to `objective`.
+    sft_warmup_steps: int = 0
+    # Constant mix: loss = objective + sft_weight * CE.
+    sft_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    # Final learning rate as a fraction of lr (cosine and linear).
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    precision: str = "auto"
+    # Extra keys merged into the generated DeepSpeed JSON (advanced).
+    extra: Any = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    # -1: derive from epochs.
+    max_steps: int = -1
+    epochs: float = 1.0
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    log_steps: int = 1
+    save_steps: int = 0
+    save_total_limit: Optional[int] = 2
+    # "auto" | "never" | a checkpoint directory.
+    resume: str = "auto"
+    # Validation loss every N optimizer steps (0: only at the end, if there is a validation set).
+    eval_steps: int = 0
+    # Refuse to start in an output_dir that holds a finished run unless this is true.
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: List[str] = field(default_factory=list)
+    # Also evaluate the model before training (shows the gain).
+    before_training: bool = False
+    limit: Optional[int] = None
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    data_dir: Optional[str] = None
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+
+
+@dataclass
+class RunConfig:
+    # None: outputs/<run.name> for a single run, the job's sweep subdirectory in a multirun.
+    output_dir: Optional[str] = None
+    name: str = "run"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 42
+    dry_run: bool = False
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "deepspeed": DeepSpeedConfig,
+    "trainer": TrainerConfig,
+    "eval": EvalConfig,
+    "launcher": LauncherConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schema that ``recipes/train.yaml`` lists first, so every merge is typed."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+
+
+def _choice(path: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(path: str, value: float, strict: bool = True) -> None:
+    if value is None or (value <= 0 if strict else value < 0):
+        raise ConfigError(f"{path}={value!r} must be {'> 0' if strict else '>= 0'}")
+
+
+def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
+    """Range and combination checks; returns the config as a typed object."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    loss, optim, trainer, data, ds = cfg.loss, cfg.optim, cfg.trainer, cfg.data, cfg.deepspeed
+    _choice("loss.objective", loss.objective, OBJECTIVES)
+    _choice("loss.reduction", loss.reduction, REDUCTIONS)
+    _choice("loss.baseline", loss.baseline, BASELINES)
+    _choice("loss.implementation", loss.implementation, ("fused", "reference"))
+    _positive("loss.k", loss.k)
+    _positive("loss.temperature", loss.temperature)
+    if loss.beta >= 1.0:
+        raise ConfigError(f"loss.beta={loss.beta} must be < 1 (the target's reward is 1)")
+    if loss.chunk_size is not None:
+        _positive("loss.chunk_size", loss.chunk_size)
+    _positive("loss.sft_warmup_steps", loss.sft_warmup_steps, strict=False)
+    _positive("loss.sft_weight", loss.sft_weight, strict=False)
+    _positive("optim.lr", optim.lr)
+    _choice("optim.scheduler", optim.scheduler, SCHEDULERS)
+    if len(optim.betas) != 2:
+        raise ConfigError(f"optim.betas={optim.betas} must have two values")
+    if not 0.0 <= optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio={optim.warmup_ratio} must be in [0, 1)")
+    _choice("deepspeed.precision", ds.precision, PRECISIONS)
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={ds.zero_stage} must be 0, 1, 2 or 3")
+    if ds.offload_param and ds.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
+    if ds.offload_optimizer and ds.zero_stage < 1:
+        raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage>=1")
+    _positive("trainer.micro_batch_size", trainer.micro_batch_size)
+    _positive("trainer.grad_accum", trainer.grad_accum)
+    _positive("trainer.log_steps", trainer.log_steps)
+    _positive("trainer.save_steps", trainer.save_steps, strict=False)
+    if trainer.max_steps == 0 or trainer.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps={trainer.max_steps} must be > 0 (or -1: use trainer.epochs)")
+    if trainer.max_steps == -1:
+        _positive("trainer.epochs", trainer.epochs)
+    if trainer.save_total_limit is not None:
+        _positive("trainer.save_total_limit", trainer.save_total_limit)
+    _choice("data.truncation", data.truncation, TRUNCATIONS)
+    _choice("data.format", data.format, DATA_FORMATS)
+    _positive("data.max_length", data.max_length)
+    if data.validation_size < 0:
+        raise ConfigError(f"data.validation_size={data.validation_size} must be >= 0")
+    _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    return cfg
+
+
+def schema_keys(schema: type = TrainConfig, prefix: str = "") -> dict[str, type]:
+    """Every dotted key path of the schema, mapped to its dataclass field type."""
+    keys: dict[str, type] = {}
+    for f in fields(schema):
+        path = f"{prefix}{f.name}"
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        keys[path] = f.type
+        if is_dataclass(default):
+            keys.update(schema_keys(type(default), prefix=path + "."))
+    return keys
+
+
+FREE_FORM_PREFIXES = ("deepspeed.extra.", "hydra.", "recipe")
+
+
+def check_override_keys(overrides: list[str], groups: tuple[str, ...]) -> None:
+    """Fail fast, with a suggestion, on a command-line override whose key is not in the schema.
+
+    Hydra alone says only "Key 'lrr' is not in struct"; this names the closest real key.
+    """
+    known = schema_keys()
+    for override in overrides:
+        if "=" not in override or override.startswith(("+", "~", "-")):
+            continue
+        key = override.split("=", 1)[0].strip()
+        if key in known or key in groups or key.startswith(FREE_FORM_PREFIXES):
+            continue
+        candidates = list(known) + list(groups)
+        close = difflib.get_close_matches(key, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown config key '{key}' in override '{override}'.{hint} "
+                          f"`otr train --cfg job` prints every key.")
+

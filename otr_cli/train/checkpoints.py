@@ -1,0 +1,160 @@
+"""Checkpoint layout, atomic writes, rotation and resume discovery.
+
+    <output_dir>/checkpoints/step-N/   ds/ (DeepSpeed shards: model, optimizer, scheduler)
+                                       model.safetensors, config.json, tokenizer files
+                                       trainer_state.json
+    <output_dir>/final/                the last model, Hugging Face format
+    <output_dir>/run_state.json        {"status": "running" | "finished", ...}
+
+Every checkpoint is written into a hidden ``.tmp-step-N`` directory and renamed into place
+only when all ranks are done, so ``step-N`` existing means it is complete. A failure while
+writing leaves the earlier checkpoints untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from otr_cli.train.distributed import DistInfo, barrier
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+DS_TAG = "ds"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class RunDirectory:
+    """The files of one run; rank-aware so only rank 0 writes shared files."""
+
+    def __init__(self, output_dir: str | Path, dist_info: DistInfo):
+        self.root = Path(output_dir)
+        self.dist = dist_info
+        self.checkpoints = self.root / "checkpoints"
+        self.final = self.root / "final"
+        self.state_file = self.root / "run_state.json"
+
+    # -- discovery ---------------------------------------------------------------------------
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for child in self.checkpoints.iterdir():
+            match = STEP_DIR.match(child.name)
+            if match and child.is_dir() and (child / "trainer_state.json").is_file():
+                found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        complete = self.complete_checkpoints()
+        return complete[-1][1] if complete else None
+
+    def is_finished(self) -> bool:
+        if not self.state_file.is_file():
+            return False
+        return json.loads(self.state_file.read_text()).get("status") == "finished"
+
+    def has_previous_run(self) -> bool:
+        return self.is_finished() or bool(self.complete_checkpoints()) or self.final.exists()
+
+    # -- writing -----------------------------------------------------------------------------
+    def prepare(self, overwrite: bool) -> None:
+        """Create the directory; with `overwrite`, delete a previous run's model files first."""
+        if self.dist.is_main:
+            if overwrite:
+                for path in (self.checkpoints, self.final, self.state_file, self.root / "metrics.jsonl"):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.exists():
+                        path.unlink()
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.checkpoints.mkdir(exist_ok=True)
+            # Leftovers of a checkpoint that was being written when the process died.
+            for stale in self.checkpoints.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+
+    def mark(self, status: str, **info: Any) -> None:
+        if self.dist.is_main:
+            write_json_atomic(self.state_file, {"status": status, **info})
+
+    def save_checkpoint(self, step: int, write_contents: Callable[[Path], None], limit: Optional[int]) -> Path:
+        """Write a checkpoint atomically.
+
+        `write_contents(tmp_dir)` is called on every rank (DeepSpeed shards are per rank);
+        rank 0 then renames the directory into place and prunes old checkpoints.
+        """
+        final_dir = self.checkpoints / f"step-{step}"
+        tmp_dir = self.checkpoints / f".tmp-step-{step}"
+        if self.dist.is_main:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+        barrier()
+        try:
+            write_contents(tmp_dir)
+        except BaseException:
+            if self.dist.is_main:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        barrier()
+        if self.dist.is_main:
+            if final_dir.exists():
+                # Same step saved again (e.g. the end of training right after a periodic save).
+                shutil.rmtree(final_dir)
+            os.replace(tmp_dir, final_dir)
+            self._prune(limit, keep=final_dir)
+        barrier()
+        return final_dir
+
+    def _prune(self, limit: Optional[int], keep: Path) -> None:
+        if limit is None:
+            return
+        complete = self.complete_checkpoints()
+        for _, path in complete[:-limit]:
+            if path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def publish_final(self, source_checkpoint: Path) -> None:
+        """Copy the Hugging Face files of a checkpoint to final/ (atomically)."""
+        if not self.dist.is_main:
+            barrier()
+            return
+        tmp = self.root / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source_checkpoint, tmp, ignore=shutil.ignore_patterns(DS_TAG, "trainer_state.json", "latest",
+                                                                               "zero_to_fp32.py"))
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(tmp, self.final)
+        barrier()
+
+
+def resolve_resume(run_dir: RunDirectory, resume: str) -> Optional[Path]:
+    """The checkpoint to resume from, or None to start fresh."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return run_dir.latest_checkpoint()
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file() or not (path / DS_TAG).is_dir():
+        raise CheckpointError(
+            f"trainer.resume={resume!r}: not a complete otr checkpoint (expected {path}/trainer_state.json "
+            f"and {path}/{DS_TAG}/). Use trainer.resume=auto to pick the newest in run.output_dir.")
+    return path
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / "trainer_state.json").read_text())

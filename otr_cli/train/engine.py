@@ -1,0 +1,100 @@
+"""Model loading and the DeepSpeed engine for one run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from otr_cli.config import TrainConfig
+from otr_cli.models import apply_lora, default_dtype, load_model
+from otr_cli.train.ds_config import build_deepspeed_config, resolve_precision
+from otr_cli.train.token_loss_model import TokenLossLM
+
+
+def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+
+    def multiplier(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if scheduler == "constant":
+            return 1.0
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        if scheduler == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+    return multiplier
+
+
+def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
+    if cfg.optim.warmup_steps > 0:
+        return cfg.optim.warmup_steps
+    return math.ceil(cfg.optim.warmup_ratio * total_steps)
+
+
+@dataclass
+class Engine:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    lm: torch.nn.Module
+    ds_config: dict[str, Any]
+    precision: str
+
+
+def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> Engine:
+    import deepspeed
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    precision = resolve_precision(cfg.deepspeed.precision, on_gpu)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, default_dtype(cfg.model.dtype, device))
+    lm = load_model(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, dtype=dtype,
+                    trust_remote_code=cfg.model.trust_remote_code,
+                    attn_implementation=cfg.model.attn_implementation)
+    lm.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.lora.enabled:
+        lm = apply_lora(lm, cfg.model.lora)
+    wrapper = TokenLossLM(lm, zero_stage=cfg.deepspeed.zero_stage)
+    ds_config = build_deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu)
+    schedule = lr_lambda(cfg.optim.scheduler, warmup_steps_for(cfg, total_steps), total_steps, cfg.optim.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapper,
+        model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    return Engine(engine=engine, lm=lm, ds_config=ds_config, precision=precision)
+
+
+def export_hf_model(handle: Engine, target_dir, tokenizer, is_main: bool) -> None:
+    """Write a Hugging Face model (safetensors) + tokenizer that ``from_pretrained`` loads.
+
+    Under ZeRO-3 the parameters are partitioned: every rank joins the gather and rank 0
+    writes the consolidated state dict. LoRA runs write the merged model.
+    """
+    engine, lm = handle.engine, handle.lm
+    state_dict = None
+    if handle.ds_config["zero_optimization"]["stage"] == 3:
+        # Collective: all ranks must call it.
+        full = engine._zero3_consolidated_16bit_state_dict()
+        if is_main:
+            state_dict = {key.removeprefix("lm."): value for key, value in full.items()}
+    if not is_main:
+        return
+    if hasattr(lm, "merge_and_unload"):
+        # Merge a copy's adapters so training can go on with the unmerged model.
+        import copy
+
+        merged = copy.deepcopy(lm).merge_and_unload()
+        merged.save_pretrained(target_dir, safe_serialization=True)
+    else:
+        lm.save_pretrained(target_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(target_dir)

@@ -1,0 +1,326 @@
+"""`otr train`: the training recipe (set-up, loop, validation, checkpoints, end of run).
+
+Read top to bottom: ``run_training`` builds everything, ``Trainer.train`` is the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from otr_cli.config import TrainConfig
+from otr_cli.data import DataBundle, build_datasets, collate_batch
+from otr_cli.models import load_tokenizer
+from otr_cli.train.batches import StepPlan, loss_weights, supervised_count
+from otr_cli.train.checkpoints import DS_TAG, RunDirectory, read_trainer_state, resolve_resume, write_json_atomic
+from otr_cli.train.distributed import DistInfo, barrier, init_distributed
+from otr_cli.train.engine import Engine, build_engine, export_hf_model
+from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
+from otr_cli.train.progress import TrainProgress, print_summary
+from otr_cli.train.token_loss_model import ObjectiveSettings, sampling_generator
+
+log = logging.getLogger("otr.train")
+
+# Order of the statistics all-reduced each step (sums; divided by `count` afterwards).
+STAT_KEYS = ("ce", "p_target", "entropy", "match_rate", "reward_mean", "no_match_frac")
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+def resolve_output_dir(cfg: TrainConfig) -> Path:
+    if cfg.run.output_dir:
+        return Path(cfg.run.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs") / cfg.run.name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def objective_at(cfg: TrainConfig, step: int) -> ObjectiveSettings:
+    """The loss settings in force at optimizer step `step` (SFT during the warm-up phase)."""
+    loss = cfg.loss
+    objective = "sft" if step < loss.sft_warmup_steps else loss.objective
+    return ObjectiveSettings(objective=objective, k=loss.k, temperature=loss.temperature, beta=loss.beta,
+                             baseline=loss.baseline, sft_weight=loss.sft_weight if objective != "sft" else 0.0,
+                             chunk_size=loss.chunk_size, implementation=loss.implementation)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, run_dir: RunDirectory, data: DataBundle, tokenizer,
+                 handle: Engine, total_steps: int, plan: StepPlan):
+        self.cfg = cfg
+        self.dist = dist_info
+        self.run_dir = run_dir
+        self.data = data
+        self.tokenizer = tokenizer
+        self.handle = handle
+        self.engine = handle.engine
+        self.total_steps = total_steps
+        self.plan = plan
+        self.step = 0
+        self.device = self.engine.device
+        self.metrics = MetricsLog(run_dir.root / "metrics.jsonl", enabled=dist_info.is_main,
+                                  tensorboard_dir=run_dir.root / "tensorboard")
+        self.pad_id = tokenizer.pad_token_id
+
+    # -- state ---------------------------------------------------------------------------------
+    def resume_from(self, checkpoint: Path) -> None:
+        _, client_state = self.engine.load_checkpoint(str(checkpoint), tag=DS_TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        state = read_trainer_state(checkpoint)
+        self.step = int(state["step"])
+        if client_state and "rng" in client_state:
+            restore_rng_states(client_state["rng"])
+        self.metrics.truncate_after(self.step)
+        log.info("Resumed from %s at step %d", checkpoint, self.step)
+
+    def save_checkpoint(self) -> Path:
+        def write(tmp_dir: Path) -> None:
+            self.engine.save_checkpoint(str(tmp_dir), tag=DS_TAG, client_state={"rng": rng_states()})
+            export_hf_model(self.handle, tmp_dir, self.tokenizer, self.dist.is_main)
+            if self.dist.is_main:
+                write_json_atomic(tmp_dir / "trainer_state.json", {
+                    "step": self.step, "epoch": self.plan.epoch_at(self.step), "total_steps": self.total_steps,
+                    "global_batch": self.plan.global_batch, "seed": self.cfg.seed,
+                })
+
+        return self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit)
+
+    # -- one optimizer step --------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        settings = objective_at(cfg, self.step)
+        micro_indices = self.plan.rank_micro_batches(self.step, self.dist.rank)
+        micro_examples = [[self.data.train[i] for i in indices] for indices in micro_indices]
+        local_tokens = sum(supervised_count(examples) for examples in micro_examples)
+        local_sequences = sum(1 for examples in micro_examples for ex in examples if supervised_count([ex]) > 0)
+        global_tokens, global_sequences = all_reduce_sum([local_tokens, local_sequences], self.device)
+        replicas = cfg.trainer.grad_accum * self.dist.world_size
+        lr = self.engine.get_lr()[0]
+
+        loss_sum = 0.0
+        stat_sums = dict.fromkeys(STAT_KEYS, 0.0)
+        count = 0.0
+        input_tokens = 0
+        for micro_step, examples in enumerate(micro_examples):
+            batch = {k: v.to(self.device) for k, v in collate_batch(examples, self.pad_id).items()}
+            weights = loss_weights(batch, cfg.loss.reduction, int(global_tokens), int(global_sequences), replicas)
+            generator = sampling_generator(cfg.seed, self.step, micro_step, self.dist.rank, self.device)
+            loss, stats = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                      weights.to(self.device), settings, generator)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += float(loss.detach()) / replicas
+            micro_count = float(stats["count"])
+            count += micro_count
+            for key in STAT_KEYS:
+                if key in stats:
+                    stat_sums[key] += float(stats[key]) * micro_count
+            input_tokens += int(batch["attention_mask"].sum())
+
+        reduced = all_reduce_sum([loss_sum, count, float(input_tokens)] + [stat_sums[k] for k in STAT_KEYS],
+                                 self.device)
+        loss_global, count_global, tokens_global = reduced[:3]
+        self.step += 1
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": round(self.plan.epoch_at(self.step), 4),
+            "objective": settings.objective,
+            "loss": loss_global,
+            "lr": lr,
+            "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+            "tokens": int(tokens_global),
+            "supervised_tokens": int(count_global),
+        }
+        for key, total in zip(STAT_KEYS, reduced[3:]):
+            if key in ("ce", "p_target", "entropy") or settings.objective in ("otr", "otr_exact"):
+                record[key] = total / max(count_global, 1.0)
+        if settings.objective != "otr":
+            record.pop("no_match_frac", None)
+        return record
+
+    # -- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_ce(self) -> Optional[float]:
+        """Mean cross-entropy per supervised token over the validation set (all ranks share it)."""
+        examples = self.data.validation
+        if not examples:
+            return None
+        self.engine.eval()
+        settings = ObjectiveSettings(objective="sft", chunk_size=self.cfg.loss.chunk_size,
+                                     implementation=self.cfg.loss.implementation)
+        size = self.cfg.trainer.micro_batch_size
+        mine = list(range(self.dist.rank * size, len(examples), size * self.dist.world_size))
+        ce_sum, count = 0.0, 0.0
+        for start in mine:
+            batch = {k: v.to(self.device) for k, v in collate_batch(examples[start:start + size], self.pad_id).items()}
+            weights = loss_weights(batch, "token", 1, 1, 1)
+            _, stats = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], weights, settings)
+            ce_sum += float(stats["ce"]) * float(stats["count"])
+            count += float(stats["count"])
+        self.engine.train()
+        ce_total, count_total = all_reduce_sum([ce_sum, count], self.device)
+        return ce_total / max(count_total, 1.0)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        self.engine.train()
+        progress = TrainProgress(self.total_steps, self.step, enabled=self.dist.is_main and cfg.trainer.progress)
+        saved_at = None
+        with progress:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                record = self.train_step()
+                record["step_time_s"] = time.perf_counter() - started
+                record["tokens_per_s"] = record["tokens"] / max(record["step_time_s"], 1e-9)
+                if cfg.trainer.eval_steps and self.step % cfg.trainer.eval_steps == 0:
+                    val = self.validation_ce()
+                    if val is not None:
+                        record["val_ce"] = val
+                if self.step % cfg.trainer.log_steps == 0 or self.step == self.total_steps:
+                    self.metrics.write(record)
+                progress.update(record)
+                if cfg.trainer.save_steps and self.step % cfg.trainer.save_steps == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+        if saved_at != self.step:
+            last = self.save_checkpoint()
+        else:
+            last = self.run_dir.latest_checkpoint()
+        records = read_metrics(self.run_dir.root / "metrics.jsonl") if self.dist.is_main else []
+        val = self.validation_ce()
+        if val is not None and self.dist.is_main:
+            final_record = {"step": self.step, "val_ce": val}
+            self.metrics.write(final_record)
+            records.append(final_record)
+        self.run_dir.publish_final(last)
+        self.metrics.close()
+        return records
+
+
+def _as_float(value) -> Optional[float]:
+    if value is None:
+        return None
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def check_output_dir(run_dir: RunDirectory, cfg: TrainConfig) -> None:
+    """Refuse to silently overwrite a finished run or restart over unfinished checkpoints."""
+    if cfg.trainer.overwrite:
+        return
+    if run_dir.is_finished():
+        raise RunExistsError(
+            f"{run_dir.root} holds a finished run (see {run_dir.state_file}). Choose another run.output_dir, "
+            f"or pass trainer.overwrite=true to delete its checkpoints and final model and train again.")
+    if cfg.trainer.resume == "never" and run_dir.has_previous_run():
+        raise RunExistsError(
+            f"{run_dir.root} holds checkpoints of an unfinished run and trainer.resume=never. Use "
+            f"trainer.resume=auto to continue it, or trainer.overwrite=true to start again from scratch.")
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Everything `otr train` does after the config is validated. Returns the run summary."""
+    dist_info = init_distributed()
+    output_dir = resolve_output_dir(cfg)
+    run_dir = RunDirectory(output_dir, dist_info)
+    check_output_dir(run_dir, cfg)
+    run_dir.prepare(overwrite=cfg.trainer.overwrite)
+    if dist_info.is_main:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                               gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
+                               revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    data = build_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    if dist_info.is_main:
+        for line in data.report.summary_lines():
+            log.info("data: %s", line)
+        write_json_atomic(output_dir / "data_report.json", data.report.as_dict())
+
+    plan = StepPlan(len(data.train), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, dist_info.world_size,
+                    seed=cfg.seed, shuffle=cfg.data.shuffle)
+    total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else plan.steps_for_epochs(cfg.trainer.epochs)
+
+    before = None
+    if cfg.eval.benchmarks and cfg.eval.before_training:
+        before = _evaluate(cfg, cfg.model.name_or_path, output_dir / "eval" / "before", dist_info, tokenizer)
+
+    handle = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size)
+    trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, handle, total_steps, plan)
+    checkpoint = resolve_resume(run_dir, cfg.trainer.resume)
+    if checkpoint is not None:
+        trainer.resume_from(checkpoint)
+    run_dir.mark("running", step=trainer.step, total_steps=total_steps)
+    started = time.time()
+    records = trainer.train()
+    elapsed = time.time() - started
+    # Free the engine's memory before generating with the final model.
+    del trainer, handle
+    after = None
+    if cfg.eval.benchmarks:
+        after = _evaluate(cfg, str(run_dir.final), output_dir / "eval" / "final", dist_info, tokenizer)
+    summary = {"output_dir": str(output_dir), "final_model": str(run_dir.final), "total_steps": total_steps,
+               "train_seconds": elapsed, "eval_before": before, "eval_final": after,
+               "data": data.report.as_dict()}
+    if dist_info.is_main:
+        write_json_atomic(output_dir / "summary.json", summary)
+        plot_curves(records, output_dir / "curves.png")
+        print_summary(records, summary)
+    run_dir.mark("finished", step=total_steps, total_steps=total_steps)
+    barrier()
+    return summary
+
+
+def _evaluate(cfg: TrainConfig, model: str, out_dir: Path, dist_info: DistInfo, tokenizer) -> Optional[dict]:
+    """Benchmarks on rank 0 (generation is cheap next to training; other ranks wait)."""
+    result = None
+    if dist_info.is_main:
+        from otr_cli.eval.runner import evaluate_model
+
+        result = evaluate_model(model, cfg.eval, cfg.data, out_dir, tokenizer=tokenizer)
+    barrier()
+    return result

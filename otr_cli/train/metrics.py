@@ -1,0 +1,95 @@
+"""Per-step metrics: metrics.jsonl (one JSON object per optimizer step), TensorBoard, curves.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+CURVE_PANELS = (
+    ("loss", "objective loss"),
+    ("ce", "cross-entropy of targets (nats)"),
+    ("lr", "learning rate"),
+    ("match_rate", "OTR match rate"),
+    ("p_target", "p(target)"),
+    ("entropy", "entropy of p (nats)"),
+)
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl``; only the main rank writes."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Optional[Path] = None):
+        self.path = path
+        self.enabled = enabled
+        self._tensorboard = None
+        if enabled and tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(tensorboard_dir))
+            except ImportError:  # tensorboard is an optional extra
+                self._tensorboard = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step`: a resumed run rewrites them, so the file has no duplicates."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tensorboard.add_scalar(f"train/{key}" if not key.startswith("val") else key, value,
+                                                 record["step"])
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], out_png: Path) -> Optional[Path]:
+    """One panel per metric present in the records, against optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(key, title) for key, title in CURVE_PANELS if any(key in r for r in records)]
+    if not records or not panels:
+        return None
+    columns = 3
+    rows = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    for axis, (key, title) in zip(axes.flat, panels):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        axis.plot([s for s, _ in points], [v for _, v in points], lw=1.2)
+        if key == "ce":
+            val = [(r["step"], r["val_ce"]) for r in records if "val_ce" in r]
+            if val:
+                axis.plot([s for s, _ in val], [v for _, v in val], "o-", ms=3, label="validation")
+                axis.legend(fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("step", fontsize=8)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

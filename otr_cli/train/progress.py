@@ -1,0 +1,86 @@
+"""What the user watches: a rich progress bar during training and a summary table at the end."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def format_record(record: dict[str, Any]) -> str:
+    parts = [f"loss {record['loss']:.4f}", f"ce {record.get('ce', float('nan')):.4f}"]
+    if "match_rate" in record:
+        parts.append(f"match {record['match_rate']:.3f}")
+    if "val_ce" in record:
+        parts.append(f"val_ce {record['val_ce']:.4f}")
+    parts.append(f"{record.get('tokens_per_s', 0):.0f} tok/s")
+    return " | ".join(parts)
+
+
+class TrainProgress:
+    """A live bar on a terminal; one plain line per step otherwise (logs, CI, SLURM)."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.live = enabled and sys.stderr.isatty()
+        self._progress = None
+        if self.live:
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console)
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, status="")
+
+    def __enter__(self):
+        if self._progress is not None:
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def update(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.update(self._task, completed=record["step"], status=format_record(record))
+        else:
+            console.print(f"step {record['step']}/{self.total_steps} [{record.get('objective', '')}] "
+                          f"{format_record(record)}", highlight=False)
+
+
+def print_summary(records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    steps = [r for r in records if "loss" in r]
+    table = Table(title="otr train: summary", show_header=True)
+    table.add_column("metric")
+    table.add_column("first step", justify="right")
+    table.add_column("last step", justify="right")
+    for key in ("loss", "ce", "p_target", "entropy", "match_rate", "reward_mean", "tokens_per_s"):
+        values = [r[key] for r in steps if key in r and r[key] is not None]
+        if values:
+            table.add_row(key, f"{values[0]:.4g}", f"{values[-1]:.4g}")
+    val = [r["val_ce"] for r in records if "val_ce" in r]
+    if val:
+        table.add_row("val_ce", f"{val[0]:.4g}", f"{val[-1]:.4g}")
+    console.print(table)
+    for phase in ("eval_before", "eval_final"):
+        if summary.get(phase):
+            console.print(_eval_table(phase, summary[phase]))
+    console.print(f"final model: [bold]{summary['final_model']}[/bold]  "
+                  f"({summary['total_steps']} steps in {summary['train_seconds']:.0f} s)")
+
+
+def _eval_table(title: str, results: dict[str, Any]) -> Table:
+    table = Table(title=title.replace("_", " "))
+    table.add_column("benchmark")
+    table.add_column("accuracy", justify="right")
+    table.add_column("n", justify="right")
+    for name, result in results.items():
+        table.add_row(name, f"{100 * result['accuracy']:.1f}%", str(result["n"]))
+    return table

@@ -1,0 +1,92 @@
+"""The module DeepSpeed trains: a causal LM whose head is applied by the fused token loss.
+
+The LM's own forward would materialise [B, T, V] logits; instead the decoder's hidden states
+of the supervised positions go, with the head weight, into ``fused_token_loss``, which never
+holds more than one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from otr_cli.losses import fused_token_loss, reference_token_loss
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """Arguments of the token loss for one micro-step (everything but the tensors)."""
+
+    objective: str
+    k: int = 256
+    temperature: float = 1.0
+    beta: float = 0.0
+    baseline: str = "none"
+    sft_weight: float = 0.0
+    chunk_size: Optional[int] = None
+    implementation: str = "fused"
+
+
+def sampling_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
+    """A generator for one micro-step's OTR draws, derived from (seed, step, micro-step, rank).
+
+    Deriving it, instead of carrying one generator along, means a resumed run (or a
+    recomputation) draws exactly the tokens the uninterrupted run drew.
+    """
+    digest = hashlib.blake2b(f"otr:{seed}:{step}:{micro_step}:{rank}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return generator
+
+
+def _decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft wraps the LM
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+class TokenLossLM(nn.Module):
+    """Wraps a ``*ForCausalLM``; ``forward`` returns (loss, stats) instead of logits."""
+
+    def __init__(self, lm: nn.Module, zero_stage: int = 0):
+        super().__init__()
+        self.lm = lm
+        if zero_stage == 3:
+            import deepspeed
+
+            # The head weight is read outside lm_head.forward: tell ZeRO-3 to gather it for us.
+            _, head = _decoder_and_head(lm)
+            deepspeed.zero.register_external_parameter(self, head.weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                row_weights: torch.Tensor, settings: ObjectiveSettings,
+                generator: Optional[torch.Generator] = None):
+        """Loss of one micro-batch.
+
+        input_ids, attention_mask, labels: [B, T] long; labels are aligned with input_ids
+        (position t predicts labels[t + 1]) and IGNORE_INDEX where not supervised.
+        row_weights: [B, T] float, the weight of each position's loss (zero where ignored);
+        the trainer sets them so that summing over all micro-batches and ranks gives the
+        global-batch mean. Returns (loss: 0-dim tensor = sum of weighted token losses, stats).
+        """
+        decoder, head = _decoder_and_head(self.lm)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Position t's hidden state predicts token t + 1.
+        target_tokens = labels[:, 1:].reshape(-1)
+        supervised = target_tokens != IGNORE_INDEX
+        supervised_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised]
+        supervised_targets = target_tokens[supervised]
+        supervised_weights = row_weights[:, 1:].reshape(-1)[supervised]
+        loss_fn = fused_token_loss if settings.implementation == "fused" else reference_token_loss
+        return loss_fn(
+            supervised_hidden, head.weight, supervised_targets,
+            objective=settings.objective, k=settings.k, temperature=settings.temperature,
+            beta=settings.beta, baseline=settings.baseline, sft_weight=settings.sft_weight,
+            weights=supervised_weights.to(torch.promote_types(supervised_hidden.dtype, torch.float32)), generator=generator,
+            chunk_size=settings.chunk_size, ignore_index=IGNORE_INDEX, reduction="sum",
+        )
