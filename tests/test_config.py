@@ -1,0 +1,115 @@
+"""Config composition, the typed schema and start-up validation (no weights are loaded)."""
+
+from __future__ import annotations
+
+import pytest
+
+from otr_cli.cli import main
+from otr_cli.config import ConfigError, TrainConfig, check_override_keys, schema_keys, validate
+from otr_cli.train.ds_config import build_deepspeed_config
+
+
+def dry_run(capsys, *overrides: str) -> str:
+    main(["train", "dry_run=true", *overrides])
+    return capsys.readouterr().out
+
+
+def test_dry_run_prints_config_deepspeed_json_and_batch_arithmetic(capsys):
+    out = dry_run(capsys, "trainer.micro_batch_size=3", "trainer.grad_accum=5")
+    assert "resolved config" in out and "DeepSpeed config" in out
+    assert "micro batch 3 x grad accumulation 5 x world size 1 = 15 sequences" in out.replace("\n", " ")
+    assert '"train_batch_size": 15' in out
+
+
+def test_default_recipe_is_the_smollm2_demo_with_otr(capsys):
+    out = dry_run(capsys)
+    assert "name_or_path: smollm2-135m-instruct" in out
+    assert "objective: otr" in out and "name: smollm2_demo" in out
+
+
+def test_command_line_group_choice_beats_the_recipe(capsys):
+    out = dry_run(capsys, "loss=sft", "optim.lr=3e-6")
+    assert "objective: sft" in out and "lr: 3.0e-06" in out
+
+
+def test_qwen8b_math_recipe_passes_dry_run_with_zero3_bf16(capsys):
+    out = dry_run(capsys, "recipe=qwen8b_math")
+    assert "Qwen/Qwen3-8B" in out
+    assert '"stage": 3' in out and '"stage3_gather_16bit_weights_on_model_save": true' in out
+    assert "k: 256" in out and "temperature: 1.3" in out and "beta: -0.1" in out
+    assert "precision: bf16" in out
+
+
+def test_unknown_key_is_named_with_the_closest_suggestion(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "optim.lrr=1e-5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "optim.lrr" in err and "optim.lr" in err
+
+
+def test_unknown_recipe_lists_the_available_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "recipe=nope", "dry_run=true"])
+    err = capsys.readouterr().err
+    assert "recipe/nope" in err and "smollm2_demo" in err and "qwen8b_math" in err
+
+
+def test_wrong_type_names_the_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "trainer.max_steps=abc", "dry_run=true"])
+    err = capsys.readouterr().err
+    assert "trainer.max_steps" in err
+
+
+def test_out_of_range_value_names_the_key_and_allowed_values(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "loss.objective=ppo", "dry_run=true"])
+    assert exit_info.value.code == 2
+    assert "loss.objective='ppo' is not one of sft, dft, otr, otr_exact" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.beta=1.5", "loss.beta"),
+    ("loss.temperature=0", "loss.temperature"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("data.truncation=cut", "data.truncation"),
+])
+def test_validate_rejects_bad_values(override, message):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist([override]))
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_offload_param_requires_zero3():
+    cfg = TrainConfig()
+    cfg.deepspeed.offload_param = True
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        validate(cfg)
+
+
+def test_every_issue_key_exists_in_the_schema():
+    keys = schema_keys()
+    for key in ["trainer.max_steps", "trainer.epochs", "trainer.micro_batch_size", "trainer.grad_accum",
+                "trainer.save_steps", "trainer.save_total_limit", "trainer.resume", "data.max_length", "optim.lr",
+                "loss.k", "loss.temperature", "loss.beta", "loss.reduction", "seed", "run.output_dir",
+                "eval.benchmarks", "dry_run"]:
+        assert key in keys
+
+
+def test_override_check_accepts_groups_and_sweeps():
+    check_override_keys(["loss=otr", "recipe=smollm2_demo", "loss.beta=-0.1,-0.3", "+foo=1", "hydra.verbose=true"],
+                        ("loss", "recipe"))
+
+
+def test_deepspeed_config_for_cpu_uses_torch_adamw_and_offload_uses_cpu_adam():
+    cfg = TrainConfig()
+    assert build_deepspeed_config(cfg, 1, on_gpu=False)["optimizer"]["params"]["torch_adam"] is True
+    cfg.deepspeed.zero_stage, cfg.deepspeed.offload_optimizer = 2, True
+    ds = build_deepspeed_config(cfg, 2, on_gpu=False)
+    assert "torch_adam" not in ds["optimizer"]["params"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["train_batch_size"] == cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * 2
