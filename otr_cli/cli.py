@@ -36,8 +36,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from otr_cli.config import ConfigError
     from otr_cli.data import DataError
     from otr_cli.models import ModelSourceError
-    from otr_cli.train.checkpoints import CheckpointError
-    from otr_cli.train.loop import RunExistsError
+    from otr_cli.train.checkpoints import CheckpointError, RunExistsError
 
     return (ConfigError, DataError, ModelSourceError, CheckpointError, RunExistsError)
 

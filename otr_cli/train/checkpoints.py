@@ -30,6 +30,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class RunExistsError(RuntimeError):
+    """The output directory holds a run that must not be overwritten silently."""
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))

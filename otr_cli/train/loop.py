@@ -22,7 +22,8 @@ from otr_cli.config import TrainConfig
 from otr_cli.data import DataBundle, build_datasets, collate_batch
 from otr_cli.models import load_tokenizer
 from otr_cli.train.batches import StepPlan, loss_weights, supervised_count
-from otr_cli.train.checkpoints import DS_TAG, RunDirectory, read_trainer_state, resolve_resume, write_json_atomic
+from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume,
+                                      write_json_atomic)
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import Engine, build_engine, export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
@@ -33,10 +34,6 @@ log = logging.getLogger("otr.train")
 
 # Order of the statistics all-reduced each step (sums; divided by `count` afterwards).
 STAT_KEYS = ("ce", "p_target", "entropy", "match_rate", "reward_mean", "no_match_frac")
-
-
-class RunExistsError(RuntimeError):
-    pass
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:

@@ -1,0 +1,164 @@
+"""`otr train` end to end on a tiny random model with the real tokenizer (seconds per run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, read_jsonl, run_cli, tiny_overrides
+from otr_cli.cli import main
+
+
+def train(tiny_model_dir, out, *extra):
+    main(["train", *tiny_overrides(tiny_model_dir, out, *extra)])
+    return read_jsonl(out / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("objective", ["sft", "dft", "otr", "otr_exact"])
+def test_train_each_objective_logs_required_metrics_and_writes_loadable_final_model(tiny_model_dir, tmp_path,
+                                                                                     objective):
+    out = tmp_path / objective
+    records = train(tiny_model_dir, out, f"loss={objective}", "loss.k=8")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for record in steps:
+        for key in ("step", "epoch", "loss", "ce", "lr", "grad_norm", "tokens", "tokens_per_s"):
+            assert key in record and record[key] is not None, key
+        assert record["objective"] == objective
+        if objective in ("otr", "otr_exact"):
+            for key in ("match_rate", "reward_mean", "p_target", "entropy"):
+                assert key in record
+    if objective == "sft":
+        assert steps[0]["loss"] == pytest.approx(steps[0]["ce"], rel=1e-5)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    AutoTokenizer.from_pretrained(out / "final")
+    assert model.config.tie_word_embeddings
+    assert (out / "curves.png").stat().st_size > 0
+    assert json.loads((out / "run_state.json").read_text())["status"] == "finished"
+    assert (out / "checkpoints" / "step-3" / "ds").is_dir()
+
+
+def test_sft_loss_falls_on_repeated_data(tiny_model_dir, tmp_path):
+    records = train(tiny_model_dir, tmp_path / "fit", "loss=sft", "trainer.max_steps=12",
+                    "data.synthetic.num_train=8", "trainer.micro_batch_size=8", "optim.lr=3e-3")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_final_model_weights_equal_the_trained_engine_weights(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "w"
+    train(tiny_model_dir, out, "loss=sft")
+    final = load_file(out / "final" / "model.safetensors")
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    changed = [k for k in final if not torch.equal(final[k], start[k])]
+    assert changed, "training did not change any weight"
+
+
+def test_grad_accumulation_matches_a_bigger_micro_batch(tiny_model_dir, tmp_path):
+    one = train(tiny_model_dir, tmp_path / "a", "loss=sft", "trainer.micro_batch_size=4", "trainer.grad_accum=1")
+    two = train(tiny_model_dir, tmp_path / "b", "loss=sft", "trainer.micro_batch_size=2", "trainer.grad_accum=2")
+    for left, right in zip(one, two):
+        assert left["loss"] == pytest.approx(right["loss"], rel=1e-4)
+
+
+def test_finished_run_is_never_overwritten_silently(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "done"
+    train(tiny_model_dir, out, "loss=sft")
+    before = (out / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        train(tiny_model_dir, out, "loss=sft")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "finished run" in err and "trainer.overwrite=true" in err
+    assert (out / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_overwrite_true_retrains_a_finished_run(tiny_model_dir, tmp_path):
+    out = tmp_path / "again"
+    train(tiny_model_dir, out, "loss=sft")
+    records = train(tiny_model_dir, out, "loss=sft", "trainer.overwrite=true")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "model.name_or_path=./no/such/model", f"run.output_dir={tmp_path / 'x'}",
+              "trainer.progress=false", "eval=none"])
+    err = capsys.readouterr().err
+    assert "no/such/model" in err and "no such file or directory" in err
+
+
+def test_failing_checkpoint_write_keeps_previous_checkpoint_usable(tiny_model_dir, tmp_path, monkeypatch):
+    from otr_cli.train import loop
+
+    out = tmp_path / "fail"
+    calls = {"n": 0}
+    original = loop.export_hf_model
+
+    def export_then_fail_second_time(*args, **kwargs):
+        calls["n"] += 1
+        original(*args, **kwargs)
+        if calls["n"] == 2:
+            raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setattr(loop, "export_hf_model", export_then_fail_second_time)
+    with pytest.raises(OSError, match="simulated"):
+        train(tiny_model_dir, out, "loss=sft", "trainer.max_steps=4", "trainer.save_steps=2")
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step-2"], checkpoints
+    monkeypatch.setattr(loop, "export_hf_model", original)
+    records = train(tiny_model_dir, out, "loss=sft", "trainer.max_steps=4", "trainer.save_steps=2")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tiny_model_dir, tmp_path):
+    out = tmp_path / "rot"
+    train(tiny_model_dir, out, "loss=sft", "trainer.max_steps=6", "trainer.save_steps=1",
+          "trainer.save_total_limit=2")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5", "step-6"]
+
+
+def _wait_for(path: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    common = ["loss=otr", "loss.k=16", "loss.temperature=1.3", "loss.beta=-0.1", "trainer.max_steps=8",
+              "trainer.save_steps=3", "data.synthetic.num_train=20"]
+    reference = train(tiny_model_dir, tmp_path / "ref", *common)
+
+    out = tmp_path / "killed"
+    args = ["train", *tiny_overrides(tiny_model_dir, out, *common)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "otr_cli.cli", *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(out / "checkpoints" / "step-6", timeout=300)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (out / "final").exists(), "the run finished before it was killed"
+    run_cli(args)
+    resumed = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed if "loss" in r] == list(range(1, 9))
+    for left, right in zip(reference, resumed):
+        for key in ("loss", "ce", "match_rate", "grad_norm", "lr"):
+            if key in left:
+                assert left[key] == pytest.approx(right[key], rel=1e-6, abs=1e-9), (left["step"], key)
