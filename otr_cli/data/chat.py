@@ -1,0 +1,140 @@
+"""Render conversations with a chat template and mark which tokens carry the loss.
+
+Supervised tokens are exactly what the model must write after the generation prompt: each
+assistant message's rendered content and the token that closes the turn (``<|im_end|>`` in
+ChatML), which is what teaches the model to stop. Everything else (system prompt, including
+one the template injects by itself, user turns, the ``<|im_start|>assistant\\n`` header, the
+newline after the end-of-turn token) has label -100.
+
+How the spans are found, for any template: for the assistant message i,
+``render(messages[:i], add_generation_prompt=True)`` ends where the reply starts and
+``render(messages[:i + 1])`` ends where the turn ends; the reply span is the text between them
+with trailing whitespace removed. This needs a *prefix-stable* template (rendering a prefix of
+the conversation gives a prefix of the full rendering); templates that are not are refused.
+Characters map to tokens through the fast tokenizer's offset mapping. Labels are never derived
+from token ids: SmolLM2's pad token is its end-of-turn token, so ``input_ids == pad_token_id``
+would hide exactly the tokens that teach the model to stop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from otr_cli.data.errors import DataError
+from otr_cli.data.examples import IGNORE_INDEX, TokenizedExample
+
+# Built-in templates for models whose tokenizer has none (base models): data.chat_template=chatml.
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def resolve_chat_template(tokenizer: Any, chat_template: Optional[str] = None) -> Optional[str]:
+    """The template to pass to ``apply_chat_template``: None means the tokenizer's own.
+
+    chat_template: a Jinja template string (contains ``{{`` or ``{%``), a built-in name
+        (``chatml``), or a path to a file holding a template.
+    Raises DataError when neither the setting nor the tokenizer provides a template.
+    """
+    if chat_template:
+        if "{{" in chat_template or "{%" in chat_template:
+            return chat_template
+        if chat_template in BUILTIN_TEMPLATES:
+            return BUILTIN_TEMPLATES[chat_template]
+        path = Path(chat_template).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.chat_template={chat_template!r} is not a Jinja template (no '{{{{' or '{{%'), "
+                            f"not a built-in name ({', '.join(BUILTIN_TEMPLATES)}) and not an existing file")
+        return path.read_text(encoding="utf-8")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template; set data.chat_template "
+                        f"to a Jinja template string, a template file, or a built-in name "
+                        f"({', '.join(BUILTIN_TEMPLATES)})")
+    return None
+
+
+def render(messages: list[dict], tokenizer: Any, template: Optional[str], *, add_generation_prompt: bool,
+           where: str = "conversation") -> str:
+    """The conversation as text (special tokens included), rendered by the chat template."""
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except DataError:
+        raise
+    except Exception as exc:  # jinja errors and template-raised exceptions ("roles must alternate")
+        raise DataError(f"{where}: the chat template failed to render this conversation: {exc}") from exc
+    if not isinstance(text, str):
+        raise DataError(f"{where}: apply_chat_template returned {type(text).__name__}, not text")
+    return text
+
+
+def render_prompt(messages: list[dict], tokenizer: Any, chat_template: Optional[str] = None) -> str:
+    """Prompt text for generation: `messages` rendered with the generation prompt appended.
+
+    Tokenize the result with ``add_special_tokens=False``: the template already wrote them.
+    """
+    template = resolve_chat_template(tokenizer, chat_template)
+    return render(messages, tokenizer, template, add_generation_prompt=True)
+
+
+def assistant_spans(messages: list[dict], tokenizer: Any, template: Optional[str],
+                    where: str = "conversation") -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and the [start, end) character span of every assistant reply in it.
+
+    A span starts after the generation prompt and ends after the end-of-turn marker (trailing
+    whitespace excluded). Raises DataError when the template is not prefix-stable.
+    """
+    full = render(messages, tokenizer, template, add_generation_prompt=False, where=where)
+    spans: list[tuple[int, int]] = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:index], tokenizer, template, add_generation_prompt=True, where=where)
+        # The last message's prefix is the whole conversation: skip one render (a third of the cost).
+        last = index == len(messages) - 1
+        through = full if last else render(messages[: index + 1], tokenizer, template,
+                                           add_generation_prompt=False, where=where)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise DataError(
+                f"{where}: the chat template is not prefix-stable, so the assistant reply (message {index}) cannot "
+                f"be located: rendering the conversation up to that reply is not a prefix of the full rendering. "
+                f"Set data.chat_template to a template whose rendering of a conversation prefix is a prefix of "
+                f"the whole (e.g. data.chat_template=chatml)"
+            )
+        end = len(through.rstrip())
+        if end <= len(before):
+            raise DataError(f"{where}: the chat template rendered assistant message {index} as nothing")
+        spans.append((len(before), end))
+    return full, spans
+
+
+def encode_conversation(messages: list[dict], tokenizer: Any, template: Optional[str],
+                        where: str = "conversation") -> TokenizedExample:
+    """Tokens of the rendered conversation; labels supervise the assistant spans only.
+
+    A token is supervised when its first character lies inside an assistant span, so a token
+    that straddles the end of a reply (rare) goes with the reply it starts in.
+    """
+    text, spans = assistant_spans(messages, tokenizer, template, where)
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as exc:
+        raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} gives no character offsets; a fast "
+                        f"(Rust-backed) tokenizer is needed to build assistant-only labels") from exc
+    input_ids: list[int] = list(encoding["input_ids"])
+    in_reply = bytearray(len(text) + 1)  # 1 at characters inside an assistant span
+    for start, end in spans:
+        in_reply[start:end] = b"\x01" * (end - start)
+    labels = [
+        token if start < end and in_reply[start] else IGNORE_INDEX
+        for token, (start, end) in zip(input_ids, encoding["offset_mapping"])
+    ]
+    return TokenizedExample(input_ids=input_ids, labels=labels)

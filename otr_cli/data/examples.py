@@ -1,0 +1,97 @@
+"""What the data package hands to training: tokenized examples, a report of what was kept."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+IGNORE_INDEX = -100  # label of a position that carries no loss (PyTorch's cross-entropy default)
+
+
+@dataclass
+class TokenizedExample:
+    """One rendered conversation, ready for collation.
+
+    input_ids: token ids of the whole rendered chat (prompt and replies), length T.
+    labels: length T, aligned with input_ids and NOT shifted: ``labels[t] == input_ids[t]`` where
+        token t is supervised (assistant reply text and the token that ends the assistant turn),
+        ``IGNORE_INDEX`` (-100) elsewhere. The loss shifts: position t-1 predicts labels[t].
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_supervised(self) -> int:
+        """Supervised positions that a causal LM can predict (position 0 has no context)."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+@dataclass
+class DataReport:
+    """Counts of what happened to the records, for the log and for ``metrics``.
+
+    Training counts satisfy ``loaded - held_out - unused == kept + dropped_too_long +
+    dropped_no_supervised``; ``truncated`` counts examples cut to ``max_length`` (they are among
+    the kept unless truncation left them with no supervised token). Token counts are over the
+    kept training examples; ``supervised_tokens`` counts positions with a label (loss tokens).
+    """
+
+    source: str = ""
+    split: str = ""
+    format: str = ""
+    max_length: int = 0
+    truncation: str = "truncate"
+    loaded: int = 0  # records read from data.split
+    held_out: int = 0  # of those, moved to validation (data.validation_size)
+    unused: int = 0  # shuffled past data.max_examples, never tokenized
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_supervised: int = 0
+    supervised_tokens: int = 0
+    total_tokens: int = 0
+    validation_source: str = ""  # "" when there is no validation set
+    validation_loaded: int = 0
+    validation_kept: int = 0
+    validation_truncated: int = 0
+    validation_dropped: int = 0
+    validation_supervised_tokens: int = 0
+    notes: list[str] = field(default_factory=list)  # warnings worth showing the user
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        """A few human-readable lines for the start-of-run log."""
+        lines = [f"data: {self.loaded} records from {self.source}, format {self.format}"]
+        train = f"train: {self.kept} examples kept"
+        if self.held_out:
+            train += f", {self.held_out} held out for validation"
+        if self.unused:
+            train += f", {self.unused} not used (data.max_examples)"
+        lines.append(train)
+        if self.truncation == "truncate":
+            limits = f"{self.truncated} truncated to data.max_length={self.max_length} tokens"
+        else:
+            limits = f"{self.dropped_too_long} dropped as longer than data.max_length={self.max_length}"
+        lines.append(f"  {limits}; {self.dropped_no_supervised} dropped with no supervised token")
+        share = 100.0 * self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0
+        lines.append(f"  tokens: {self.total_tokens} total, {self.supervised_tokens} supervised ({share:.1f}%)")
+        if self.validation_source:
+            lines.append(
+                f"validation: {self.validation_kept} of {self.validation_loaded} examples kept "
+                f"from {self.validation_source} ({self.validation_supervised_tokens} supervised tokens)"
+            )
+        else:
+            lines.append("validation: none (set data.validation_split or data.validation_size)")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return lines
+
+
+@dataclass
+class DataBundle:
+    """Training and validation examples plus the report of how they were built."""
+
+    train: list[TokenizedExample]
+    validation: list[TokenizedExample]
+    report: DataReport
