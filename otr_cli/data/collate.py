@@ -1,0 +1,32 @@
+"""Pad a list of tokenized examples into one batch of tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from otr_cli.data.examples import IGNORE_INDEX, TokenizedExample
+
+
+def collate_batch(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of the batch.
+
+    Returns int64 tensors of shape [B, T], T = longest example:
+      input_ids: padded with `pad_token_id`;
+      attention_mask: 1 on real tokens, 0 on padding;
+      labels: the examples' labels (not shifted), IGNORE_INDEX (-100) on padding.
+    Padding is found from lengths, never from token ids (pad may equal the end-of-turn token).
+    """
+    if not examples:
+        raise ValueError("collate_batch needs at least one example")
+    longest = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example.input_ids)
+        if len(example.labels) != length:
+            raise ValueError(f"example {row}: {length} input ids but {len(example.labels)} labels")
+        input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

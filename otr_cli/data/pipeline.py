@@ -1,0 +1,188 @@
+"""From ``data.*`` settings to tokenized train and validation sets: ``build_datasets``.
+
+Order of operations, chosen so that runs are comparable:
+
+1. Read data.split. Pick the validation records: data.validation_split (a split of the source
+   or a file path), else data.validation_size held out of the training records, else the
+   source's own validation split for synthetic_arith. The hold-out is drawn with a fixed seed,
+   independent of ``seed``, so a seed sweep evaluates every run on the same validation set.
+2. Shuffle the training records with ``seed`` (data.shuffle), then encode them in that order
+   until data.max_examples are kept; the rest are never tokenized (``report.unused``).
+3. Each record: format -> messages -> render -> assistant-only labels -> length policy
+   (data.truncation=truncate keeps the first data.max_length tokens, drop drops the example)
+   -> dropped if no supervised token is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from otr_cli.data.chat import encode_conversation, resolve_chat_template
+from otr_cli.data.errors import DataError
+from otr_cli.data.examples import DataBundle, DataReport, TokenizedExample
+from otr_cli.data.formats import detect_format, to_messages
+from otr_cli.data.sources import SYNTHETIC_SOURCE, RecordSet, read_split
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_SEED = 20250930  # fixed: the validation hold-out must not move with the training seed
+
+
+@dataclass
+class _SplitCounts:
+    """What happened to the records of one split while encoding."""
+
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_supervised: int = 0
+    unused: int = 0
+    supervised_tokens: int = 0
+    total_tokens: int = 0
+
+
+def _fit_length(example: TokenizedExample, max_length: int, truncation: str,
+                counts: _SplitCounts) -> Optional[TokenizedExample]:
+    """Apply the length policy; None means dropped (and counted)."""
+    if len(example.input_ids) <= max_length:
+        return example
+    if truncation == "drop":
+        counts.dropped_too_long += 1
+        return None
+    counts.truncated += 1
+    return TokenizedExample(example.input_ids[:max_length], example.labels[:max_length])
+
+
+def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer: Any, template: Optional[str],
+                  limit: Optional[int]) -> tuple[list[TokenizedExample], _SplitCounts, str]:
+    """Encode records[order[...]] until `limit` are kept; returns examples, counts, format name."""
+    counts = _SplitCounts()
+    examples: list[TokenizedExample] = []
+    record_format = detect_format(records[order[0]], data_cfg, records.where(order[0])) if order else data_cfg.format
+    for position, index in enumerate(order):
+        if limit is not None and len(examples) >= limit:
+            counts.unused = len(order) - position
+            break
+        where = records.where(index)
+        # One format for the whole split: a record lacking a field is an error, not another format.
+        messages = to_messages(records[index], data_cfg, record_format=record_format, where=where)
+        example = _fit_length(encode_conversation(messages, tokenizer, template, where),
+                              data_cfg.max_length, data_cfg.truncation, counts)
+        if example is None:
+            continue
+        supervised = example.num_supervised
+        if supervised == 0:
+            counts.dropped_no_supervised += 1
+            continue
+        examples.append(example)
+        counts.kept += 1
+        counts.supervised_tokens += supervised
+        counts.total_tokens += len(example.input_ids)
+    return examples, counts, record_format
+
+
+def _holdout_size(validation_size: float, available: int) -> int:
+    """data.validation_size as a record count: a fraction when < 1, else a count."""
+    if validation_size < 1:
+        return max(1, round(validation_size * available))
+    if validation_size != int(validation_size):
+        raise DataError(f"data.validation_size={validation_size} must be a fraction below 1 or a whole count")
+    return int(validation_size)
+
+
+def _nothing_left_error(split: str, records: RecordSet, counts: _SplitCounts, data_cfg: Any) -> DataError:
+    reasons = []
+    if counts.dropped_too_long:
+        reasons.append(f"{counts.dropped_too_long} longer than data.max_length={data_cfg.max_length} with "
+                       f"data.truncation=drop (raise data.max_length or set data.truncation=truncate)")
+    if counts.dropped_no_supervised:
+        reasons.append(f"{counts.dropped_no_supervised} with no supervised token left (the assistant reply starts "
+                       f"after token {data_cfg.max_length}: raise data.max_length)")
+    why = "; ".join(reasons) or "the split has no records"
+    return DataError(f"no {split} examples left from {records.description}: {why}")
+
+
+def _validation_records(data_cfg: Any, train_records: RecordSet) -> tuple[Optional[RecordSet], list[int], list[int]]:
+    """(validation record set or None, validation indices, training indices into train_records)."""
+    train_order = list(range(len(train_records)))
+    if data_cfg.validation_split and data_cfg.validation_size > 0:
+        raise DataError(f"data.validation_split={data_cfg.validation_split!r} and data.validation_size="
+                        f"{data_cfg.validation_size} both ask for a validation set; set data.validation_size=0 "
+                        f"or data.validation_split=null")
+    if data_cfg.validation_split:
+        records = read_split(data_cfg, data_cfg.validation_split)
+        return records, list(range(len(records))), train_order
+    if data_cfg.validation_size > 0:
+        size = _holdout_size(data_cfg.validation_size, len(train_records))
+        if size >= len(train_records):
+            raise DataError(f"data.validation_size={data_cfg.validation_size} holds out {size} of the "
+                            f"{len(train_records)} records of {train_records.description}, leaving none to train on")
+        shuffled = list(train_order)
+        random.Random(HOLDOUT_SEED).shuffle(shuffled)
+        held_out = sorted(shuffled[:size])
+        held = set(held_out)
+        return train_records, held_out, [index for index in train_order if index not in held]
+    if data_cfg.source == SYNTHETIC_SOURCE and data_cfg.synthetic.num_validation > 0:
+        records = read_split(data_cfg, "validation")
+        return records, list(range(len(records))), train_order
+    return None, [], train_order
+
+
+def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
+    """Tokenized training and validation examples and a report of what was kept and why.
+
+    data_cfg: ``DataConfig`` (or a DictConfig with the same keys).
+    tokenizer: a fast Hugging Face tokenizer with a chat template (or set data.chat_template).
+    seed: shuffles the training order (data.shuffle); the validation hold-out does not depend on it.
+    Raises DataError for bad records, templates or settings, and when no example is left.
+    """
+    if data_cfg.truncation not in ("truncate", "drop"):
+        raise DataError(f"data.truncation={data_cfg.truncation!r} must be truncate or drop")
+    if data_cfg.max_length < 2:
+        raise DataError(f"data.max_length={data_cfg.max_length} must be at least 2")
+    template = resolve_chat_template(tokenizer, data_cfg.chat_template)
+    train_records = read_split(data_cfg, data_cfg.split)
+    if len(train_records) == 0:
+        raise DataError(f"{train_records.description} has no records (data.source / data.split)")
+    validation_records, validation_order, train_order = _validation_records(data_cfg, train_records)
+
+    if data_cfg.shuffle:
+        random.Random(seed).shuffle(train_order)
+    if data_cfg.max_examples is not None and data_cfg.max_examples < 1:
+        raise DataError(f"data.max_examples={data_cfg.max_examples} must be >= 1 (or null for all)")
+    train, counts, record_format = _encode_split(train_records, train_order, data_cfg, tokenizer, template,
+                                                 data_cfg.max_examples)
+    if not train:
+        raise _nothing_left_error("training", train_records, counts, data_cfg)
+
+    report = DataReport(
+        source=train_records.description, split=data_cfg.split, format=record_format,
+        max_length=data_cfg.max_length, truncation=data_cfg.truncation, loaded=len(train_records),
+        held_out=len(train_records) - len(train_order), unused=counts.unused, kept=counts.kept,
+        truncated=counts.truncated, dropped_too_long=counts.dropped_too_long,
+        dropped_no_supervised=counts.dropped_no_supervised, supervised_tokens=counts.supervised_tokens,
+        total_tokens=counts.total_tokens,
+    )
+    validation: list[TokenizedExample] = []
+    if validation_records is not None:
+        validation, val_counts, _ = _encode_split(validation_records, validation_order, data_cfg, tokenizer,
+                                                  template, None)
+        if not validation and validation_order:
+            raise _nothing_left_error("validation", validation_records, val_counts, data_cfg)
+        report.validation_source = validation_records.description
+        report.validation_loaded = len(validation_order)
+        report.validation_kept = val_counts.kept
+        report.validation_truncated = val_counts.truncated
+        report.validation_dropped = val_counts.dropped_too_long + val_counts.dropped_no_supervised
+        report.validation_supervised_tokens = val_counts.supervised_tokens
+
+    processed = counts.kept + counts.dropped_too_long + counts.dropped_no_supervised
+    if processed and (counts.truncated + counts.dropped_too_long) / processed > 0.1:
+        report.notes.append(f"{counts.truncated + counts.dropped_too_long} of {processed} training examples exceed "
+                            f"data.max_length={data_cfg.max_length}; consider raising it")
+    for line in report.summary_lines():
+        log.info(line)
+    return DataBundle(train=train, validation=validation, report=report)
