@@ -135,3 +135,14 @@ def test_collate_pads_right_with_pad_id_and_ignores_padding_in_labels(tokenizer)
     assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (m - n)
     assert batch["labels"][0].tolist() == short.labels + [IGNORE_INDEX] * (m - n)
     assert batch["labels"][1].tolist() == long.labels and batch["attention_mask"][1].sum() == m
+
+
+def test_a_token_straddling_the_start_of_the_reply_is_supervised_not_lost(tokenizer):
+    # The generation prompt ends with a space that BPE glues to the reply's first word (" 2").
+    spaced = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token if m['role'] == 'assistant' }}"
+              "\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    conversation = [{"role": "user", "content": "Spell 5."}, {"role": "assistant", "content": "Five."}]
+    example = encode_conversation(conversation, tokenizer, spaced)
+    assert " Five" in [tokenizer.decode([token]) for token in example.input_ids]
+    [reply] = [tokenizer.decode(run) for run in _supervised_runs(example)]
+    assert reply == " Five.<|im_end|>"

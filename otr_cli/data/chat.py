@@ -120,8 +120,9 @@ def encode_conversation(messages: list[dict], tokenizer: Any, template: Optional
                         where: str = "conversation") -> TokenizedExample:
     """Tokens of the rendered conversation; labels supervise the assistant spans only.
 
-    A token is supervised when its first character lies inside an assistant span, so a token
-    that straddles the end of a reply (rare) goes with the reply it starts in.
+    A token is supervised when its characters overlap an assistant span. A token that straddles
+    the start of a reply (a SentencePiece "▁word" whose offset includes the space the prompt
+    ends with) is part of what the model must write, so it is supervised rather than lost.
     """
     text, spans = assistant_spans(messages, tokenizer, template, where)
     try:
@@ -134,7 +135,7 @@ def encode_conversation(messages: list[dict], tokenizer: Any, template: Optional
     for start, end in spans:
         in_reply[start:end] = b"\x01" * (end - start)
     labels = [
-        token if start < end and in_reply[start] else IGNORE_INDEX
+        token if in_reply.find(1, start, end) != -1 else IGNORE_INDEX
         for token, (start, end) in zip(input_ids, encoding["offset_mapping"])
     ]
     return TokenizedExample(input_ids=input_ids, labels=labels)
