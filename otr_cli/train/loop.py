@@ -148,6 +148,8 @@ class Trainer:
             loss, stats = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                       weights.to(self.device), settings, generator)
             self.engine.backward(loss)
+            if micro_step == len(micro_examples) - 1:
+                grad_norm = self._grad_norm_before_step()
             self.engine.step()
             loss_sum += float(loss.detach()) / replicas
             micro_count = float(stats["count"])
@@ -167,7 +169,7 @@ class Trainer:
             "objective": settings.objective,
             "loss": loss_global,
             "lr": lr,
-            "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+            "grad_norm": grad_norm if grad_norm is not None else _as_float(self.engine.get_global_grad_norm()),
             "tokens": int(tokens_global),
             "supervised_tokens": int(count_global),
         }
@@ -177,6 +179,16 @@ class Trainer:
         if settings.objective != "otr":
             record.pop("no_match_frac", None)
         return record
+
+    def _grad_norm_before_step(self) -> Optional[float]:
+        """Pre-clipping gradient norm. ZeRO 1-3 report it after the step; stage 0 does not."""
+        if self.handle.ds_config["zero_optimization"]["stage"] != 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:  # bf16 keeps fp32 gradients inside its optimizer: ask DeepSpeed
+            return None
+        # Gradients are already averaged over ranks at this point (stage 0 all-reduces in backward).
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     # -- validation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -274,8 +286,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                                revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     data = build_datasets(cfg.data, tokenizer, seed=cfg.seed)
     if dist_info.is_main:
-        for line in data.report.summary_lines():
-            log.info("data: %s", line)
         write_json_atomic(output_dir / "data_report.json", data.report.as_dict())
 
     plan = StepPlan(len(data.train), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, dist_info.world_size,
