@@ -1,0 +1,383 @@
+"""Fused chunked linear token losses (sft, dft, otr, otr_exact) that never hold N x V logits.
+
+Layout, from the inside out:
+
+* ``_block_logit_gradient``: the per-row math on a few rows of logits that fit in cache. It turns
+  logits z into the logit gradient G = dl/dz in place and returns per-row values and statistics.
+* ``fused_loss_and_grads``: the chunk loop. Per chunk of supervised rows: z = h W^T into one
+  preallocated buffer, the block math above, then dh = G W and dW += G^T h. The gradients are
+  computed here, during the forward pass (as Liger-Kernel does), so no logits survive a chunk.
+* ``FusedTokenLossFunction``: the ``torch.autograd.Function``; its backward only scales the
+  gradients computed in forward by the upstream gradient.
+* ``fused_token_loss``: the user-facing function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from otr_cli.losses.objectives import (
+    LossOptions,
+    accumulation_dtype,
+    check_inputs,
+    draw_rollouts,
+    make_options,
+    rollout_advantages,
+    rollout_rewards,
+    rollout_weights,
+    summarise_stats,
+)
+
+# Target size of one chunk of float32 logits (the one big buffer); see ``default_chunk_rows``.
+CHUNK_LOGITS_BYTES = 128 * 2**20
+MIN_CHUNK_ROWS = 32
+# Rows handled together by the element-wise math: a few MiB, so that the handful of passes over
+# them (exp, sums, sampling, scaling) hit the CPU's last-level cache instead of main memory.
+BLOCK_BYTES = 4 * 2**20
+
+
+def default_chunk_rows(vocab_size: int, hidden_size: int) -> int:
+    """Rows per chunk: ~128 MiB of float32 logits, at most H/2 rows, at least 32 (multiple of 8).
+
+    Speed depends on the rows per chunk: each chunk streams all of W ([V, H]) three times (logits,
+    dh, dW), so the matmuls' arithmetic intensity is about rows/2 flops per byte whatever H is, and
+    on the 2-core CPU measured here they ran ~15% slower at 100 rows than at 200-500. Memory
+    depends on rows * V. Hence rows = 128 MiB / (4 V), which is 216 rows (131 MB) for V = 151936
+    and 680 rows for V = 49152, capped at H / 2 rows so that the chunk buffer stays below half the
+    size of the [V, H] weight gradient the loss has to return anyway (288 rows for H = 576).
+    """
+    by_vocab = CHUNK_LOGITS_BYTES // (4 * vocab_size)
+    rows = min(by_vocab, hidden_size // 2) // 8 * 8
+    return max(MIN_CHUNK_ROWS, rows)
+
+
+@dataclass
+class KernelResult:
+    """What one fused pass produces.
+
+    loss: 0-dim, float32 (float64 for float64 inputs). grad_hidden: [N, H] in hidden's dtype or
+    None. grad_weight: [V, H] in weight's dtype or None (both for a loss whose upstream gradient
+    is 1). stats: detached float32 0-dim tensors (see ``fused_token_loss``).
+    """
+
+    loss: torch.Tensor
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    stats: dict[str, torch.Tensor]
+
+
+class _Workspace:
+    """Buffers allocated once per call and reused by every chunk and block.
+
+    logits: [chunk, V] accumulation dtype, holds z and then G. shifted / rollout: [block, V]
+    scratch for z - max and for the unnormalised rollout policy. lowp: [chunk, V] in the input
+    dtype, only for bfloat16/float16 inputs (matmuls run in the input dtype, CPU has no mixed-out
+    GEMM).
+    """
+
+    def __init__(self, chunk_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, options: LossOptions):
+        acc = accumulation_dtype(dtype)
+        self.block_rows = max(1, min(chunk_rows, BLOCK_BYTES // (vocab * torch.finfo(acc).bits // 8)))
+        self.logits = torch.empty(chunk_rows, vocab, dtype=acc, device=device)
+        self.shifted = torch.empty(self.block_rows, vocab, dtype=acc, device=device)
+        needs_rollout_buffer = options.objective == "otr" or (options.objective == "otr_exact" and options.temperature != 1.0)
+        self.rollout = torch.empty_like(self.shifted) if needs_rollout_buffer else None
+        self.lowp = torch.empty(chunk_rows, vocab, dtype=dtype, device=device) if dtype != acc else None
+
+
+def _block_logit_gradient(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    shifted: torch.Tensor,
+    rollout: torch.Tensor | None,
+    options: LossOptions,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Per-row objective on a block of logits; overwrites ``logits`` with the logit gradient.
+
+    logits: [b, V] float32/float64, z on entry, G on exit, where dl_i/dz_i = coef_i * G_i.
+    targets: [b] int64. shifted, rollout: [b, V] scratch of the same dtype (rollout is None for
+    sft/dft and for otr_exact at temperature 1). Returns (value [b], coef [b] or None meaning 1, stats name -> [b]).
+    """
+    target_col = targets.unsqueeze(1)
+    shifted = torch.sub(logits, logits.amax(dim=1, keepdim=True), out=shifted)  # z - max z
+    log_p_target = shifted.gather(1, target_col)
+    exp_shifted = torch.exp(shifted, out=logits)  # logits now holds exp(z - max z)
+    sum_exp = exp_shifted.sum(dim=1, keepdim=True)
+    log_sum_exp = sum_exp.log()
+    log_p_target = log_p_target - log_sum_exp  # [b, 1]
+    ce = -log_p_target
+    p_target = log_p_target.exp()
+    # H(p) = log sum e - E_p[z - max z]
+    entropy = log_sum_exp - torch.linalg.vecdot(exp_shifted, shifted, dim=1).unsqueeze(1) / sum_exp
+    stats = {"ce": ce, "p_target": p_target, "entropy": entropy}
+    sft_weight = options.sft_weight
+
+    if options.objective in ("sft", "dft"):
+        logits.mul_(1.0 / sum_exp).scatter_add_(1, target_col, torch.full_like(ce, -1.0))  # p - onehot(y)
+        coef = (1.0 + sft_weight) * torch.ones_like(ce) if options.objective == "sft" else p_target + sft_weight
+        value = coef * ce
+    elif options.objective == "otr":
+        value = _otr_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col, options, generator, stats)
+        value = value + sft_weight * ce
+        coef = None
+    else:
+        value = _otr_exact_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col, log_p_target, options, stats)
+        value = value + sft_weight * ce
+        coef = None
+    return value.squeeze(1), (coef.squeeze(1) if coef is not None else None), {k: v.squeeze(1) for k, v in stats.items()}
+
+
+def _otr_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col, options, generator, stats):
+    """Monte Carlo OTR on a block: sample, score, and write G = (abar + λ) p - (1/K) Σ A_k e_{a_k} - λ e_y.
+
+    logits holds exp(z - max) on entry ([b, V]); returns the surrogate value [b, 1].
+    """
+    k = options.k
+    # The cumulative sums overwrite the rollout scratch; with temperature 1 the weights are the
+    # logits buffer's own exp(z - max), which must survive, so they are summed into the scratch.
+    weights = logits if options.temperature == 1.0 else rollout_weights(shifted, options.temperature, out=rollout)
+    samples = draw_rollouts(weights, k, generator, cdf_out=rollout)  # [b, K]
+    log_p_samples = shifted.gather(1, samples) - log_sum_exp
+    rewards = rollout_rewards(samples, target_col.squeeze(1), options.beta, logits.dtype)
+    advantages = rollout_advantages(rewards, options.baseline)
+    hits = (samples == target_col).to(logits.dtype)
+    stats["match_rate"] = hits.mean(dim=1, keepdim=True)
+    stats["reward_mean"] = rewards.mean(dim=1, keepdim=True)
+    stats["no_match_frac"] = (hits.sum(dim=1, keepdim=True) == 0).to(logits.dtype)
+
+    p_coef = advantages.mean(dim=1, keepdim=True) + options.sft_weight
+    logits.mul_(p_coef / sum_exp)
+    # Duplicated samples accumulate: scatter_add_ builds (1/K) Σ_k A_k onehot(a_k) in place.
+    logits.scatter_add_(1, samples, advantages.mul_(-1.0 / k))
+    if options.sft_weight:
+        logits.scatter_add_(1, target_col, torch.full_like(sum_exp, -options.sft_weight))
+    return (advantages * log_p_samples).sum(dim=1, keepdim=True)  # advantages already carry -1/K
+
+
+def _otr_exact_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col, log_p_target, options, stats):
+    """Expected OTR on a block (no sampling); writes G into logits (exp(z - max) on entry).
+
+    baseline none: G = [(1-β) q_y + β + λ] p - β q - [(1-β) q_y + λ] e_y
+    baseline mean/loo: G = λ p + (1-β) q_y q - [(1-β) q_y + λ] e_y
+    Returns the surrogate value [b, 1].
+    """
+    beta, sft_weight = options.beta, options.sft_weight
+    same_policy = options.temperature == 1.0  # q = p, and q's weights are logits' own entries
+    q_weights = logits if same_policy else rollout_weights(shifted, options.temperature, out=rollout)
+    sum_q = q_weights.sum(dim=1, keepdim=True)
+    q_target = q_weights.gather(1, target_col) / sum_q
+    expected_log_p = torch.linalg.vecdot(q_weights, shifted, dim=1).unsqueeze(1) / sum_q - log_sum_exp
+    stats["match_rate"] = q_target
+    stats["reward_mean"] = q_target + beta * (1.0 - q_target)
+
+    target_coef = (1.0 - beta) * q_target + sft_weight
+    if options.centred:
+        value = (1.0 - beta) * q_target * (expected_log_p - log_p_target)
+        p_coef, q_coef = torch.full_like(sum_q, sft_weight), (1.0 - beta) * q_target
+    else:
+        value = -((1.0 - beta) * q_target * log_p_target + beta * expected_log_p)
+        p_coef, q_coef = target_coef + beta, torch.full_like(sum_q, -beta)
+    if same_policy:
+        logits.mul_((p_coef + q_coef) / sum_exp)
+    else:
+        logits.mul_(p_coef / sum_exp).addcmul_(q_weights, q_coef / sum_q)
+    logits.scatter_add_(1, target_col, -target_coef)
+    return value
+
+
+def _chunk_logit_gradient(logits, targets, workspace, options, generator):
+    """Run the block math over a chunk; returns (value [n], coef [n] or None, stats name -> [n])."""
+    values, coefs, stats = [], [], {}
+    step = workspace.block_rows
+    for start in range(0, logits.shape[0], step):
+        stop = min(start + step, logits.shape[0])
+        rows = stop - start
+        rollout = workspace.rollout[:rows] if workspace.rollout is not None else None
+        value, coef, block_stats = _block_logit_gradient(
+            logits[start:stop], targets[start:stop], workspace.shifted[:rows], rollout, options, generator
+        )
+        values.append(value)
+        coefs.append(coef)
+        for name, row_values in block_stats.items():
+            stats.setdefault(name, []).append(row_values)
+    coef = torch.cat(coefs) if coefs[0] is not None else None
+    return torch.cat(values), coef, {name: torch.cat(parts) for name, parts in stats.items()}
+
+
+def _logits_into(out: torch.Tensor, hidden_rows: torch.Tensor, weight: torch.Tensor, lowp: torch.Tensor | None) -> None:
+    """out [n, V] (accumulation dtype) = hidden_rows [n, H] @ weight[V, H]^T."""
+    if lowp is None:
+        torch.mm(hidden_rows, weight.t(), out=out)
+    else:
+        out.copy_(torch.mm(hidden_rows, weight.t(), out=lowp[: out.shape[0]]))
+
+
+def _grad_times_weight(grad_logits: torch.Tensor, weight: torch.Tensor, lowp: torch.Tensor | None) -> torch.Tensor:
+    """G [n, V] @ weight [V, H] -> [n, H] (in weight's dtype for low-precision inputs)."""
+    if lowp is None:
+        return torch.mm(grad_logits, weight)
+    rows = lowp[: grad_logits.shape[0]]
+    rows.copy_(grad_logits)
+    return torch.mm(rows, weight)
+
+
+def fused_loss_and_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    options: LossOptions,
+    generator: torch.Generator | None,
+    chunk_rows: int,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+) -> KernelResult:
+    """Loss, statistics and both gradients in one chunked pass (plain function, no autograd).
+
+    hidden: [N, H], weight: [V, H] (same dtype), labels: [N] int64, row_weights: [N] float or None.
+    Only rows whose label is not ``options.ignore_index`` are multiplied with W; the others get
+    zero gradient.
+    """
+    device = hidden.device
+    acc = accumulation_dtype(weight.dtype)
+    rows = (labels != options.ignore_index).nonzero().squeeze(1)
+    count = rows.numel()
+    scale = 1.0 / max(count, 1) if options.reduction == "mean" else 1.0
+
+    loss = torch.zeros((), dtype=acc, device=device)
+    grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
+    grad_weight = None  # float accumulator [V, H], allocated by the first chunk's matmul
+    row_stats: dict[str, list[torch.Tensor]] = {}
+    workspace = _Workspace(min(chunk_rows, count), weight.shape[0], weight.dtype, device, options) if count else None
+
+    for start in range(0, count, chunk_rows):
+        chunk = rows[start : start + chunk_rows]
+        hidden_rows = hidden.index_select(0, chunk)
+        logits = workspace.logits[: chunk.numel()]
+        _logits_into(logits, hidden_rows, weight, workspace.lowp)
+        value, coef, stats = _chunk_logit_gradient(logits, labels.index_select(0, chunk), workspace, options, generator)
+
+        loss_weight = row_weights.index_select(0, chunk).to(acc) * scale if row_weights is not None else torch.full_like(value, scale)
+        loss += (loss_weight * value).sum()
+        grad_scale = (loss_weight * coef if coef is not None else loss_weight).unsqueeze(1)  # dl/dz_i = grad_scale_i G_i
+        if need_hidden_grad:
+            grad_rows = _grad_times_weight(logits, weight, workspace.lowp)
+            grad_hidden.index_copy_(0, chunk, grad_rows.mul_(grad_scale.to(grad_rows.dtype)))
+        if need_weight_grad:
+            scaled_hidden = hidden_rows.to(acc) * grad_scale
+            if grad_weight is None:
+                grad_weight = torch.mm(logits.t(), scaled_hidden)
+            else:
+                grad_weight.addmm_(logits.t(), scaled_hidden)
+        for name, values in stats.items():
+            row_stats.setdefault(name, []).append(values)
+
+    if need_weight_grad:
+        grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
+    merged = {name: torch.cat(parts) for name, parts in row_stats.items()}
+    if count == 0:
+        merged = {name: torch.zeros(0, device=device) for name in _stat_names(options)}
+    return KernelResult(loss, grad_hidden, grad_weight, summarise_stats(merged, count, device))
+
+
+def _stat_names(options: LossOptions) -> tuple[str, ...]:
+    names = ("ce", "p_target", "entropy")
+    if options.objective == "otr":
+        return names + ("match_rate", "reward_mean", "no_match_frac")
+    if options.objective == "otr_exact":
+        return names + ("match_rate", "reward_mean")
+    return names
+
+
+class FusedTokenLossFunction(torch.autograd.Function):
+    """Autograd wrapper: gradients are computed in forward, backward only scales them.
+
+    The gradients are kept on ``ctx`` (not ``save_for_backward``) and handed over in backward, so
+    autograd can adopt the V x H weight gradient without copying it; as a consequence backward can
+    run once per forward (the loss is sampled anyway: a second backward would need the same draws).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, row_weights, options, generator, chunk_rows, stats_out):
+        result = fused_loss_and_grads(
+            hidden,
+            weight,
+            labels,
+            row_weights,
+            options,
+            generator,
+            chunk_rows,
+            need_hidden_grad=ctx.needs_input_grad[0],
+            need_weight_grad=ctx.needs_input_grad[1],
+        )
+        stats_out.update(result.stats)
+        ctx.grads = (result.grad_hidden, result.grad_weight)
+        return result.loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("fused_token_loss: backward can run only once per forward (gradients are precomputed)")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def fused_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    objective: str,
+    k: int = 256,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    baseline: str = "none",
+    sft_weight: float = 0.0,
+    weights: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token loss of an LM head without materialising the logits.
+
+    hidden: [N, H] (or [..., H]) final hidden states; weight: [V, H] LM head (for tied embeddings
+    the embedding matrix itself); labels: [N] int64 targets, ``ignore_index`` for unsupervised
+    rows. Same dtype for hidden and weight: float32, bfloat16, float16 or float64. Logits, softmax
+    and statistics are computed in float32 (float64 for float64 inputs).
+
+    objective: "sft" | "dft" | "otr" | "otr_exact"; k, temperature, beta, baseline: OTR rollouts
+    (K samples per position from softmax(z / temperature), reward 1 on the target and beta
+    elsewhere, baseline "none" | "mean" | "loo"); sft_weight: λ, adds λ * cross-entropy.
+    weights: optional [N] per-row weights (constants). reduction "mean": sum_i w_i l_i / n_sup;
+    "sum": sum_i w_i l_i. generator: drives every draw (same state -> same result).
+    chunk_size: rows per chunk (default ``default_chunk_rows(V, H)``).
+
+    Returns (loss, stats): loss is a 0-dim float32 (float64) tensor; stats holds detached float32
+    0-dim tensors: ce, p_target, entropy (unweighted means over supervised positions), for otr
+    match_rate, reward_mean, no_match_frac, for otr_exact match_rate, reward_mean; and count.
+    """
+    options = make_options(
+        objective,
+        k=k,
+        temperature=temperature,
+        beta=beta,
+        baseline=baseline,
+        sft_weight=sft_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    hidden, labels, weights = check_inputs(hidden, weight, labels, weights, options.ignore_index)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
+    chunk_rows = int(chunk_size) if chunk_size is not None else default_chunk_rows(weight.shape[0], weight.shape[1])
+    stats: dict[str, torch.Tensor] = {}
+    loss = FusedTokenLossFunction.apply(hidden, weight, labels, weights, options, generator, chunk_rows, stats)
+    return loss, stats

@@ -1,0 +1,201 @@
+"""Options, validation and the small pieces of math shared by the fused kernel and the reference.
+
+Both implementations draw their OTR rollouts through :func:`rollout_weights` and
+:func:`draw_rollouts` and turn rewards into advantages through :func:`rollout_advantages`, so that
+with the same generator state they consume the random stream identically and pick the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+OBJECTIVES = ("sft", "dft", "otr", "otr_exact")
+BASELINES = ("none", "mean", "loo")
+REDUCTIONS = ("mean", "sum")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Every knob of the token loss, validated once (see :func:`make_options`)."""
+
+    objective: str
+    k: int = 256
+    temperature: float = 1.0
+    beta: float = 0.0
+    baseline: str = "none"
+    sft_weight: float = 0.0
+    ignore_index: int = -100
+    reduction: str = "mean"
+
+    @property
+    def samples(self) -> bool:
+        """Whether the objective draws rollouts (consumes the generator)."""
+        return self.objective == "otr"
+
+    @property
+    def centred(self) -> bool:
+        """Whether rewards are centred by a baseline (then the advantages sum to zero per row)."""
+        return self.baseline in ("mean", "loo")
+
+
+def make_options(
+    objective: str,
+    *,
+    k: int = 256,
+    temperature: float = 1.0,
+    beta: float = 0.0,
+    baseline: str = "none",
+    sft_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> LossOptions:
+    """Validate the knobs and freeze them; raises ``ValueError`` with the offending value."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k (rollouts per token) must be a positive integer, got {k!r}")
+    if objective == "otr" and baseline == "loo" and k < 2:
+        raise ValueError("baseline='loo' needs k >= 2: with one rollout there are no other rewards to average")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (math.isfinite(beta) and beta < 1):
+        raise ValueError(f"beta (reward of a non-target token) must be finite and < 1, got {beta!r}")
+    if not (math.isfinite(sft_weight) and sft_weight >= 0):
+        raise ValueError(f"sft_weight must be finite and >= 0, got {sft_weight!r}")
+    return LossOptions(
+        objective=objective,
+        k=int(k),
+        temperature=float(temperature),
+        beta=float(beta),
+        baseline=baseline,
+        sft_weight=float(sft_weight),
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+    )
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Logits and statistics dtype: float64 stays float64, everything else becomes float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rollout_weights(shifted_logits: torch.Tensor, temperature: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Unnormalised rollout policy q ∝ exp((z - max z) / temperature).
+
+    shifted_logits: [n, V] float32/float64, z - max(z) per row (so the largest entry is exp(0) = 1
+    and nothing overflows). Returns [n, V], written into ``out`` when given. With temperature 1 it
+    is exactly ``exp(shifted_logits)``, which the fused kernel reuses instead of computing it twice.
+    """
+    if temperature == 1.0:
+        return torch.exp(shifted_logits, out=out)
+    scaled = torch.mul(shifted_logits, 1.0 / temperature, out=out)
+    return scaled.exp_()
+
+
+def draw_rollouts(
+    weights: torch.Tensor, k: int, generator: torch.Generator | None, *, cdf_out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """K i.i.d. tokens per row from unnormalised weights [n, V] (with replacement); returns [n, K] int64.
+
+    Inverse-CDF sampling: cumulative sums along V, one uniform per draw scaled by the row total, and
+    a binary search. It draws from the same distribution as ``torch.multinomial(weights, k,
+    replacement=True)`` at about half its cost on CPU (the cumulative sum runs in parallel over
+    rows; multinomial's loop is serial). Properties the kernel and tests rely on:
+
+    * the uniforms come from one ``torch.rand(n, k)`` call, so drawing a matrix in row blocks
+      consumes the generator exactly like drawing it at once (chunk-size invariance), and the
+      CPU generator is serial, so draws do not depend on the thread count;
+    * tokens of zero weight are never drawn (the search returns the first index whose cumulative
+      sum exceeds the uniform, and the uniform is kept strictly below the row total).
+
+    cdf_out: optional [n, V] buffer for the cumulative sums; it may be ``weights`` itself.
+    """
+    cdf = torch.cumsum(weights, dim=1, out=cdf_out)
+    totals = cdf[:, -1:]
+    uniforms = torch.rand(weights.shape[0], k, generator=generator, dtype=cdf.dtype, device=cdf.device).mul_(totals)
+    # u * total can round up to total; keep it below so the search never runs past the end.
+    uniforms = torch.minimum(uniforms, torch.nextafter(totals, torch.zeros_like(totals)))
+    return torch.searchsorted(cdf, uniforms, right=True)
+
+
+def rollout_rewards(samples: torch.Tensor, targets: torch.Tensor, beta: float, dtype: torch.dtype) -> torch.Tensor:
+    """R_k = 1 where the rollout hit the target, beta otherwise. samples [n, K], targets [n] -> [n, K]."""
+    hits = samples == targets.unsqueeze(1)
+    return torch.where(hits, torch.ones((), dtype=dtype, device=samples.device), torch.full((), beta, dtype=dtype, device=samples.device))
+
+
+def rollout_advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
+    """Advantages A_k from rewards [n, K].
+
+    none: A = R. mean: A = R - mean(R) (biased by (K-1)/K against the covariance it estimates).
+    loo: A_k = R_k - mean of the other K-1 rewards = K/(K-1) (R_k - mean(R)) (unbiased, K >= 2).
+    """
+    if baseline == "none":
+        return rewards
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if baseline == "mean":
+        return centred
+    k = rewards.shape[1]
+    return centred.mul_(k / (k - 1))
+
+
+STAT_NAMES = ("ce", "p_target", "entropy")
+ROLLOUT_STAT_NAMES = ("match_rate", "reward_mean", "no_match_frac")
+
+
+def summarise_stats(rows: dict[str, torch.Tensor], count: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Turn per-row statistics into the detached float32 0-dim means returned to callers.
+
+    rows: name -> [n] tensor of per-position values (any float dtype). Means over zero rows are 0,
+    never NaN. ``count`` (the number of supervised positions) is returned as a float32 0-dim tensor
+    too, so micro-batch results can be combined exactly as sum(stat * count) / sum(count).
+    """
+    stats = {}
+    for name, values in rows.items():
+        total = values.detach().to(torch.float64).sum() if values.numel() else torch.zeros((), dtype=torch.float64, device=device)
+        stats[name] = (total / max(count, 1)).to(torch.float32)
+    stats["count"] = torch.tensor(float(count), dtype=torch.float32, device=device)
+    return stats
+
+
+def check_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Validate shapes, dtypes and label range; flatten leading dimensions.
+
+    hidden [..., H] and labels [...] (and weights [...], when given) are flattened to [N, H], [N]
+    and [N]. Raises ``ValueError``/``TypeError`` with a message naming the problem.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    vocab, width = weight.shape
+    if hidden.shape[-1] != width:
+        raise ValueError(f"hidden's last dimension ({hidden.shape[-1]}) must equal weight's H ({width})")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {weight.dtype}; use one of {SUPPORTED_DTYPES}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    hidden = hidden.reshape(-1, width)
+    labels = labels.reshape(-1).long()
+    if labels.numel() != hidden.shape[0]:
+        raise ValueError(f"labels has {labels.numel()} entries but hidden has {hidden.shape[0]} rows")
+    if weights is not None:
+        weights = weights.detach().reshape(-1)
+        if weights.numel() != labels.numel():
+            raise ValueError(f"weights has {weights.numel()} entries but labels has {labels.numel()}")
+        if not weights.is_floating_point():
+            raise TypeError(f"weights must be a float tensor, got {weights.dtype}")
+    supervised = labels[labels != ignore_index]
+    if supervised.numel() and bool((supervised.min() < 0) | (supervised.max() >= vocab)):
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    return hidden, labels, weights
