@@ -52,11 +52,18 @@ def tiny_overrides(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
             "loss.sft_warmup_steps=0", *extra]
 
 
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env() -> dict[str, str]:
+    """This process's environment without the rendezvous variables an in-process run left behind."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS} | {"PYTHONUNBUFFERED": "1"}
+
+
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, check: bool = True
             ) -> subprocess.CompletedProcess:
     """`otr ...` in a fresh process, as a user would run it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, "-m", "otr_cli.cli", *args], cwd=cwd or REPO, env=env,
+    result = subprocess.run([sys.executable, "-m", "otr_cli.cli", *args], cwd=cwd or REPO, env=subprocess_env(),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"otr {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

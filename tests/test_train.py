@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, read_jsonl, run_cli, tiny_overrides
+from conftest import REPO, read_jsonl, run_cli, subprocess_env, tiny_overrides
 from otr_cli.cli import main
 
 
@@ -133,11 +133,13 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tiny_model_dir, tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5", "step-6"]
 
 
-def _wait_for(path: Path, timeout: float) -> None:
+def _wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float) -> None:
     deadline = time.time() + timeout
     while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run exited ({process.returncode}) before {path} appeared:\n{log.read_text()}")
         if time.time() > deadline:
-            raise TimeoutError(f"{path} did not appear")
+            raise TimeoutError(f"{path} did not appear:\n{log.read_text()}")
         time.sleep(0.05)
 
 
@@ -149,11 +151,12 @@ def test_kill_9_and_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_mod
 
     out = tmp_path / "killed"
     args = ["train", *tiny_overrides(tiny_model_dir, out, *common)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "otr_cli.cli", *args], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed.log"
+    with log.open("w") as log_handle:
+        process = subprocess.Popen([sys.executable, "-m", "otr_cli.cli", *args], cwd=REPO, env=subprocess_env(),
+                                   stdout=log_handle, stderr=subprocess.STDOUT)
     try:
-        _wait_for(out / "checkpoints" / "step-6", timeout=300)
+        _wait_for(out / "checkpoints" / "step-6", process, log, timeout=300)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
