@@ -61,6 +61,12 @@ def configure_logging() -> None:
     logging.getLogger("otr_cli").setLevel(level)
     for noisy in ("transformers", "datasets", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Per-file "Loading weights" bars drown the training output; the progress bar is ours.
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def train_task(cfg) -> Optional[dict]:

@@ -168,3 +168,33 @@ def test_kill_9_and_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_mod
         for key in ("loss", "ce", "match_rate", "grad_norm", "lr"):
             if key in left:
                 assert left[key] == pytest.approx(right[key], rel=1e-6, abs=1e-9), (left["step"], key)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_match_zero0_losses_and_export_a_loadable_model(tiny_model_dir, tmp_path, stage):
+    from transformers import AutoModelForCausalLM
+
+    reference = train(tiny_model_dir, tmp_path / "zero0", "loss=otr", "loss.k=8")
+    zero = train(tiny_model_dir, tmp_path / f"zero{stage}", "loss=otr", "loss.k=8", f"deepspeed=zero{stage}")
+    for left, right in zip(reference, zero):
+        if "loss" in left:
+            assert left["loss"] == pytest.approx(right["loss"], rel=1e-4, abs=1e-6)
+            assert right["grad_norm"] == pytest.approx(left["grad_norm"], rel=1e-3)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / f"zero{stage}" / "final")
+    assert model.get_output_embeddings().weight.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path):
+    plain = train(tiny_model_dir, tmp_path / "plain", "loss=sft")
+    checkpointed = train(tiny_model_dir, tmp_path / "gc", "loss=sft", "model.gradient_checkpointing=true")
+    for left, right in zip(plain, checkpointed):
+        if "loss" in left:
+            assert left["loss"] == pytest.approx(right["loss"], rel=1e-5)
+
+
+def test_sequence_reduction_weights_every_sequence_equally(tiny_model_dir, tmp_path):
+    token = train(tiny_model_dir, tmp_path / "tok", "loss=sft", "trainer.max_steps=1")
+    sequence = train(tiny_model_dir, tmp_path / "seq", "loss=sft", "trainer.max_steps=1", "loss.reduction=sequence")
+    # Same batch, same model: the CE statistic is identical, the objective's weighting is not.
+    assert token[0]["ce"] == pytest.approx(sequence[0]["ce"], rel=1e-6)
+    assert token[0]["loss"] != pytest.approx(sequence[0]["loss"], rel=1e-6)

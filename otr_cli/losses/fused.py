@@ -253,8 +253,10 @@ def fused_loss_and_grads(
     row_stats: dict[str, list[torch.Tensor]] = {}
     workspace = _Workspace(min(chunk_rows, count), weight.shape[0], weight.dtype, device, options) if count else None
 
-    for start in range(0, count, chunk_rows):
-        chunk = rows[start : start + chunk_rows]
+    # Equal chunks: a ragged last chunk of a few rows would run its three matmuls at poor efficiency.
+    step = -(-count // -(-count // chunk_rows)) if count else chunk_rows
+    for start in range(0, count, step):
+        chunk = rows[start : start + step]
         hidden_rows = hidden.index_select(0, chunk)
         logits = workspace.logits[: chunk.numel()]
         _logits_into(logits, hidden_rows, weight, workspace.lowp)

@@ -83,8 +83,10 @@ class TokenLossLM(nn.Module):
         supervised_targets = target_tokens[supervised]
         supervised_weights = row_weights[:, 1:].reshape(-1)[supervised]
         loss_fn = fused_token_loss if settings.implementation == "fused" else reference_token_loss
+        # Without grad mode (validation) the kernel must not build the [V, H] weight gradient.
+        head_weight = head.weight if torch.is_grad_enabled() else head.weight.detach()
         return loss_fn(
-            supervised_hidden, head.weight, supervised_targets,
+            supervised_hidden, head_weight, supervised_targets,
             objective=settings.objective, k=settings.k, temperature=settings.temperature,
             beta=settings.beta, baseline=settings.baseline, sft_weight=settings.sft_weight,
             weights=supervised_weights.to(torch.promote_types(supervised_hidden.dtype, torch.float32)), generator=generator,
