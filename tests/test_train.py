@@ -198,3 +198,27 @@ def test_sequence_reduction_weights_every_sequence_equally(tiny_model_dir, tmp_p
     # Same batch, same model: the CE statistic is identical, the objective's weighting is not.
     assert token[0]["ce"] == pytest.approx(sequence[0]["ce"], rel=1e-6)
     assert token[0]["loss"] != pytest.approx(sequence[0]["loss"], rel=1e-6)
+
+
+def test_lora_trains_adapters_only_and_final_is_a_merged_plain_model(tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    records = train(tiny_model_dir, out, "loss=sft", "model.lora.enabled=true", "model.lora.r=4")
+    assert len([r for r in records if "loss" in r]) == 3
+    final = load_file(out / "final" / "model.safetensors")
+    assert not any("lora" in key for key in final), "final/ must hold the merged model"
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert torch.equal(final["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    changed = [k for k in final if k in start and not torch.equal(final[k], start[k])]
+    assert changed and all("proj" in k for k in changed)
+    AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_tensorboard_events_are_written_when_installed(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    train(tiny_model_dir, out, "loss=sft")
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
