@@ -28,6 +28,7 @@ from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import Engine, build_engine, export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.progress import TrainProgress, print_summary
+from otr_cli.train.signals import WeakSignalMonitor
 from otr_cli.train.token_loss_model import ObjectiveSettings, sampling_generator
 
 log = logging.getLogger("otr.train")
@@ -218,6 +219,7 @@ class Trainer:
         cfg = self.cfg
         self.engine.train()
         progress = TrainProgress(self.total_steps, self.step, enabled=self.dist.is_main and cfg.trainer.progress)
+        signal_monitor = WeakSignalMonitor()
         saved_at = None
         with progress:
             while self.step < self.total_steps:
@@ -232,6 +234,11 @@ class Trainer:
                 if self.step % cfg.trainer.log_steps == 0 or self.step == self.total_steps:
                     self.metrics.write(record)
                 progress.update(record)
+                if self.dist.is_main:
+                    warning = signal_monitor.observe(record)
+                    if warning:
+                        log.warning(warning)
+                        self.metrics.write({"step": self.step, "warning": warning})
                 if cfg.trainer.save_steps and self.step % cfg.trainer.save_steps == 0:
                     self.save_checkpoint()
                     saved_at = self.step
