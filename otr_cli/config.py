@@ -173,6 +173,8 @@ class EvalConfig:
     benchmarks: List[str] = field(default_factory=list)
     # Also evaluate the model before training (shows the gain).
     before_training: bool = False
+    # Also evaluate the checkpoint at the end of the SFT warm-up (loss.sft_warmup_steps).
+    after_warmup: bool = False
     limit: Optional[int] = None
     batch_size: int = 16
     max_new_tokens: int = 256

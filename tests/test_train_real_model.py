@@ -20,12 +20,13 @@ def test_smollm2_demo_recipe_trains_evaluates_and_exports_a_loadable_model(tmp_p
     # A real pretrained model already predicts many target tokens: OTR samples match.
     assert records[-1]["match_rate"] > 0.05
     summary = json.loads((out / "summary.json").read_text())
-    for phase in ("eval_before", "eval_final"):
-        assert set(summary[phase]) == {"synthetic_arith", "synthetic_arith_ood"}
-        assert all(r["n"] == 2 for r in summary[phase].values())
+    assert list(summary["eval"]) == ["before training", "after SFT warm-up (step 1)", "final (step 3)"]
+    for results in summary["eval"].values():
+        assert set(results) == {"synthetic_arith", "synthetic_arith_ood"}
+        assert all(r["n"] == 2 for r in results.values())
     predictions = read_jsonl(out / "eval" / "final" / "synthetic_arith.jsonl")
     assert all(p["completion"] for p in predictions)
-    assert "eval before" in result.stderr + result.stdout
+    assert "after SFT warm-up (step 1)" in result.stderr + result.stdout
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

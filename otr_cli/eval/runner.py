@@ -44,7 +44,7 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
         _write_jsonl(out_dir / f"{name}.jsonl", rows)
         log.info("eval %s on %s: %d/%d correct", model_path, name, correct, len(rows))
     tmp = out_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
+    tmp.write_text(json.dumps({"model": model_path, "benchmarks": results}, indent=2))
     tmp.replace(out_dir / "results.json")
     del model
     return results

@@ -102,6 +102,8 @@ class Trainer:
         self.metrics = MetricsLog(run_dir.root / "metrics.jsonl", enabled=dist_info.is_main,
                                   tensorboard_dir=run_dir.root / "tensorboard")
         self.pad_id = tokenizer.pad_token_id
+        # Evaluations made during training, by phase name (e.g. the end of the SFT warm-up).
+        self.phase_evals: dict[str, dict] = {}
 
     # -- state ---------------------------------------------------------------------------------
     def resume_from(self, checkpoint: Path) -> None:
@@ -181,6 +183,11 @@ class Trainer:
             record.pop("no_match_frac", None)
         return record
 
+    def _is_warmup_end(self) -> bool:
+        cfg = self.cfg
+        return (bool(cfg.eval.benchmarks) and cfg.eval.after_warmup and cfg.loss.sft_warmup_steps > 0
+                and self.step == cfg.loss.sft_warmup_steps < self.total_steps)
+
     def _grad_norm_before_step(self) -> Optional[float]:
         """Pre-clipping gradient norm. ZeRO 1-3 report it after the step; stage 0 does not."""
         if self.handle.ds_config["zero_optimization"]["stage"] != 0:
@@ -242,6 +249,12 @@ class Trainer:
                 if cfg.trainer.save_steps and self.step % cfg.trainer.save_steps == 0:
                     self.save_checkpoint()
                     saved_at = self.step
+                if self._is_warmup_end():
+                    checkpoint = self.save_checkpoint() if saved_at != self.step else self.run_dir.latest_checkpoint()
+                    saved_at = self.step
+                    name = f"after SFT warm-up (step {self.step})"
+                    self.phase_evals[name] = _evaluate(cfg, str(checkpoint), self.run_dir.root / "eval" / "warmup",
+                                                       self.dist, self.tokenizer)
         if saved_at != self.step:
             last = self.save_checkpoint()
         else:
@@ -312,14 +325,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     started = time.time()
     records = trainer.train()
     elapsed = time.time() - started
+    evals: dict[str, dict] = {"before training": before} if before else {}
+    evals.update(trainer.phase_evals)
     # Free the engine's memory before generating with the final model.
     del trainer, handle
-    after = None
     if cfg.eval.benchmarks:
-        after = _evaluate(cfg, str(run_dir.final), output_dir / "eval" / "final", dist_info, tokenizer)
+        evals[f"final (step {total_steps})"] = _evaluate(cfg, str(run_dir.final), output_dir / "eval" / "final",
+                                                        dist_info, tokenizer)
     summary = {"output_dir": str(output_dir), "final_model": str(run_dir.final), "total_steps": total_steps,
-               "train_seconds": elapsed, "eval_before": before, "eval_final": after,
-               "data": data.report.as_dict()}
+               "train_seconds": elapsed, "eval": evals, "data": data.report.as_dict()}
     if dist_info.is_main:
         write_json_atomic(output_dir / "summary.json", summary)
         plot_curves(records, output_dir / "curves.png")
@@ -330,9 +344,18 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: TrainConfig, model: str, out_dir: Path, dist_info: DistInfo, tokenizer) -> Optional[dict]:
-    """Benchmarks on rank 0 (generation is cheap next to training; other ranks wait)."""
+    """Benchmarks on rank 0 (generation is cheap next to training; other ranks wait).
+
+    Results already in `out_dir` for the same benchmarks and model are reused, so a resumed
+    run does not evaluate its starting model twice.
+    """
     result = None
-    if dist_info.is_main:
+    cached = out_dir / "results.json"
+    if dist_info.is_main and cached.is_file():
+        previous = json.loads(cached.read_text())
+        if previous.get("model") == model and set(previous.get("benchmarks", {})) == set(cfg.eval.benchmarks):
+            result = previous["benchmarks"]
+    if dist_info.is_main and result is None:
         from otr_cli.eval.runner import evaluate_model
 
         result = evaluate_model(model, cfg.eval, cfg.data, out_dir, tokenizer=tokenizer)

@@ -69,18 +69,23 @@ def print_summary(records: list[dict[str, Any]], summary: dict[str, Any]) -> Non
     if val:
         table.add_row("val_ce", f"{val[0]:.4g}", f"{val[-1]:.4g}")
     console.print(table)
-    for phase in ("eval_before", "eval_final"):
-        if summary.get(phase):
-            console.print(_eval_table(phase, summary[phase]))
+    if summary.get("eval"):
+        console.print(eval_table(summary["eval"]))
     console.print(f"final model: [bold]{summary['final_model']}[/bold]  "
                   f"({summary['total_steps']} steps in {summary['train_seconds']:.0f} s)")
 
 
-def _eval_table(title: str, results: dict[str, Any]) -> Table:
-    table = Table(title=title.replace("_", " "))
+def eval_table(evals: dict[str, dict[str, Any]]) -> Table:
+    """Accuracy per benchmark (rows) at each evaluated point of the run (columns)."""
+    table = Table(title="accuracy (greedy, measured now on held-out problems)")
     table.add_column("benchmark")
-    table.add_column("accuracy", justify="right")
-    table.add_column("n", justify="right")
-    for name, result in results.items():
-        table.add_row(name, f"{100 * result['accuracy']:.1f}%", str(result["n"]))
+    for phase in evals:
+        table.add_column(phase, justify="right")
+    benchmarks = list(dict.fromkeys(name for results in evals.values() for name in results))
+    for name in benchmarks:
+        cells = []
+        for results in evals.values():
+            result = results.get(name)
+            cells.append(f"{100 * result['accuracy']:.1f}% ({result['correct']}/{result['n']})" if result else "-")
+        table.add_row(name, *cells)
     return table
