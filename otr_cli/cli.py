@@ -15,6 +15,9 @@ commands:
   train    fine-tune a model from a recipe:  otr train recipe=smollm2_demo loss.beta=-0.2
            multirun sweeps:                   otr train -m recipe=smollm2_demo loss.beta=0,-0.1
            print the composed config:         otr train recipe=qwen8b_math dry_run=true
+  eval     benchmark a model:                otr eval model=outputs/run/final eval.benchmarks=[gsm8k,humaneval]
+           compare two evaluations:          otr eval compare outputs/a outputs/b
+  grade    grade completions from anywhere:  otr grade predictions=preds.jsonl grader=math|choice|code
 
 Recipes live in {recipes}; `otr train --help` lists every config group and option.
 """
@@ -133,7 +136,21 @@ def _run_hydra(task: Callable, config_name: str, command: str, overrides: list[s
     return 0
 
 
-COMMANDS = {"train": (train_task, "train")}
+def _grade(args: list[str]) -> int:
+    from otr_cli.eval.commands import grade_entry
+
+    return grade_entry(args)
+
+
+def _eval(args: list[str]) -> int:
+    from otr_cli.eval.commands import eval_entry
+
+    return eval_entry(args)
+
+
+# (Hydra task, primary config name), or a callable taking the raw arguments (commands that parse
+# their own arguments, or dispatch to Hydra themselves).
+COMMANDS = {"train": (train_task, "train"), "eval": _eval, "grade": _grade}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -144,6 +161,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     command, overrides = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; available: {', '.join(COMMANDS)}. See `otr --help`.")
+    if callable(COMMANDS[command]):
+        return COMMANDS[command](overrides)
     task, config_name = COMMANDS[command]
     return _run_hydra(task, config_name, command, overrides)
 

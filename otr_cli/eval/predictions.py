@@ -1,0 +1,145 @@
+"""`otr grade`: read a predictions file, grade every line with one grader, write the graded lines.
+
+Input: JSON lines, each with ``completion`` and ``gold`` (math, choice) or ``prompt``,
+``completion``, ``test``, ``entry_point`` (code). Output: each input line plus ``extracted`` and
+``correct`` (code: ``status`` instead of ``extracted``), in the input order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from otr_cli.eval.atomic import write_jsonl_atomic
+from otr_cli.eval.choice_grader import gold_letter, grade_choice
+from otr_cli.eval.code_grader import grade_code_many
+from otr_cli.eval.math_grader import grade_math
+from otr_cli.eval.sandbox import SandboxLimits, detect_isolation
+
+GRADERS = ("math", "choice", "code")
+REQUIRED_FIELDS = {"math": ("completion", "gold"), "choice": ("completion", "gold"),
+                   "code": ("prompt", "completion", "test", "entry_point")}
+
+
+class GradeInputError(ValueError):
+    """A predictions file that cannot be graded; the message names the file and line."""
+
+
+@dataclass
+class GradeSummary:
+    grader: str
+    n: int
+    correct: int
+    output: Optional[Path] = None
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+
+def read_predictions(path: Path, grader: str) -> list[dict]:
+    """Lines of `path` as dicts, each checked for the fields `grader` needs (errors say file:line)."""
+    if grader not in GRADERS:
+        raise GradeInputError(f"grader={grader!r} is not one of {', '.join(GRADERS)}")
+    if not path.is_file():
+        raise GradeInputError(f"predictions file {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise GradeInputError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(row, dict):
+                raise GradeInputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            missing = [key for key in REQUIRED_FIELDS[grader] if key not in row]
+            if missing:
+                raise GradeInputError(f"{path}:{number}: missing field(s) {', '.join(missing)} needed by "
+                                      f"grader={grader} (the line has: {', '.join(sorted(row)) or 'nothing'})")
+            for key in REQUIRED_FIELDS[grader]:
+                if key != "gold" and not isinstance(row[key], str):
+                    raise GradeInputError(f"{path}:{number}: field {key!r} must be a string, "
+                                          f"got {type(row[key]).__name__}")
+            if grader == "choice":
+                try:
+                    gold_letter(row["gold"])
+                except ValueError as exc:
+                    raise GradeInputError(f"{path}:{number}: {exc}") from exc
+            rows.append(row)
+    if not rows:
+        raise GradeInputError(f"{path} holds no predictions")
+    return rows
+
+
+def grade_rows(rows: list[dict], grader: str, *, limits: SandboxLimits = SandboxLimits(),
+               workers: int = 2) -> list[dict]:
+    """Copies of `rows` with `correct` and `extracted` (math, choice) or `status` (code) added."""
+    if grader == "code":
+        results = grade_code_many(rows, limits, workers)
+        return [dict(row, correct=result.passed, status=result.status) for row, result in zip(rows, results)]
+    grade = grade_math if grader == "math" else grade_choice
+    graded = []
+    for row in rows:
+        extracted, correct = grade(row["completion"], row["gold"] if grader == "choice" else str(row["gold"]))
+        graded.append(dict(row, extracted=extracted, correct=correct))
+    return graded
+
+
+def grade_file(predictions: Path, grader: str, output: Path, *, limits: SandboxLimits = SandboxLimits(),
+               workers: int = 2) -> GradeSummary:
+    """Grade `predictions` into `output` (written atomically); returns the counts."""
+    rows = read_predictions(predictions, grader)
+    graded = grade_rows(rows, grader, limits=limits, workers=workers)
+    write_jsonl_atomic(output, graded)
+    return GradeSummary(grader, len(graded), sum(bool(r["correct"]) for r in graded), output)
+
+
+GRADE_USAGE = """usage: otr grade predictions=FILE.jsonl grader=math|choice|code [output=OUT.jsonl]
+                 [workers=2] [timeout=10] [memory_mb=2048] [isolation=auto|namespaces|user_namespaces|rlimits]"""
+GRADE_KEYS = ("predictions", "grader", "output", "workers", "timeout", "memory_mb", "isolation")
+
+
+def parse_grade_args(args: list[str]) -> dict[str, str]:
+    """key=value arguments of `otr grade`, with unknown or missing keys named."""
+    values: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise GradeInputError(f"argument {arg!r} is not key=value\n{GRADE_USAGE}")
+        if key not in GRADE_KEYS:
+            raise GradeInputError(f"unknown argument {key!r}; known: {', '.join(GRADE_KEYS)}\n{GRADE_USAGE}")
+        values[key] = value
+    for key in ("predictions", "grader"):
+        if key not in values:
+            raise GradeInputError(f"missing {key}=...\n{GRADE_USAGE}")
+    return values
+
+
+def grade_command(args: list[str]) -> int:
+    """Body of `otr grade`: grade a file, print a summary. Returns the exit code."""
+    from rich.console import Console
+
+    if any(a in ("-h", "--help", "help") for a in args):
+        print(GRADE_USAGE)
+        return 0
+    values = parse_grade_args(args)
+    predictions = Path(values["predictions"])
+    output = Path(values.get("output") or predictions.with_name(predictions.stem + ".graded.jsonl"))
+    try:
+        limits = SandboxLimits(timeout_s=float(values.get("timeout", 10)), memory_mb=int(values.get("memory_mb", 2048)),
+                               cpu_s=int(float(values.get("timeout", 10))))
+        workers = int(values.get("workers", 2))
+    except ValueError as exc:
+        raise GradeInputError(f"bad number in arguments: {exc}") from exc
+    console = Console()
+    if values["grader"] == "code":
+        isolation = detect_isolation(values.get("isolation", "auto"))
+        console.print(f"sandbox isolation: {isolation.describe()}", highlight=False)
+    summary = grade_file(predictions, values["grader"], output, limits=limits, workers=workers)
+    console.print(f"grader={summary.grader}: {summary.correct}/{summary.n} correct "
+                  f"(accuracy {summary.accuracy:.1%}); graded lines in {output}", highlight=False)
+    return 0
