@@ -244,10 +244,10 @@ def test_otr_draws_do_not_depend_on_chunk_size():
 
 
 def test_default_chunk_rows_follows_the_documented_rule():
-    assert default_chunk_rows(151936, 896) == 216
-    assert default_chunk_rows(151936, 4096) == 216
-    assert default_chunk_rows(49152, 576) == 288
-    assert default_chunk_rows(V, H) == 32  # the floor
+    assert default_chunk_rows(151936, 896) == 216  # ~128 MiB of logits
+    assert default_chunk_rows(49152, 576) == 680
+    assert default_chunk_rows(151936, 4096) == 512  # H / 8: a wide head affords more rows
+    assert default_chunk_rows(2**24, 64) == 32  # the floor
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)

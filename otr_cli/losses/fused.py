@@ -39,17 +39,16 @@ BLOCK_BYTES = 4 * 2**20
 
 
 def default_chunk_rows(vocab_size: int, hidden_size: int) -> int:
-    """Rows per chunk: ~128 MiB of float32 logits, at most H/2 rows, at least 32 (multiple of 8).
+    """Rows per chunk: max(128 MiB of float32 logits, H / 8 rows), a multiple of 8, at least 32.
 
-    Speed depends on the rows per chunk: each chunk streams all of W ([V, H]) three times (logits,
-    dh, dW), so the matmuls' arithmetic intensity is about rows/2 flops per byte whatever H is, and
-    on the 2-core CPU measured here they ran ~15% slower at 100 rows than at 200-500. Memory
-    depends on rows * V. Hence rows = 128 MiB / (4 V), which is 216 rows (131 MB) for V = 151936
-    and 680 rows for V = 49152, capped at H / 2 rows so that the chunk buffer stays below half the
-    size of the [V, H] weight gradient the loss has to return anyway (288 rows for H = 576).
+    Speed depends on the rows per chunk: every chunk streams W ([V, H]) three times and reads and
+    writes the float32 weight gradient once, so few rows starve the matmuls (on the 2-core CPU
+    measured here, ~100-row chunks ran ~15% slower than 200-500-row chunks). Memory grows with
+    rows * V. The first term bounds the buffer at ~128 MiB (216 rows for V = 151936, 680 rows for
+    V = 49152); the second lets a wide head use more rows, because its buffer is then still at most
+    1/8 of the [V, H] weight gradient the loss returns anyway (512 rows for H = 4096).
     """
-    by_vocab = CHUNK_LOGITS_BYTES // (4 * vocab_size)
-    rows = min(by_vocab, hidden_size // 2) // 8 * 8
+    rows = max(CHUNK_LOGITS_BYTES // (4 * vocab_size), hidden_size // 8) // 8 * 8
     return max(MIN_CHUNK_ROWS, rows)
 
 

@@ -120,7 +120,10 @@ def draw_rollouts(
     """
     cdf = torch.cumsum(weights, dim=1, out=cdf_out)
     totals = cdf[:, -1:]
-    uniforms = torch.rand(weights.shape[0], k, generator=generator, dtype=cdf.dtype, device=cdf.device).mul_(totals)
+    # Draw where the generator lives (a CPU generator also serves CUDA tensors), then move.
+    draw_device = generator.device if generator is not None else cdf.device
+    uniforms = torch.rand(weights.shape[0], k, generator=generator, dtype=cdf.dtype, device=draw_device)
+    uniforms = uniforms.to(cdf.device).mul_(totals)
     # u * total can round up to total; keep it below so the search never runs past the end.
     uniforms = torch.minimum(uniforms, torch.nextafter(totals, torch.zeros_like(totals)))
     return torch.searchsorted(cdf, uniforms, right=True)

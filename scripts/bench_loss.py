@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""Benchmark the fused token losses against the naive reference (and Liger-Kernel on CUDA).
+
+    python scripts/bench_loss.py --device cpu            # full run, writes docs/benchmarks/bench_loss.{json,md}
+    python scripts/bench_loss.py --device cpu --quick    # small shapes, 3 repeats, writes to a temp dir
+    python scripts/bench_loss.py --device cuda           # adds Liger's fused linear cross-entropy when importable
+
+Per shape (N supervised rows, hidden size H, vocabulary V; float32) it measures
+
+* forward+backward time: one worker process holds the inputs and runs every case in turn,
+  round after round (so that noise from other load hits all cases alike), after one warm-up run
+  per case; the median over the rounds is reported;
+* peak memory above the inputs: one fresh process per case creates the inputs, resets the peak
+  (CPU: /proc/self/clear_refs and VmHWM; CUDA: torch.cuda.reset_peak_memory_stats), runs one
+  forward+backward and reads the peak. The gradients of hidden and weight are part of it (they are
+  outputs); "beyond grads" subtracts their size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OTR_OPTIONS = {"k": 256, "temperature": 1.3, "beta": -0.1}
+FULL_SHAPES = [
+    (2048, 576, 49152, "SmolLM2-135M head"),
+    (1024, 896, 151936, "Qwen2.5-0.5B head"),
+    (512, 4096, 151936, "Qwen3-8B head"),
+]
+QUICK_SHAPES = [(512, 576, 49152, "SmolLM2 head, quick"), (256, 896, 151936, "Qwen 0.5B head, quick")]
+CASES = ["reference:sft", "reference:otr", "fused:sft", "fused:dft", "fused:otr", "fused:otr_exact"]
+LIGER_CASE = "liger:sft"
+# (name, numerator case, denominator case, metric, target, shapes it applies to (None = all))
+TARGETS = [
+    ("fused otr time / fused sft time", "fused:otr", "fused:sft", "time", 1.15, [(1024, 896, 151936)]),
+    ("fused otr time / fused sft time", "fused:otr", "fused:sft", "time", 1.10, [(512, 4096, 151936)]),
+    ("fused otr_exact time / fused sft time", "fused:otr_exact", "fused:sft", "time", 1.10, None),
+    ("fused sft time / reference sft time", "fused:sft", "reference:sft", "time", 1.00, None),
+    ("fused otr memory / reference otr memory", "fused:otr", "reference:otr", "memory", 0.35, None),
+    ("fused otr memory / fused sft memory", "fused:otr", "fused:sft", "memory", 1.15, None),
+    ("fused otr time / Liger CE time", "fused:otr", LIGER_CASE, "time", 1.15, None),
+    ("fused otr memory / Liger CE memory", "fused:otr", LIGER_CASE, "memory", 1.10, None),
+]
+
+
+# ----------------------------------------------------------------------------- workers (subprocess side)
+
+
+def make_inputs(n, h, v, device):
+    """hidden [n, h] ~ N(0, 1), weight [v, h] with logits of std ~3, labels [n]; all float32."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(n, h, generator=gen).to(device).requires_grad_()
+    weight = torch.randn(v, h, generator=gen).mul_(3.0 / h**0.5).to(device).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    return hidden, weight, labels
+
+
+def run_case(case, hidden, weight, labels):
+    """One forward+backward of a case; gradients are left on hidden.grad / weight.grad."""
+    import torch
+
+    from otr_cli.losses import fused_token_loss, reference_token_loss
+
+    implementation, objective = case.split(":")
+    hidden.grad = None
+    weight.grad = None
+    if implementation == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss()(weight, hidden, labels)
+    else:
+        options = OTR_OPTIONS if objective in ("otr", "otr_exact") else {}
+        if objective == "otr_exact":
+            options = {key: value for key, value in options.items() if key != "k"}
+        fn = fused_token_loss if implementation == "fused" else reference_token_loss
+        generator = torch.Generator(device=hidden.device).manual_seed(0)
+        loss, _ = fn(hidden, weight, labels, objective=objective, generator=generator, **options)
+    loss.backward()
+
+
+def synchronize(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_worker(shape, cases, rounds, device):
+    """Median forward+backward seconds per case, cases interleaved round by round."""
+    hidden, weight, labels = make_inputs(*shape, device)
+    times = {case: [] for case in cases}
+    for case in cases:  # warm-up: allocator, kernels, first-touch of long-lived buffers
+        run_case(case, hidden, weight, labels)
+    for _ in range(rounds):
+        for case in cases:
+            synchronize(device)
+            start = time.perf_counter()
+            run_case(case, hidden, weight, labels)
+            synchronize(device)
+            times[case].append(time.perf_counter() - start)
+    return times
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def memory_worker(shape, case, device):
+    """Peak bytes above the inputs during one forward+backward in this fresh process."""
+    import gc
+
+    import torch
+
+    hidden, weight, labels = make_inputs(*shape, device)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_case(case, hidden, weight, labels)
+        torch.cuda.synchronize()
+        return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - base, "method": "torch.cuda.max_memory_allocated"}
+    base = _proc_status_kib("VmRSS") * 1024
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # reset VmHWM (peak RSS) to the current RSS
+        method = "VmHWM after /proc/self/clear_refs reset"
+    except OSError:
+        method = "VmHWM since process start (clear_refs not writable)"
+    run_case(case, hidden, weight, labels)
+    return {"peak_extra_bytes": _proc_status_kib("VmHWM") * 1024 - base, "method": method}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_worker(args_list, timeout):
+    """Run this script as a worker subprocess and return its JSON result."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = handle.name
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [sys.executable, str(Path(__file__).resolve()), *args_list, "--worker-out", out]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(args_list)} failed:\n{result.stderr[-4000:]}")
+    data = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return data
+
+
+def liger_available(device):
+    if device != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def describe_machine(device):
+    import torch
+
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        info["device"] = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    info["device"] = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        info["cpus"] = os.cpu_count()
+    return info
+
+
+def benchmark(shapes, cases, rounds, device, log):
+    results = []
+    for n, h, v, label in shapes:
+        shape = (n, h, v)
+        log(f"shape N={n} H={h} V={v} ({label}): timing {len(cases)} cases x {rounds} rounds")
+        times = run_worker(["--worker", "time", "--shape", f"{n},{h},{v}", "--cases", ",".join(cases),
+                            "--rounds", str(rounds), "--device", device], timeout=6 * 3600)
+        grad_bytes = 4 * (n * h + v * h)
+        for case in cases:
+            memory = run_worker(["--worker", "memory", "--shape", f"{n},{h},{v}", "--cases", case, "--device", device],
+                                timeout=3600)
+            row = {
+                "N": n, "H": h, "V": v, "shape_label": label, "case": case,
+                "times_s": times[case], "median_s": statistics.median(times[case]), "min_s": min(times[case]),
+                "peak_extra_bytes": memory["peak_extra_bytes"], "grad_bytes": grad_bytes,
+                "memory_method": memory["method"],
+            }
+            results.append(row)
+            log(f"  {case:16s} median {row['median_s']:8.3f} s   peak extra {row['peak_extra_bytes'] / 2**20:9.1f} MiB")
+    return results
+
+
+def compute_ratios(results):
+    by_key = {((r["N"], r["H"], r["V"]), r["case"]): r for r in results}
+    shapes = list(dict.fromkeys((r["N"], r["H"], r["V"]) for r in results))
+    ratios = []
+    for name, top, bottom, metric, target, only in TARGETS:
+        for shape in shapes:
+            if only is not None and shape not in only:
+                continue
+            if (shape, top) not in by_key or (shape, bottom) not in by_key:
+                continue
+            field = "median_s" if metric == "time" else "peak_extra_bytes"
+            value = by_key[(shape, top)][field] / by_key[(shape, bottom)][field]
+            ratios.append({"ratio": name, "N": shape[0], "H": shape[1], "V": shape[2], "value": value,
+                           "target": target, "met": value <= target})
+    return ratios
+
+
+def markdown_report(results, ratios, meta):
+    lines = ["# Fused token loss benchmark", "",
+             f"Command: `{meta['command']}`  ", f"Device: {meta['machine']['device']} ({meta['device']}), "
+             f"torch {meta['machine']['torch']}, {meta['machine']['threads']} threads; float32; "
+             f"OTR: K={OTR_OPTIONS['k']}, temperature={OTR_OPTIONS['temperature']}, beta={OTR_OPTIONS['beta']}; "
+             f"median of {meta['rounds']} interleaved rounds; {meta['date']}.", ""]
+    shapes = list(dict.fromkeys((r["N"], r["H"], r["V"], r["shape_label"]) for r in results))
+    for n, h, v, label in shapes:
+        lines += [f"## N={n}, H={h}, V={v} ({label})", "",
+                  "| case | median time (s) | min time (s) | peak extra memory (MiB) | beyond grads (MiB) |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for r in results:
+            if (r["N"], r["H"], r["V"]) == (n, h, v):
+                beyond = (r["peak_extra_bytes"] - r["grad_bytes"]) / 2**20
+                lines.append(f"| {r['case']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
+                             f"{r['peak_extra_bytes'] / 2**20:.1f} | {beyond:.1f} |")
+        lines.append("")
+    lines += ["## Ratios against the targets", "", "| ratio | shape (N, H, V) | value | target | met |",
+              "| --- | --- | ---: | ---: | :---: |"]
+    for r in ratios:
+        lines.append(f"| {r['ratio']} | ({r['N']}, {r['H']}, {r['V']}) | {r['value']:.3f} | <= {r['target']:.2f} | "
+                     f"{'yes' if r['met'] else 'no'} |")
+    lines += ["", "Peak extra memory includes the gradients of hidden and weight (4 (N H + V H) bytes), which "
+              "every implementation must return; \"beyond grads\" subtracts them.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds, output to a temp dir")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 5, quick 3)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default docs/benchmarks (quick: a temp dir)")
+    parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--cases", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        shape = tuple(int(x) for x in args.shape.split(","))
+        cases = args.cases.split(",")
+        if args.worker == "time":
+            data = time_worker(shape, cases, args.rounds, args.device)
+        else:
+            data = memory_worker(shape, cases[0], args.device)
+        Path(args.worker_out).write_text(json.dumps(data))
+        return
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device available")
+    rounds = args.rounds or (3 if args.quick else 5)
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="bench_loss_")) if args.quick else REPO / "docs" / "benchmarks")
+    cases = CASES + ([LIGER_CASE] if liger_available(args.device) else [])
+    meta = {
+        "command": "python scripts/bench_loss.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "device": args.device, "machine": describe_machine(args.device), "rounds": rounds,
+        "date": time.strftime("%Y-%m-%d"), "otr_options": OTR_OPTIONS,
+    }
+    results = benchmark(shapes, cases, rounds, args.device, log=lambda msg: print(msg, flush=True))
+    ratios = compute_ratios(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_loss.json").write_text(json.dumps({**meta, "results": results, "ratios": ratios}, indent=2) + "\n")
+    report = markdown_report(results, ratios, meta)
+    (out_dir / "bench_loss.md").write_text(report)
+    print(report)
+    print(f"wrote {out_dir / 'bench_loss.json'} and {out_dir / 'bench_loss.md'}")
+
+
+if __name__ == "__main__":
+    main()
