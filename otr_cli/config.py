@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -178,7 +178,33 @@ class EvalConfig:
     limit: Optional[int] = None
     batch_size: int = 16
     max_new_tokens: int = 256
+    # Directory holding <benchmark>/test.jsonl (humaneval/HumanEval.jsonl.gz); None: hub ids.
     data_dir: Optional[str] = None
+    # Explicit file per benchmark, e.g. {gsm8k: /data/gsm8k_test.jsonl}; beats data_dir and the hub.
+    paths: Dict[str, str] = field(default_factory=dict)
+    # The `custom` benchmark: a local .jsonl/.json/.parquet file, its field names and its grader.
+    custom_path: Optional[str] = None
+    custom_question_field: str = "question"
+    custom_answer_field: str = "answer"
+    custom_grader: str = "math"
+    # "hf" (transformers generate) or "vllm" (GPU, when installed).
+    backend: str = "hf"
+    # Completions per prompt: 1 with temperature 0 is greedy; more give pass@k.
+    num_samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    # Generation stops at the first of these strings (the text is cut there too).
+    stop: List[str] = field(default_factory=list)
+    seed: int = 0
+    # Reuse completions already generated for the same (model, prompt, settings).
+    cache: bool = True
+    # Code benchmarks: sandbox limits per sample and parallel sandboxes.
+    sandbox_timeout_s: float = 10.0
+    sandbox_memory_mb: int = 2048
+    code_workers: int = 2
+    # Training: evaluate every N optimizer steps on eval.every_steps_limit problems (0: off).
+    every_steps: int = 0
+    every_steps_limit: int = 20
 
 
 @dataclass

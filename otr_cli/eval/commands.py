@@ -15,3 +15,19 @@ def grade_entry(args: list[str]) -> int:
     except (GradeInputError, ValueError, RuntimeError) as err:
         fail(str(err))
     return 2
+
+
+def eval_entry(args: list[str]) -> int:
+    """`otr eval [overrides]` runs Hydra; `otr eval compare DIR_A DIR_B ...` compares finished evals."""
+    from otr_cli.cli import _run_hydra, fail, recipes_dir
+    from otr_cli.eval.app import CONFIG_NAME, eval_task, register_eval_schema, rewrite_model_override
+
+    if args and args[0] == "compare":
+        from otr_cli.eval.compare import CompareError, compare_command
+
+        try:
+            return compare_command(args[1:])
+        except CompareError as err:
+            fail(str(err))
+    register_eval_schema()
+    return _run_hydra(eval_task, CONFIG_NAME, "eval", rewrite_model_override(args, recipes_dir()))

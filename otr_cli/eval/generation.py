@@ -1,37 +1,106 @@
-"""Batched greedy generation with a KV cache, left padding and length-sorted batches."""
+"""Batched generation with a KV cache, left padding and length-sorted batches (transformers or vLLM)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 
-@torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int,
-                         on_batch: Optional[Callable[[int], None]] = None) -> list[str]:
-    """Greedy completions for `prompts` (already chat-rendered), in the input order.
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything besides the model and prompt that changes a completion (and so keys the cache)."""
 
-    Prompts are sorted by length so each batch pads little; padding is on the left so every
-    sequence's next token sits at the same position.
+    max_new_tokens: int = 256
+    num_samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int = 0
+    backend: str = "hf"
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def as_key(self) -> dict:
+        return asdict(self) | {"stop": list(self.stop)}
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to (excluding) the first stop string."""
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+# Called after each batch with the prompt indices done and their completions (num_samples each).
+OnBatch = Callable[[list[int], list[list[str]]], None]
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompts: list[str], settings: GenerationSettings, *, batch_size: int,
+                on_batch: Optional[OnBatch] = None) -> list[list[str]]:
+    """Completions for chat-rendered `prompts`: a list (per prompt) of `num_samples` strings, input order.
+
+    Prompts are sorted by token length so a batch pads little; padding is on the left so every
+    row's next token sits at the same position. Sampling draws from a generator seeded per batch
+    from (settings.seed, first prompt index), so a resumed run samples the same way.
     """
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    completions: list[Optional[str]] = [None] * len(prompts)
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    completions: list[list[str]] = [[] for _ in prompts]
+    sample_kwargs = ({"do_sample": False} if settings.greedy else
+                     {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p})
     try:
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
             encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new_tokens = output[:, encoded["input_ids"].shape[1]:]
-            for index, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                completions[index] = text
+            if not settings.greedy:
+                torch.manual_seed(settings.seed * 1_000_003 + indices[0])
+            extra = {"stop_strings": list(settings.stop), "tokenizer": tokenizer} if settings.stop else {}
+            output = model.generate(**encoded, max_new_tokens=settings.max_new_tokens,
+                                    num_return_sequences=settings.num_samples, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, **sample_kwargs, **extra)
+            texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+            batch = [[cut_at_stop(t, settings.stop) for t in texts[k * settings.num_samples:(k + 1) * settings.num_samples]]
+                     for k in range(len(indices))]
+            for index, samples in zip(indices, batch):
+                completions[index] = samples
             if on_batch:
-                on_batch(len(indices))
+                on_batch(indices, batch)
     finally:
         tokenizer.padding_side = previous_side
-    return [c or "" for c in completions]
+    return completions
+
+
+def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSettings,
+                  on_batch: Optional[OnBatch] = None) -> list[list[str]]:
+    """The same contract as generate_hf, on vLLM (GPU). Needs `pip install vllm`."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as exc:
+        raise RuntimeError("eval.backend=vllm needs vLLM installed (`pip install otr-cli[vllm]`, GPU only); "
+                           "use eval.backend=hf") from exc
+    llm = LLM(model=model_path, seed=settings.seed)
+    params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
+                            max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None,
+                            seed=settings.seed)
+    outputs = llm.generate(prompts, params)
+    completions = [[choice.text for choice in out.outputs] for out in outputs]
+    if on_batch:
+        on_batch(list(range(len(prompts))), completions)
+    return completions
+
+
+def generate_completions(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int,
+                         on_batch: Optional[Callable[[int], None]] = None) -> list[str]:
+    """Greedy completions, one string per prompt (kept for callers of the first version)."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    return [samples[0] for samples in generate_hf(
+        model, tokenizer, prompts, settings, batch_size=batch_size,
+        on_batch=(lambda indices, _: on_batch(len(indices))) if on_batch else None)]

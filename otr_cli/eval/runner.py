@@ -1,63 +1,209 @@
-"""Evaluate one model on the configured benchmarks; write predictions and results."""
+"""Evaluate one model on the configured benchmarks: prompts, cached generation, grading, result files.
+
+Files written under `out_dir` (all atomically):
+    <benchmark>.jsonl   one line per problem: id, prompt, completion, extracted, gold, correct (+ status for code)
+    summary.json        {benchmark: {metric, value, n, ci95}}
+    results.json        {"model": model_path, "benchmarks": {benchmark: {accuracy, correct, n, ...}}}
+    generation_cache.jsonl   completions by (model, prompt, settings); lets an interrupted eval resume
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from otr_cli.config import DataConfig, EvalConfig
-from otr_cli.data import render_prompt
-from otr_cli.eval.benchmarks import load_benchmark
-from otr_cli.eval.generation import generate_completions
-from otr_cli.eval.grading import answers_match, extract_answer
-from otr_cli.models import load_model, load_tokenizer
+from otr_cli.config import DataConfig, EvalConfig, ModelConfig
+from otr_cli.eval.atomic import write_json_atomic, write_jsonl_atomic
+from otr_cli.eval.benchmarks import BENCHMARK_NAMES, BenchmarkError, Problem, load_benchmark, prompt_style
+from otr_cli.eval.choice_grader import grade_choice
+from otr_cli.eval.code_grader import grade_code_many
+from otr_cli.eval.generation import GenerationSettings, generate_hf, generate_vllm
+from otr_cli.eval.generation_cache import GenerationCache, cache_key, model_fingerprint
+from otr_cli.eval.math_grader import grade_math
+from otr_cli.eval.prompts import render_prompts
+from otr_cli.eval.sandbox import SandboxLimits
+from otr_cli.eval.stats import pass_at_k, wilson_interval
 
 log = logging.getLogger("otr.eval")
+CACHE_FILE = "generation_cache.jsonl"
 
 
-def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, out_dir: Path,
-                   tokenizer=None) -> dict[str, Any]:
-    """Accuracy per benchmark: {name: {"accuracy", "correct", "n"}}; predictions in out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer or load_tokenizer(model_path)
-    model = load_model(model_path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    results: dict[str, Any] = {}
+def check_eval_config(eval_cfg: EvalConfig) -> None:
+    """Range and name checks with the key in the message (before anything heavy is loaded)."""
+    from otr_cli.config import ConfigError
+
     for name in eval_cfg.benchmarks:
-        problems = load_benchmark(name, eval_cfg, data_cfg, eval_cfg.limit)
-        prompts = [render_prompt(_messages(p.question, data_cfg), tokenizer, data_cfg.chat_template)
-                   for p in problems]
-        completions = generate_completions(model, tokenizer, prompts, batch_size=eval_cfg.batch_size,
-                                           max_new_tokens=eval_cfg.max_new_tokens)
-        rows = []
-        for problem, completion in zip(problems, completions):
-            predicted = extract_answer(completion)
-            rows.append({"id": problem.problem_id, "question": problem.question, "gold": problem.gold,
-                         "completion": completion, "extracted": predicted,
-                         "correct": answers_match(predicted, problem.gold)})
-        correct = sum(r["correct"] for r in rows)
-        results[name] = {"accuracy": correct / max(len(rows), 1), "correct": correct, "n": len(rows)}
-        _write_jsonl(out_dir / f"{name}.jsonl", rows)
-        log.info("eval %s on %s: %d/%d correct", model_path, name, correct, len(rows))
-    tmp = out_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps({"model": model_path, "benchmarks": results}, indent=2))
-    tmp.replace(out_dir / "results.json")
-    del model
+        if name not in BENCHMARK_NAMES:
+            raise ConfigError(f"eval.benchmarks: unknown benchmark {name!r}; available: {', '.join(BENCHMARK_NAMES)}")
+    for key in ("batch_size", "max_new_tokens", "num_samples", "code_workers", "sandbox_memory_mb"):
+        if getattr(eval_cfg, key) <= 0:
+            raise ConfigError(f"eval.{key}={getattr(eval_cfg, key)} must be > 0")
+    if eval_cfg.limit is not None and eval_cfg.limit <= 0:
+        raise ConfigError(f"eval.limit={eval_cfg.limit} must be > 0 (or null: all problems)")
+    if eval_cfg.temperature < 0 or not 0 < eval_cfg.top_p <= 1:
+        raise ConfigError(f"eval.temperature={eval_cfg.temperature} must be >= 0 and eval.top_p={eval_cfg.top_p} "
+                          f"in (0, 1]")
+    if eval_cfg.num_samples > 1 and eval_cfg.temperature == 0:
+        raise ConfigError(f"eval.num_samples={eval_cfg.num_samples} with eval.temperature=0 would repeat one greedy "
+                          f"completion; set eval.temperature (e.g. 0.8) for pass@k")
+    if eval_cfg.backend not in ("hf", "vllm"):
+        raise ConfigError(f"eval.backend={eval_cfg.backend!r} is not one of hf, vllm")
+
+
+def _settings(eval_cfg: EvalConfig) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=eval_cfg.max_new_tokens, num_samples=eval_cfg.num_samples,
+                              temperature=eval_cfg.temperature, top_p=eval_cfg.top_p, stop=tuple(eval_cfg.stop),
+                              seed=eval_cfg.seed, backend=eval_cfg.backend)
+
+
+class _LazyModel:
+    """Loads the model on first use only: a fully cached eval never touches the weights."""
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, model=None):
+        self.model_path, self.model_cfg, self.model = model_path, model_cfg, model
+
+    def get(self):
+        if self.model is None:
+            from otr_cli.models import default_dtype, load_model
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            cfg = self.model_cfg
+            self.model = load_model(self.model_path, gguf_file=cfg.gguf_file, revision=cfg.revision,
+                                    dtype=default_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
+                                    attn_implementation=cfg.attn_implementation).to(device).eval()
+        return self.model
+
+
+def _generate(prompts: list[str], keys: list[str], cache: GenerationCache, lazy: _LazyModel, tokenizer,
+              settings: GenerationSettings, batch_size: int, name: str) -> list[list[str]]:
+    """Completions for every prompt, generating only those the cache lacks."""
+    missing = [i for i, key in enumerate(keys) if cache.get(key) is None]
+    if missing:
+        log.info("%s: generating %d of %d prompts (%d cached)", name, len(missing), len(prompts),
+                 len(prompts) - len(missing))
+        started, done = time.time(), [0]
+
+        def on_batch(indices: list[int], batch: list[list[str]]) -> None:
+            cache.put_many([(keys[missing[i]], samples) for i, samples in zip(indices, batch)])
+            done[0] += len(indices)
+            log.info("%s: %d/%d generated (%.0f s)", name, done[0], len(missing), time.time() - started)
+
+        subset = [prompts[i] for i in missing]
+        if settings.backend == "vllm":
+            generate_vllm(lazy.model_path, subset, settings, on_batch)
+        else:
+            generate_hf(lazy.get(), tokenizer, subset, settings, batch_size=batch_size, on_batch=on_batch)
+    return [cache.get(key) for key in keys]
+
+
+def _grade(problems: list[Problem], completions: list[list[str]], eval_cfg: EvalConfig) -> list[list[dict]]:
+    """Per problem, per sample: {"extracted" or "status", "correct"}."""
+    grades: list[list[dict]] = []
+    code = [(i, j) for i, p in enumerate(problems) if p.grader == "code" for j in range(len(completions[i]))]
+    code_results = {}
+    if code:
+        limits = SandboxLimits(timeout_s=eval_cfg.sandbox_timeout_s, cpu_s=max(1, int(eval_cfg.sandbox_timeout_s)),
+                               memory_mb=eval_cfg.sandbox_memory_mb)
+        samples = [{"prompt": problems[i].question, "completion": completions[i][j], **problems[i].extra}
+                   for i, j in code]
+        code_results = dict(zip(code, grade_code_many(samples, limits, eval_cfg.code_workers)))
+    for i, problem in enumerate(problems):
+        per_sample = []
+        for j, completion in enumerate(completions[i]):
+            if problem.grader == "code":
+                result = code_results[(i, j)]
+                per_sample.append({"status": result.status, "correct": result.passed})
+            else:
+                grade = grade_math if problem.grader == "math" else grade_choice
+                extracted, correct = grade(completion, problem.gold)
+                per_sample.append({"extracted": extracted, "correct": correct})
+        grades.append(per_sample)
+    return grades
+
+
+def _rows(problems: list[Problem], prompts: list[str], completions: list[list[str]], grades: list[list[dict]]
+          ) -> list[dict]:
+    rows = []
+    for problem, prompt, samples, graded in zip(problems, prompts, completions, grades):
+        row = {"id": problem.problem_id, "question": problem.question, "prompt": prompt, "gold": problem.gold,
+               "completion": samples[0], **graded[0]}
+        if len(samples) > 1:
+            row["completions"] = samples
+            row["samples_correct"] = [g["correct"] for g in graded]
+        rows.append(row)
+    return rows
+
+
+def _scores(rows: list[dict], num_samples: int) -> dict[str, Any]:
+    n = len(rows)
+    correct = sum(bool(r["correct"]) for r in rows)
+    low, high = wilson_interval(correct, n)
+    scores: dict[str, Any] = {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n,
+                              "metric": "accuracy", "value": correct / n if n else 0.0, "ci95": [low, high]}
+    if num_samples > 1:
+        passed = [sum(r["samples_correct"]) for r in rows]
+        for k in sorted({1, num_samples}):
+            scores[f"pass@{k}"] = sum(pass_at_k(num_samples, c, k) for c in passed) / n if n else 0.0
+        scores["metric"], scores["value"] = "pass@1", scores["pass@1"]
+    return scores
+
+
+def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, out_dir: Path, tokenizer=None,
+                   *, model_cfg: Optional[ModelConfig] = None, model=None, print_table: bool = False
+                   ) -> dict[str, Any]:
+    """Scores per benchmark: {name: {"accuracy", "correct", "n", "metric", "value", "ci95", ...}}.
+
+    model_path: hub id, local directory, .gguf or "smollm2-135m-instruct"; model_cfg supplies
+    dtype, revision and gguf_file (defaults otherwise); `model` skips loading when given.
+    """
+    check_eval_config(eval_cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg = model_cfg or ModelConfig(name_or_path=model_path)
+    # Every benchmark is loaded before the model, so a missing file fails in a second, not after minutes.
+    problem_sets = {name: load_benchmark(name, eval_cfg, data_cfg, eval_cfg.limit) for name in eval_cfg.benchmarks}
+    if tokenizer is None:
+        from otr_cli.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model_cfg.tokenizer or model_path, gguf_file=model_cfg.gguf_file,
+                                   revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    settings = _settings(eval_cfg)
+    cache = GenerationCache(out_dir / CACHE_FILE if eval_cfg.cache else None)
+    fingerprint = model_fingerprint(model_path, model_cfg.revision)
+    lazy = _LazyModel(model_path, model_cfg, model)
+    results: dict[str, Any] = {}
+    for name, problems in problem_sets.items():
+        if not problems:
+            raise BenchmarkError(f"benchmark {name!r} has no problems")
+        prompts = render_prompts(problems, prompt_style(name, eval_cfg), tokenizer, data_cfg.system_prompt,
+                                 data_cfg.chat_template)
+        keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
+        completions = _generate(prompts, keys, cache, lazy, tokenizer, settings, eval_cfg.batch_size, name)
+        rows = _rows(problems, prompts, completions, _grade(problems, completions, eval_cfg))
+        write_jsonl_atomic(out_dir / f"{name}.jsonl", rows)
+        results[name] = _scores(rows, eval_cfg.num_samples) | {"grader": problems[0].grader}
+        log.info("eval %s on %s: %s = %.3f (%d problems)", model_path, name, results[name]["metric"],
+                 results[name]["value"], len(rows))
+    write_json_atomic(out_dir / "summary.json", {name: {k: r[k] for k in ("metric", "value", "n", "ci95")}
+                                                  for name, r in results.items()})
+    write_json_atomic(out_dir / "results.json", {"model": model_path, "benchmarks": results})
+    if print_table:
+        print_results(model_path, results)
     return results
 
 
-def _messages(question: str, data_cfg: DataConfig) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": data_cfg.system_prompt}] if data_cfg.system_prompt else []
-    return messages + [{"role": "user", "content": question}]
+def print_results(model_path: str, results: dict[str, Any]) -> None:
+    """A rich table: benchmark, metric, value with its 95% interval, n."""
+    from rich.console import Console
+    from rich.table import Table
 
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    tmp.replace(path)
+    table = Table(title=f"eval: {model_path}")
+    for column in ("benchmark", "metric", "value", "95% CI", "n"):
+        table.add_column(column, justify="left" if column in ("benchmark", "metric") else "right")
+    for name, r in results.items():
+        table.add_row(name, r["metric"], f"{r['value']:.1%}", f"{r['ci95'][0]:.1%} - {r['ci95'][1]:.1%}", str(r["n"]))
+    Console().print(table)

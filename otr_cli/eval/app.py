@@ -1,0 +1,75 @@
+"""`otr eval`: the Hydra task (config schema + body) and the `model=PATH` convenience."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from otr_cli.config import DataConfig, EvalConfig, ModelConfig, RunConfig
+
+CONFIG_NAME = "eval_main"
+
+
+@dataclass
+class EvalRunConfig:
+    """What `otr eval` composes: the same model, data and eval groups as a training recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="eval"))
+    seed: int = 42
+
+
+def register_eval_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="eval_schema", node=EvalRunConfig)
+
+
+def rewrite_model_override(overrides: list[str], recipes: Path) -> list[str]:
+    """`model=outputs/run/final` (not a recipes/model/*.yaml option) -> `model.name_or_path=...`.
+
+    Hydra reads `model=X` as "pick config group option X"; users mean "evaluate this model".
+    """
+    rewritten = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if key == "model" and sep and not (recipes / "model" / f"{value}.yaml").is_file():
+            override = f"model.name_or_path={value}"
+        rewritten.append(override)
+    return rewritten
+
+
+def output_dir(cfg: EvalRunConfig) -> Path:
+    """run.output_dir, else outputs/eval/<model name>; results go to its eval/ subdirectory."""
+    if cfg.run.output_dir:
+        return Path(cfg.run.output_dir)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.model.name_or_path.strip("/")).strip("_") or "model"
+    return Path("outputs") / "eval" / name
+
+
+def eval_task(cfg) -> Optional[dict]:
+    """Body of `otr eval` (called by Hydra with the composed config)."""
+    from omegaconf import OmegaConf
+
+    from otr_cli.cli import configure_logging, fail
+    from otr_cli.config import ConfigError
+    from otr_cli.data import DataError
+    from otr_cli.eval.benchmarks import BenchmarkError
+    from otr_cli.eval.runner import evaluate_model
+    from otr_cli.models import ModelSourceError
+
+    try:
+        typed: EvalRunConfig = OmegaConf.to_object(cfg)
+        if not typed.eval.benchmarks:
+            raise ConfigError("eval.benchmarks is empty; e.g. eval.benchmarks=[gsm8k,svamp] or eval=math")
+        configure_logging()
+        out = output_dir(typed) / "eval"
+        return evaluate_model(typed.model.name_or_path, typed.eval, typed.data, out, model_cfg=typed.model,
+                              print_table=True)
+    except (ConfigError, DataError, BenchmarkError, ModelSourceError, RuntimeError) as err:
+        fail(str(err))
+    return None

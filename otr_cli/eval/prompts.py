@@ -1,0 +1,49 @@
+"""Prompts: zero-shot chain of thought asking for the final answer in \\boxed{}, rendered with the chat template.
+
+Styles:
+    math_cot   -- the question, then "Please reason step by step, and put your final answer within \\boxed{}."
+    choice_cot -- the question and lettered options, asking for the letter in \\boxed{}.
+    code       -- the function signature and docstring, asking for the completed function in a code block.
+    plain      -- the question as is (synthetic_arith: the format the model was trained on).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from otr_cli.eval.benchmarks import Problem
+from otr_cli.eval.choice_grader import LETTERS
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CHOICE_INSTRUCTION = ("Think step by step, then give the letter of the correct option as your final answer "
+                      "within \\boxed{}, for example \\boxed{A}.")
+CODE_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, including the "
+                    "signature and any imports it needs, in one ```python code block.")
+
+
+def user_message(problem: Problem, style: str) -> str:
+    """The user turn for `problem` in prompt `style`."""
+    if style == "plain":
+        return problem.question
+    if style == "math_cot":
+        return f"{problem.question.strip()}\n\n{MATH_INSTRUCTION}"
+    if style == "choice_cot":
+        choices = problem.extra.get("choices") or []
+        options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
+        return f"{problem.question.strip()}\n\n{options}\n\n{CHOICE_INSTRUCTION}"
+    if style == "code":
+        return f"{CODE_INSTRUCTION}\n\n```python\n{problem.question.rstrip()}\n```"
+    raise ValueError(f"unknown prompt style {style!r}")
+
+
+def chat_messages(problem: Problem, style: str, system_prompt: Optional[str] = None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": user_message(problem, style)}]
+
+
+def render_prompts(problems: list[Problem], style: str, tokenizer: Any, system_prompt: Optional[str] = None,
+                   chat_template: Optional[str] = None) -> list[str]:
+    """Chat-rendered prompt texts (generation prompt appended), one per problem."""
+    from otr_cli.data import render_prompt
+
+    return [render_prompt(chat_messages(p, style, system_prompt), tokenizer, chat_template) for p in problems]
