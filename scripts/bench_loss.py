@@ -97,20 +97,50 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_worker(shape, cases, rounds, device):
-    """Median forward+backward seconds per case, cases interleaved round by round."""
+def busy_cpu_fraction(interval=1.0):
+    """Fraction of all CPUs busy over `interval` seconds (this process idles meanwhile), from /proc/stat."""
+    def snapshot():
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = snapshot()
+    time.sleep(interval)
+    total1, idle1 = snapshot()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet(max_wait_s, threshold=0.15):
+    """Wait (up to max_wait_s) until other processes leave the CPUs idle; returns whether they did.
+
+    On a shared machine another job halves the speed of a run; timing only quiet runs keeps the
+    ratios between cases meaningful. Runs that had to start anyway are counted as contended.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        if busy_cpu_fraction() < threshold:
+            return True
+        if time.monotonic() > deadline:
+            return False
+
+
+def time_worker(shape, cases, rounds, device, quiet_wait_s):
+    """Forward+backward seconds per case, cases interleaved round by round, plus contended-run counts."""
     hidden, weight, labels = make_inputs(*shape, device)
     times = {case: [] for case in cases}
+    contended = {case: 0 for case in cases}
     for case in cases:  # warm-up: allocator, kernels, first-touch of long-lived buffers
         run_case(case, hidden, weight, labels)
     for _ in range(rounds):
         for case in cases:
+            if device == "cpu" and quiet_wait_s > 0 and not wait_for_quiet(quiet_wait_s):
+                contended[case] += 1
             synchronize(device)
             start = time.perf_counter()
             run_case(case, hidden, weight, labels)
             synchronize(device)
             times[case].append(time.perf_counter() - start)
-    return times
+    return {"times": times, "contended": contended}
 
 
 def _proc_status_kib(field):
@@ -193,13 +223,15 @@ def describe_machine(device):
     return info
 
 
-def benchmark(shapes, cases, rounds, device, log):
+def benchmark(shapes, cases, rounds, device, quiet_wait_s, log):
     results = []
     for n, h, v, label in shapes:
         shape = (n, h, v)
         log(f"shape N={n} H={h} V={v} ({label}): timing {len(cases)} cases x {rounds} rounds")
-        times = run_worker(["--worker", "time", "--shape", f"{n},{h},{v}", "--cases", ",".join(cases),
-                            "--rounds", str(rounds), "--device", device], timeout=6 * 3600)
+        timing = run_worker(["--worker", "time", "--shape", f"{n},{h},{v}", "--cases", ",".join(cases),
+                             "--rounds", str(rounds), "--device", device, "--quiet-wait", str(quiet_wait_s)],
+                            timeout=6 * 3600)
+        times = timing["times"]
         grad_bytes = 4 * (n * h + v * h)
         for case in cases:
             memory = run_worker(["--worker", "memory", "--shape", f"{n},{h},{v}", "--cases", case, "--device", device],
@@ -207,11 +239,13 @@ def benchmark(shapes, cases, rounds, device, log):
             row = {
                 "N": n, "H": h, "V": v, "shape_label": label, "case": case,
                 "times_s": times[case], "median_s": statistics.median(times[case]), "min_s": min(times[case]),
+                "contended_runs": timing["contended"][case],
                 "peak_extra_bytes": memory["peak_extra_bytes"], "grad_bytes": grad_bytes,
                 "memory_method": memory["method"],
             }
             results.append(row)
-            log(f"  {case:16s} median {row['median_s']:8.3f} s   peak extra {row['peak_extra_bytes'] / 2**20:9.1f} MiB")
+            log(f"  {case:16s} median {row['median_s']:8.3f} s   peak extra {row['peak_extra_bytes'] / 2**20:9.1f} MiB"
+                f"   contended runs {row['contended_runs']}")
     return results
 
 
@@ -241,13 +275,13 @@ def markdown_report(results, ratios, meta):
     shapes = list(dict.fromkeys((r["N"], r["H"], r["V"], r["shape_label"]) for r in results))
     for n, h, v, label in shapes:
         lines += [f"## N={n}, H={h}, V={v} ({label})", "",
-                  "| case | median time (s) | min time (s) | peak extra memory (MiB) | beyond grads (MiB) |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
+                  "| case | median time (s) | min time (s) | peak extra memory (MiB) | beyond grads (MiB) | contended runs |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in results:
             if (r["N"], r["H"], r["V"]) == (n, h, v):
                 beyond = (r["peak_extra_bytes"] - r["grad_bytes"]) / 2**20
                 lines.append(f"| {r['case']} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
-                             f"{r['peak_extra_bytes'] / 2**20:.1f} | {beyond:.1f} |")
+                             f"{r['peak_extra_bytes'] / 2**20:.1f} | {beyond:.1f} | {r['contended_runs']} |")
         lines.append("")
     lines += ["## Ratios against the targets", "", "| ratio | shape (N, H, V) | value | target | met |",
               "| --- | --- | ---: | ---: | :---: |"]
@@ -255,7 +289,8 @@ def markdown_report(results, ratios, meta):
         lines.append(f"| {r['ratio']} | ({r['N']}, {r['H']}, {r['V']}) | {r['value']:.3f} | <= {r['target']:.2f} | "
                      f"{'yes' if r['met'] else 'no'} |")
     lines += ["", "Peak extra memory includes the gradients of hidden and weight (4 (N H + V H) bytes), which "
-              "every implementation must return; \"beyond grads\" subtracts them.", ""]
+              "every implementation must return; \"beyond grads\" subtracts them. A contended run started while "
+              "other processes kept the CPUs busy (after waiting up to --quiet-wait seconds for them).", ""]
     return "\n".join(lines)
 
 
@@ -264,7 +299,12 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds, output to a temp dir")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default 5, quick 3)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default docs/benchmarks (quick: a temp dir)")
+    parser.add_argument("--shapes", help="override the shapes, e.g. 1024x896x151936,512x4096x151936")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="default docs/benchmarks (with --quick or --shapes: a temp dir)")
+    parser.add_argument("--quiet-wait", type=float, default=300.0,
+                        help="CPU: before each timed run wait up to this many seconds for other load to stop "
+                             "(0 disables); runs that start anyway are reported as contended")
     parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -275,7 +315,7 @@ def main(argv=None):
         shape = tuple(int(x) for x in args.shape.split(","))
         cases = args.cases.split(",")
         if args.worker == "time":
-            data = time_worker(shape, cases, args.rounds, args.device)
+            data = time_worker(shape, cases, args.rounds, args.device, args.quiet_wait)
         else:
             data = memory_worker(shape, cases[0], args.device)
         Path(args.worker_out).write_text(json.dumps(data))
@@ -288,14 +328,17 @@ def main(argv=None):
             parser.error("--device cuda: no CUDA device available")
     rounds = args.rounds or (3 if args.quick else 5)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="bench_loss_")) if args.quick else REPO / "docs" / "benchmarks")
+    if args.shapes:
+        shapes = [(*map(int, text.split("x")), "custom") for text in args.shapes.split(",")]
+    scratch_run = args.quick or args.shapes
+    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="bench_loss_")) if scratch_run else REPO / "docs" / "benchmarks")
     cases = CASES + ([LIGER_CASE] if liger_available(args.device) else [])
     meta = {
         "command": "python scripts/bench_loss.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "device": args.device, "machine": describe_machine(args.device), "rounds": rounds,
         "date": time.strftime("%Y-%m-%d"), "otr_options": OTR_OPTIONS,
     }
-    results = benchmark(shapes, cases, rounds, args.device, log=lambda msg: print(msg, flush=True))
+    results = benchmark(shapes, cases, rounds, args.device, args.quiet_wait, log=lambda msg: print(msg, flush=True))
     ratios = compute_ratios(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_loss.json").write_text(json.dumps({**meta, "results": results, "ratios": ratios}, indent=2) + "\n")
