@@ -157,3 +157,31 @@ def test_isolation_is_described():
 def test_unknown_isolation_is_rejected():
     with pytest.raises(ValueError, match="isolation"):
         detect_isolation("chroot")
+
+
+def _available_isolations() -> list[str]:
+    available = []
+    for name in ("namespaces", "user_namespaces", "rlimits"):
+        try:
+            detect_isolation(name)
+            available.append(name)
+        except RuntimeError:
+            pass
+    return available
+
+
+@pytest.mark.parametrize("isolation", _available_isolations())
+@pytest.mark.parametrize("program, status", [
+    ("def f():\n    return 1", "passed"),
+    ("import os\nos._exit(0)", "failed"),
+    ("import sys\nsys.exit(0)", "failed"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "killed"),
+    ("while True:\n    pass", "timeout"),
+    ("print('x' * 10**7)", "output_limit"),
+    ("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)", "failed"),
+])
+def test_every_available_isolation_mode_keeps_the_pass_rule(isolation, program, status):
+    """The fallbacks (used where namespaces are unavailable) judge runs the same way."""
+    result = run_program(program, "pass", SandboxLimits(timeout_s=2, cpu_s=5, output_bytes=100_000),
+                         detect_isolation(isolation))
+    assert result.status == status
