@@ -43,7 +43,8 @@ def test_grade_code_file_reports_isolation_and_status(tmp_path):
     result = run_cli(["grade", f"predictions={preds}", "grader=code", "workers=2"])
     rows = read_jsonl(tmp_path / "preds.graded.jsonl")
     assert [(r["correct"], r["status"]) for r in rows] == [(True, "passed"), (False, "failed")]
-    assert "sandbox isolation:" in result.stdout
+    assert "sandbox isolation:" in result.stdout and "sandbox outcomes: failed 1, passed 1" in result.stdout
+    assert rows[0]["extracted"] == "    return a + b\n"
 
 
 def test_malformed_predictions_line_is_named_with_its_number(tmp_path):

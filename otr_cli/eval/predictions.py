@@ -2,7 +2,7 @@
 
 Input: JSON lines, each with ``completion`` and ``gold`` (math, choice) or ``prompt``,
 ``completion``, ``test``, ``entry_point`` (code). Output: each input line plus ``extracted`` and
-``correct`` (code: ``status`` instead of ``extracted``), in the input order.
+``correct`` (code: ``extracted`` is the code that ran, plus ``status``), in the input order.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Optional
 
 from otr_cli.eval.atomic import write_jsonl_atomic
 from otr_cli.eval.choice_grader import gold_letter, grade_choice
-from otr_cli.eval.code_grader import grade_code_many
+from otr_cli.eval.code_grader import extract_code, grade_code_many
 from otr_cli.eval.math_grader import grade_math
 from otr_cli.eval.sandbox import SandboxLimits, detect_isolation
 
@@ -80,7 +80,8 @@ def grade_rows(rows: list[dict], grader: str, *, limits: SandboxLimits = Sandbox
     """Copies of `rows` with `correct` and `extracted` (math, choice) or `status` (code) added."""
     if grader == "code":
         results = grade_code_many(rows, limits, workers)
-        return [dict(row, correct=result.passed, status=result.status) for row, result in zip(rows, results)]
+        return [dict(row, extracted=extract_code(row["completion"]), correct=result.passed, status=result.status)
+                for row, result in zip(rows, results)]
     grade = grade_math if grader == "math" else grade_choice
     graded = []
     for row in rows:
@@ -142,4 +143,10 @@ def grade_command(args: list[str]) -> int:
     summary = grade_file(predictions, values["grader"], output, limits=limits, workers=workers)
     console.print(f"grader={summary.grader}: {summary.correct}/{summary.n} correct "
                   f"(accuracy {summary.accuracy:.1%}); graded lines in {output}", highlight=False)
+    if values["grader"] == "code":
+        from collections import Counter
+
+        statuses = Counter(json.loads(line)["status"] for line in output.read_text().splitlines() if line)
+        console.print("sandbox outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())),
+                      highlight=False)
     return 0
