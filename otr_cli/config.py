@@ -196,6 +196,8 @@ class EvalConfig:
     # Generation stops at the first of these strings (the text is cut there too).
     stop: List[str] = field(default_factory=list)
     seed: int = 0
+    # Worked examples from the benchmark's train split shown before each question (gsm8k only; 0: zero-shot).
+    few_shot: int = 0
     # Reuse completions already generated for the same (model, prompt, settings).
     cache: bool = True
     # Code benchmarks: sandbox limits per sample and parallel sandboxes.

@@ -161,3 +161,17 @@ def test_benchmarks_load_from_hub_ids_when_no_data_dir(monkeypatch):
     monkeypatch.setattr("otr_cli.data.load_records", fake_load_records)
     [problem] = load_benchmark("gsm8k", cfg(data_dir=None), DataConfig())
     assert seen == [("openai/gsm8k", "main", "test")] and problem.gold == "3"
+
+
+def test_few_shot_gsm8k_prompts_show_worked_examples_with_boxed_answers(tiny_model_dir, tmp_path):
+    runner.evaluate_model(str(tiny_model_dir), cfg(limit=1, few_shot=2), DataConfig(), tmp_path / "eval")
+    [row] = read_jsonl(tmp_path / "eval" / "gsm8k.jsonl")
+    assert row["prompt"].count("<|im_start|>assistant") == 3  # two examples, then the open reply
+    assert "The answer is \\boxed{72}." in row["prompt"] and "<<" not in row["prompt"]
+
+
+def test_few_shot_is_refused_where_no_worked_examples_exist():
+    from otr_cli.eval.benchmarks import few_shot_examples
+
+    with pytest.raises(BenchmarkError, match="only for gsm8k"):
+        few_shot_examples("svamp", cfg(few_shot=2))

@@ -61,6 +61,32 @@ def _gsm8k(record: dict, i: int) -> Problem:
     return Problem(f"gsm8k-{i}", record["question"], gold_from_gsm8k(record["answer"]))
 
 
+def gsm8k_worked_solution(answer_field: str) -> str:
+    """GSM8K's reference solution as a few-shot reply: calculator notes removed, the answer boxed."""
+    import re
+
+    steps, _, final = answer_field.partition("####")
+    steps = re.sub(r"<<[^>]*>>", "", steps).strip()
+    return f"{steps}\nThe answer is \\boxed{{{final.strip().replace(',', '')}}}."
+
+
+def few_shot_examples(name: str, eval_cfg: EvalConfig) -> list[tuple[str, str]]:
+    """(question, worked solution) pairs: the first eval.few_shot records of the train split."""
+    if eval_cfg.few_shot <= 0:
+        return []
+    if name != "gsm8k":
+        raise BenchmarkError(f"eval.few_shot={eval_cfg.few_shot}: worked examples exist only for gsm8k, not {name!r}; "
+                             f"use eval.few_shot=0 for {name}")
+    if eval_cfg.data_dir:
+        path = Path(eval_cfg.data_dir).expanduser() / "gsm8k" / "train.jsonl"
+        if not path.is_file():
+            raise BenchmarkError(f"eval.few_shot needs {path} (the gsm8k train split)")
+        records = _read(str(path), "train")
+    else:
+        records = _read("openai/gsm8k", "train", "main")
+    return [(r["question"], gsm8k_worked_solution(r["answer"])) for r in records[:eval_cfg.few_shot]]
+
+
 def _math500(record: dict, i: int) -> Problem:
     _need(record, ("problem", "answer"), "math500", i)
     return Problem(record.get("unique_id") or f"math500-{i}", record["problem"], str(record["answer"]))

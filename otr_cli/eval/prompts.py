@@ -5,11 +5,12 @@ Styles:
     choice_cot -- the question and lettered options, asking for the letter in \\boxed{}.
     code       -- the function signature and docstring, asking for the completed function in a code block.
     plain      -- the question as is (synthetic_arith: the format the model was trained on).
+Few-shot (eval.few_shot, gsm8k): worked examples as earlier user/assistant turns, answers boxed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from otr_cli.eval.benchmarks import Problem
 from otr_cli.eval.choice_grader import LETTERS
@@ -36,14 +37,21 @@ def user_message(problem: Problem, style: str) -> str:
     raise ValueError(f"unknown prompt style {style!r}")
 
 
-def chat_messages(problem: Problem, style: str, system_prompt: Optional[str] = None) -> list[dict[str, str]]:
+def chat_messages(problem: Problem, style: str, system_prompt: Optional[str] = None,
+                  examples: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """System prompt, then each few-shot example as a user/assistant exchange, then the question."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for question, solution in examples:
+        example = Problem("example", question, "")
+        messages += [{"role": "user", "content": user_message(example, style)},
+                     {"role": "assistant", "content": solution}]
     return messages + [{"role": "user", "content": user_message(problem, style)}]
 
 
 def render_prompts(problems: list[Problem], style: str, tokenizer: Any, system_prompt: Optional[str] = None,
-                   chat_template: Optional[str] = None) -> list[str]:
+                   chat_template: Optional[str] = None, examples: Sequence[tuple[str, str]] = ()) -> list[str]:
     """Chat-rendered prompt texts (generation prompt appended), one per problem."""
     from otr_cli.data import render_prompt
 
-    return [render_prompt(chat_messages(p, style, system_prompt), tokenizer, chat_template) for p in problems]
+    return [render_prompt(chat_messages(p, style, system_prompt, examples), tokenizer, chat_template)
+            for p in problems]

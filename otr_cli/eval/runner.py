@@ -18,7 +18,8 @@ import torch
 
 from otr_cli.config import DataConfig, EvalConfig, ModelConfig
 from otr_cli.eval.atomic import write_json_atomic, write_jsonl_atomic
-from otr_cli.eval.benchmarks import BENCHMARK_NAMES, BenchmarkError, Problem, load_benchmark, prompt_style
+from otr_cli.eval.benchmarks import (BENCHMARK_NAMES, BenchmarkError, Problem, few_shot_examples, load_benchmark,
+                                     prompt_style)
 from otr_cli.eval.choice_grader import grade_choice
 from otr_cli.eval.code_grader import grade_code_many
 from otr_cli.eval.generation import GenerationSettings, generate_hf, generate_vllm
@@ -166,6 +167,7 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
     model_cfg = model_cfg or ModelConfig(name_or_path=model_path)
     # Every benchmark is loaded before the model, so a missing file fails in a second, not after minutes.
     problem_sets = {name: load_benchmark(name, eval_cfg, data_cfg, eval_cfg.limit) for name in eval_cfg.benchmarks}
+    examples = {name: few_shot_examples(name, eval_cfg) for name in eval_cfg.benchmarks}
     if tokenizer is None:
         from otr_cli.models import load_tokenizer
 
@@ -180,7 +182,7 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
         if not problems:
             raise BenchmarkError(f"benchmark {name!r} has no problems")
         prompts = render_prompts(problems, prompt_style(name, eval_cfg), tokenizer, data_cfg.system_prompt,
-                                 data_cfg.chat_template)
+                                 data_cfg.chat_template, examples[name])
         keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
         completions = _generate(prompts, keys, cache, lazy, tokenizer, settings, eval_cfg.batch_size, name)
         rows = _rows(problems, prompts, completions, _grade(problems, completions, eval_cfg))
