@@ -13,6 +13,7 @@ never reaching the check all count as failures. See ``docs/eval.md`` for the thr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -62,6 +63,7 @@ class Isolation:
     prefix: tuple[str, ...]
     drop_to: Optional[tuple[int, int]]  # uid, gid to switch to (None: keep the caller's)
     private_tmp: bool
+    read_only_fs: bool = False
 
     def describe(self) -> str:
         parts = {"namespaces": "network, PID and mount namespaces (unshare), read-only filesystem with a "
@@ -69,6 +71,8 @@ class Isolation:
                  "user_namespaces": "user, network, PID and mount namespaces (unshare --map-root-user), private /tmp",
                  "rlimits": "resource limits, own session and an in-process network guard only "
                             "(no namespaces available)"}[self.name]
+        if self.private_tmp and not self.read_only_fs:
+            parts += " (but the filesystem outside /tmp is NOT read-only here: the remount was refused)"
         if pids_cgroup_root():
             parts += "; a pids cgroup caps processes per run"
         return f"{self.name}: {parts}"
@@ -110,12 +114,24 @@ def _unshare_prefix(*flags: str) -> tuple[str, ...]:
             "sh", "-c", script, "sh")
 
 
-def _works(prefix: tuple[str, ...]) -> bool:
+_PROBE = """
+import errno, sys
+open('/tmp/otr-probe', 'w').close()
+try:
+    open('/otr-read-only-probe', 'w').close()
+except OSError as err:
+    sys.exit(0 if err.errno == errno.EROFS else 3)
+sys.exit(3)
+"""
+
+
+def _probe(prefix: tuple[str, ...]) -> Optional[bool]:
+    """None if the wrapper does not run here; else whether the filesystem really is read-only in it."""
     try:
-        probe = [*prefix, sys.executable, "-I", "-c", "open('/tmp/probe', 'w').close()"]
-        return subprocess.run(probe, capture_output=True, timeout=20).returncode == 0
+        code = subprocess.run([*prefix, sys.executable, "-I", "-c", _PROBE], capture_output=True, timeout=20).returncode
     except (OSError, subprocess.SubprocessError):
-        return False
+        return None
+    return {0: True, 3: False}.get(code)
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,8 +149,12 @@ def detect_isolation(requested: str = "auto") -> Isolation:
     for candidate in candidates:
         if requested not in ("auto", candidate.name):
             continue
-        if not candidate.prefix or _works(candidate.prefix):
+        if not candidate.prefix:
             return candidate
+        read_only = _probe(candidate.prefix)
+        if read_only is not None:
+            # Locked mounts (user namespaces) may refuse the read-only remount: say so, keep the rest.
+            return dataclasses.replace(candidate, read_only_fs=read_only)
     raise RuntimeError(f"sandbox isolation {requested!r} is not available on this machine "
                        f"(needs unshare{' as root' if requested == 'namespaces' else ''}); use 'auto'")
 
