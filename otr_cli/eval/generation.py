@@ -86,7 +86,13 @@ def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSetti
     except ImportError as exc:
         raise RuntimeError("eval.backend=vllm needs vLLM installed (`pip install otr-cli[vllm]`, GPU only); "
                            "use eval.backend=hf") from exc
-    llm = LLM(model=model_path, seed=settings.seed)
+    from otr_cli.models import resolve_source
+
+    source = resolve_source(model_path)  # the built-in name becomes its cached safetensors directory
+    if source.gguf_file:
+        raise RuntimeError(f"eval.backend=vllm cannot load the GGUF {source.gguf_file}; give a safetensors model "
+                           f"directory or hub id, or use eval.backend=hf")
+    llm = LLM(model=source.path, seed=settings.seed)
     params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
                             max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None,
                             seed=settings.seed)
