@@ -175,3 +175,15 @@ def test_few_shot_is_refused_where_no_worked_examples_exist():
 
     with pytest.raises(BenchmarkError, match="only for gsm8k"):
         few_shot_examples("svamp", cfg(few_shot=2))
+
+
+def test_unreachable_hub_says_how_to_evaluate_offline(monkeypatch):
+    from otr_cli.data import DataError
+
+    def offline(source, split, subset=None):
+        raise DataError("Couldn't reach the Hub")
+
+    monkeypatch.setattr("otr_cli.data.load_records", offline)
+    with pytest.raises(BenchmarkError, match=r"cannot load openai_humaneval from the hub.*eval.data_dir=DIR holding "
+                                             r"humaneval/HumanEval.jsonl.gz"):
+        load_benchmark("humaneval", cfg(data_dir=None), DataConfig())

@@ -159,7 +159,11 @@ def _records(name: str, spec: BenchmarkSpec, eval_cfg: EvalConfig) -> list[dict]
                                  f"or eval.data_dir=null to load {spec.hub[0] if spec.hub else name} from the hub")
         return _read(str(path), "test")
     hub_id, subset, split = spec.hub
-    return _read(hub_id, split, subset)
+    try:
+        return _read(hub_id, split, subset)
+    except BenchmarkError as exc:
+        raise BenchmarkError(f"benchmark {name!r}: cannot load {hub_id} from the hub ({exc}). Offline, set "
+                             f"eval.data_dir=DIR holding {spec.local}, or eval.paths.{name}=FILE") from exc
 
 
 def _custom(eval_cfg: EvalConfig) -> list[Problem]:

@@ -163,11 +163,11 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
     """
     check_eval_config(eval_cfg)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = model_cfg or ModelConfig(name_or_path=model_path)
     # Every benchmark is loaded before the model, so a missing file fails in a second, not after minutes.
     problem_sets = {name: load_benchmark(name, eval_cfg, data_cfg, eval_cfg.limit) for name in eval_cfg.benchmarks}
     examples = {name: few_shot_examples(name, eval_cfg) for name in eval_cfg.benchmarks}
+    out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         from otr_cli.models import load_tokenizer
 
