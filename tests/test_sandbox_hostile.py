@@ -185,3 +185,10 @@ def test_every_available_isolation_mode_keeps_the_pass_rule(isolation, program, 
     result = run_program(program, "pass", SandboxLimits(timeout_s=2, cpu_s=5, output_bytes=100_000),
                          detect_isolation(isolation))
     assert result.status == status
+
+
+@pytest.mark.parametrize("isolation", _available_isolations())
+def test_killing_its_parent_does_not_reach_the_grader(isolation):
+    program = "import os, signal, sys\nos.kill(os.getppid(), signal.SIGKILL)\nsys.exit(0)"
+    result = run_program(program, "pass", FAST, detect_isolation(isolation))
+    assert result.status in ("failed", "killed")  # and this test process is still here to check it

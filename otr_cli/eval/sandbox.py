@@ -145,11 +145,11 @@ def detect_isolation(requested: str = "auto") -> Isolation:
         if is_root:
             candidates.append(Isolation("namespaces", _unshare_prefix(), None, True))
         candidates.append(Isolation("user_namespaces", _unshare_prefix("--user", "--map-root-user"), None, True))
-    candidates.append(Isolation("rlimits", (), None, False))
+    candidates.append(Isolation("rlimits", RLIMITS_PREFIX, None, False))
     for candidate in candidates:
         if requested not in ("auto", candidate.name):
             continue
-        if not candidate.prefix:
+        if candidate.name == "rlimits":
             return candidate
         read_only = _probe(candidate.prefix)
         if read_only is not None:
@@ -158,6 +158,10 @@ def detect_isolation(requested: str = "auto") -> Isolation:
     raise RuntimeError(f"sandbox isolation {requested!r} is not available on this machine "
                        f"(needs unshare{' as root' if requested == 'namespaces' else ''}); use 'auto'")
 
+
+# Without namespaces the program's parent would be the grader itself (os.kill(os.getppid(), 9)):
+# a shell in between takes that hit instead. Not `exec`: the shell must stay the parent.
+RLIMITS_PREFIX = ("sh", "-c", '"$@"; status=$?; exit $status', "sh")
 
 PIDS_CGROUP_ROOTS = (Path("/sys/fs/cgroup/pids"),)
 
