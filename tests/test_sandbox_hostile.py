@@ -71,6 +71,11 @@ def test_huge_output_hits_the_output_limit():
 
 
 def test_fork_bomb_is_contained_and_leaves_no_process_behind():
+    from otr_cli.eval.sandbox import pids_cgroup_root
+
+    if pids_cgroup_root() is None and os.geteuid() == 0:
+        pytest.skip("no writable pids cgroup and RLIMIT_NPROC does not bind root: a real fork bomb would "
+                    "only be stopped by the timeout, too rough on a shared machine")
     marker = "31337.25"
     program = f"""
     import os
