@@ -70,10 +70,11 @@ class KernelResult:
 class _Workspace:
     """Buffers allocated once per call and reused by every chunk and block.
 
-    logits: [chunk, V] accumulation dtype, holds z and then G. shifted / rollout: [block, V]
-    scratch for z - max and for the unnormalised rollout policy. lowp: [chunk, V] in the input
-    dtype, only for bfloat16/float16 inputs (matmuls run in the input dtype, CPU has no mixed-out
-    GEMM).
+    logits: [chunk, V] accumulation dtype, holds z and then G. shifted / rollout / product:
+    [block, V] scratch for z - max, for the unnormalised rollout policy and for element-wise
+    products and cumulative sums (reused so the block loop allocates nothing of size V). lowp:
+    [chunk, V] in the input dtype, only for bfloat16/float16 inputs (matmuls run in the input
+    dtype: CPU has no GEMM with a float32 output for bfloat16 operands).
     """
 
     def __init__(self, chunk_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, options: LossOptions):
@@ -83,34 +84,40 @@ class _Workspace:
         self.shifted = torch.empty(self.block_rows, vocab, dtype=acc, device=device)
         needs_rollout_buffer = options.objective == "otr" or (options.objective == "otr_exact" and options.temperature != 1.0)
         self.rollout = torch.empty_like(self.shifted) if needs_rollout_buffer else None
+        self.product = torch.empty_like(self.shifted)
         self.lowp = torch.empty(chunk_rows, vocab, dtype=dtype, device=device) if dtype != acc else None
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product of a and b ([b, V] each) through a reused scratch; returns [b, 1]."""
+    return torch.mul(a, b, out=scratch).sum(dim=1, keepdim=True)
 
 
 def _block_logit_gradient(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    shifted: torch.Tensor,
-    rollout: torch.Tensor | None,
+    scratch: dict[str, torch.Tensor | None],
     options: LossOptions,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Per-row objective on a block of logits; overwrites ``logits`` with the logit gradient.
 
     logits: [b, V] float32/float64, z on entry, G on exit, where dl_i/dz_i = coef_i * G_i.
-    targets: [b] int64. shifted, rollout: [b, V] scratch of the same dtype (rollout is None for
-    sft/dft and for otr_exact at temperature 1). Returns (value [b], coef [b] or None meaning 1, stats name -> [b]).
+    targets: [b] int64. scratch: "shifted", "rollout", "product" -> [b, V] buffers of the same
+    dtype (rollout is None for sft/dft and for otr_exact at temperature 1). Returns (value [b],
+    coef [b] or None meaning 1, stats name -> [b]).
     """
     target_col = targets.unsqueeze(1)
-    shifted = torch.sub(logits, logits.amax(dim=1, keepdim=True), out=shifted)  # z - max z
-    log_p_target = shifted.gather(1, target_col)
+    shifted = torch.sub(logits, logits.amax(dim=1, keepdim=True), out=scratch["shifted"])  # z - max z
+    shifted_target = shifted.gather(1, target_col)
     exp_shifted = torch.exp(shifted, out=logits)  # logits now holds exp(z - max z)
     sum_exp = exp_shifted.sum(dim=1, keepdim=True)
     log_sum_exp = sum_exp.log()
-    log_p_target = log_p_target - log_sum_exp  # [b, 1]
+    log_p_target = shifted_target - log_sum_exp  # [b, 1]
     ce = -log_p_target
     p_target = log_p_target.exp()
     # H(p) = log sum e - E_p[z - max z]
-    entropy = log_sum_exp - torch.linalg.vecdot(exp_shifted, shifted, dim=1).unsqueeze(1) / sum_exp
+    entropy = log_sum_exp - _row_dot(exp_shifted, shifted, scratch["product"]) / sum_exp
     stats = {"ce": ce, "p_target": p_target, "entropy": entropy}
     sft_weight = options.sft_weight
 
@@ -119,26 +126,28 @@ def _block_logit_gradient(
         coef = (1.0 + sft_weight) * torch.ones_like(ce) if options.objective == "sft" else p_target + sft_weight
         value = coef * ce
     elif options.objective == "otr":
-        value = _otr_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col, options, generator, stats)
+        value = _otr_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, options, generator, stats)
         value = value + sft_weight * ce
         coef = None
     else:
-        value = _otr_exact_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col, log_p_target, options, stats)
+        value = _otr_exact_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, log_p_target, options, stats)
         value = value + sft_weight * ce
         coef = None
     return value.squeeze(1), (coef.squeeze(1) if coef is not None else None), {k: v.squeeze(1) for k, v in stats.items()}
 
 
-def _otr_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col, options, generator, stats):
+def _otr_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, options, generator, stats):
     """Monte Carlo OTR on a block: sample, score, and write G = (abar + λ) p - (1/K) Σ A_k e_{a_k} - λ e_y.
 
     logits holds exp(z - max) on entry ([b, V]); returns the surrogate value [b, 1].
     """
     k = options.k
-    # The cumulative sums overwrite the rollout scratch; with temperature 1 the weights are the
-    # logits buffer's own exp(z - max), which must survive, so they are summed into the scratch.
-    weights = logits if options.temperature == 1.0 else rollout_weights(shifted, options.temperature, out=rollout)
-    samples = draw_rollouts(weights, k, generator, cdf_out=rollout)  # [b, K]
+    # With temperature 1 the rollout weights are the logits buffer's own exp(z - max).
+    if options.temperature == 1.0:
+        weights = logits
+    else:
+        weights = rollout_weights(shifted, options.temperature, out=scratch["rollout"])
+    samples = draw_rollouts(weights, k, generator, cdf_out=scratch["product"])  # [b, K]
     log_p_samples = shifted.gather(1, samples) - log_sum_exp
     rewards = rollout_rewards(samples, target_col.squeeze(1), options.beta, logits.dtype)
     advantages = rollout_advantages(rewards, options.baseline)
@@ -156,7 +165,7 @@ def _otr_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col, optio
     return (advantages * log_p_samples).sum(dim=1, keepdim=True)  # advantages already carry -1/K
 
 
-def _otr_exact_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col, log_p_target, options, stats):
+def _otr_exact_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, log_p_target, options, stats):
     """Expected OTR on a block (no sampling); writes G into logits (exp(z - max) on entry).
 
     baseline none: G = [(1-β) q_y + β + λ] p - β q - [(1-β) q_y + λ] e_y
@@ -165,10 +174,10 @@ def _otr_exact_block(logits, shifted, rollout, log_sum_exp, sum_exp, target_col,
     """
     beta, sft_weight = options.beta, options.sft_weight
     same_policy = options.temperature == 1.0  # q = p, and q's weights are logits' own entries
-    q_weights = logits if same_policy else rollout_weights(shifted, options.temperature, out=rollout)
+    q_weights = logits if same_policy else rollout_weights(shifted, options.temperature, out=scratch["rollout"])
     sum_q = q_weights.sum(dim=1, keepdim=True)
     q_target = q_weights.gather(1, target_col) / sum_q
-    expected_log_p = torch.linalg.vecdot(q_weights, shifted, dim=1).unsqueeze(1) / sum_q - log_sum_exp
+    expected_log_p = _row_dot(q_weights, shifted, scratch["product"]) / sum_q - log_sum_exp  # Σ_a q_a log p_a
     stats["match_rate"] = q_target
     stats["reward_mean"] = q_target + beta * (1.0 - q_target)
 
@@ -194,10 +203,9 @@ def _chunk_logit_gradient(logits, targets, workspace, options, generator):
     for start in range(0, logits.shape[0], step):
         stop = min(start + step, logits.shape[0])
         rows = stop - start
-        rollout = workspace.rollout[:rows] if workspace.rollout is not None else None
-        value, coef, block_stats = _block_logit_gradient(
-            logits[start:stop], targets[start:stop], workspace.shifted[:rows], rollout, options, generator
-        )
+        scratch = {name: getattr(workspace, name)[:rows] if getattr(workspace, name) is not None else None
+                   for name in ("shifted", "rollout", "product")}
+        value, coef, block_stats = _block_logit_gradient(logits[start:stop], targets[start:stop], scratch, options, generator)
         values.append(value)
         coefs.append(coef)
         for name, row_values in block_stats.items():
