@@ -36,7 +36,7 @@ class RunExistsError(RuntimeError):
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
 
 

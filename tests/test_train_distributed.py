@@ -1,0 +1,73 @@
+"""`otr train` under torchrun with 2 CPU processes (gloo): same global batch, same losses as 1 process."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, read_jsonl, subprocess_env, tiny_overrides
+from otr_cli.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    # An explicit free port: torchrun's "--master_port 0" leaves the workers waiting forever.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()),
+               "-m", "otr_cli.cli", *args]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_log_the_same_losses_as_one_process_on_the_same_global_batch(tiny_model_dir, tmp_path, stage):
+    # otr_exact: deterministic, so every step must match (OTR's draws depend on the rank).
+    common = ["loss=otr_exact", "loss.temperature=1.3", "loss.beta=-0.1", f"deepspeed=zero{stage}",
+              "trainer.max_steps=3", "trainer.save_steps=2"]
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "one", *common, "trainer.micro_batch_size=4")])
+    result = torchrun(["train", *tiny_overrides(tiny_model_dir, tmp_path / "two", *common,
+                                                "trainer.micro_batch_size=2")])
+    one = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    two = [r for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for left, right in zip(one, two):
+        assert right["loss"] == pytest.approx(left["loss"], rel=1e-4, abs=1e-7)
+        assert right["ce"] == pytest.approx(left["ce"], rel=1e-4)
+        assert right["supervised_tokens"] == left["supervised_tokens"]
+    # Rank 0 alone writes the shared files; both ranks' DeepSpeed shards are in the checkpoint.
+    shards = list((tmp_path / "two" / "checkpoints" / "step-3" / "ds").iterdir())
+    assert len([s for s in shards if "optim_states" in s.name]) == 2
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
+    assert "[rank 1]" not in result.stdout  # info lines come from rank 0 only
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_checkpoint_resumes_in_two_ranks(tiny_model_dir, tmp_path):
+    common = ["loss=sft", "deepspeed=zero3", "trainer.micro_batch_size=2", "trainer.save_steps=2"]
+    torchrun(["train", *tiny_overrides(tiny_model_dir, tmp_path / "full", *common, "trainer.max_steps=4")])
+    torchrun(["train", *tiny_overrides(tiny_model_dir, tmp_path / "cut", *common, "trainer.max_steps=4")])
+    # Turn the second run back into a run killed after step 2.
+    cut = tmp_path / "cut"
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step-4")
+    (cut / "run_state.json").write_text('{"status": "running"}')
+    torchrun(["train", *tiny_overrides(tiny_model_dir, cut, *common, "trainer.max_steps=4")])
+    full = [r for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+    resumed = [r for r in read_jsonl(cut / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for left, right in zip(full, resumed):
+        assert right["loss"] == pytest.approx(left["loss"], rel=1e-5)
