@@ -26,7 +26,9 @@ def test_smollm2_demo_recipe_trains_evaluates_and_exports_a_loadable_model(tmp_p
         assert all(r["n"] == 2 for r in results.values())
     predictions = read_jsonl(out / "eval" / "final" / "synthetic_arith.jsonl")
     assert all(p["completion"] for p in predictions)
-    assert "after SFT warm-up (step 1)" in result.stderr + result.stdout
+    # The accuracy table (its column headers wrap in a narrow terminal).
+    printed = result.stderr + result.stdout
+    assert "accuracy (greedy" in printed and "warm-up" in printed
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
