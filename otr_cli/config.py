@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-OBJECTIVES = ("sft", "dft", "otr", "otr_exact")
+from otr_cli.losses.objectives import BASELINES, OBJECTIVES
+
 REDUCTIONS = ("token", "sequence")
-BASELINES = ("none", "mean", "loo")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRUNCATIONS = ("truncate", "drop")

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from otr_cli.data import TokenizedExample
-
-IGNORE_INDEX = -100
+from otr_cli.data import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -65,11 +63,6 @@ class StepPlan:
         indices = self.global_indices(step)
         micro = [indices[i: i + self.micro_batch_size] for i in range(0, len(indices), self.micro_batch_size)]
         return micro[rank:: self.world_size]
-
-
-def supervised_count(examples: list[TokenizedExample]) -> int:
-    """Positions that carry a loss: labels after the first token that are not ignored."""
-    return sum(sum(1 for label in ex.labels[1:] if label != IGNORE_INDEX) for ex in examples)
 
 
 def loss_weights(batch: dict[str, torch.Tensor], reduction: str, global_tokens: int, global_sequences: int,

@@ -5,11 +5,9 @@ Read top to bottom: ``run_training`` builds everything, ``Trainer.train`` is the
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +19,7 @@ from omegaconf import OmegaConf
 from otr_cli.config import TrainConfig
 from otr_cli.data import DataBundle, build_datasets, collate_batch
 from otr_cli.models import load_tokenizer
-from otr_cli.train.batches import StepPlan, loss_weights, supervised_count
+from otr_cli.train.batches import StepPlan, loss_weights
 from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume,
                                       write_json_atomic)
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
@@ -134,8 +132,8 @@ class Trainer:
         settings = objective_at(cfg, self.step)
         micro_indices = self.plan.rank_micro_batches(self.step, self.dist.rank)
         micro_examples = [[self.data.train[i] for i in indices] for indices in micro_indices]
-        local_tokens = sum(supervised_count(examples) for examples in micro_examples)
-        local_sequences = sum(1 for examples in micro_examples for ex in examples if supervised_count([ex]) > 0)
+        local_tokens = sum(ex.num_supervised for examples in micro_examples for ex in examples)
+        local_sequences = sum(1 for examples in micro_examples for ex in examples if ex.num_supervised > 0)
         global_tokens, global_sequences = all_reduce_sum([local_tokens, local_sequences], self.device)
         replicas = cfg.trainer.grad_accum * self.dist.world_size
         lr = self.engine.get_lr()[0]
@@ -346,16 +344,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 def _evaluate(cfg: TrainConfig, model: str, out_dir: Path, dist_info: DistInfo, tokenizer) -> Optional[dict]:
     """Benchmarks on rank 0 (generation is cheap next to training; other ranks wait).
 
-    Results already in `out_dir` for the same benchmarks and model are reused, so a resumed
-    run does not evaluate its starting model twice.
+    A resumed run calls this again for its starting model: evaluate_model's generation cache in
+    `out_dir` answers without loading the model.
     """
     result = None
-    cached = out_dir / "results.json"
-    if dist_info.is_main and cached.is_file():
-        previous = json.loads(cached.read_text())
-        if previous.get("model") == model and set(previous.get("benchmarks", {})) == set(cfg.eval.benchmarks):
-            result = previous["benchmarks"]
-    if dist_info.is_main and result is None:
+    if dist_info.is_main:
         from otr_cli.eval.runner import evaluate_model
 
         result = evaluate_model(model, cfg.eval, cfg.data, out_dir, tokenizer=tokenizer)

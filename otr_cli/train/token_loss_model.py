@@ -14,9 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from otr_cli.data import IGNORE_INDEX
 from otr_cli.losses import fused_token_loss, reference_token_loss
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
