@@ -1,6 +1,7 @@
 """The code sandbox survives hostile programs and counts a run as passed only if its check returned."""
 
 import os
+import shutil
 import subprocess
 import textwrap
 
@@ -100,6 +101,8 @@ def test_children_do_not_outlive_a_passing_run():
 
 
 def test_writes_outside_the_working_directory_do_not_land(tmp_path):
+    if not detect_isolation().private_tmp:
+        pytest.skip(f"no mount namespace on this machine: {detect_isolation().describe()}")
     target = tmp_path / "pwned.txt"
     os.chmod(tmp_path, 0o777)  # even a world-writable directory must stay untouched
     program = f"open({str(target)!r}, 'w').write('x')"
@@ -197,3 +200,25 @@ def test_killing_its_parent_does_not_reach_the_grader(isolation):
     program = "import os, signal, sys\nos.kill(os.getppid(), signal.SIGKILL)\nsys.exit(0)"
     result = run_program(program, "pass", FAST, detect_isolation(isolation))
     assert result.status in ("failed", "killed")  # and this test process is still here to check it
+
+
+def test_namespace_isolation_works_when_the_interpreter_and_project_live_under_tmp(monkeypatch, tmp_path):
+    """CI clones the project under /tmp, which the sandbox hides behind a private tmpfs."""
+    import sys
+
+    from otr_cli.eval import sandbox
+
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        pytest.skip("needs unshare as root")
+    venv_python = tmp_path / "python"
+    venv_python.symlink_to(os.path.realpath(sys.executable))
+    monkeypatch.setattr(sys, "executable", str(venv_python))
+    harness_copy = tmp_path / "sandbox_harness.py"
+    shutil.copy(sandbox.HARNESS, harness_copy)
+    monkeypatch.setattr(sandbox, "HARNESS", harness_copy)
+    sandbox.detect_isolation.cache_clear()
+    try:
+        assert sandbox.detect_isolation().name == "namespaces"
+        assert run("assert 1 + 1 == 2").status == "passed"
+    finally:
+        sandbox.detect_isolation.cache_clear()

@@ -32,6 +32,16 @@ from typing import Optional
 log = logging.getLogger("otr.eval.sandbox")
 
 HARNESS = Path(__file__).with_name("sandbox_harness.py")
+
+
+def sandbox_python_command() -> list[str]:
+    """How the sandbox starts the harness, with nothing that must be visible inside it.
+
+    The namespaces hide /tmp behind a private tmpfs, and a virtual environment or checkout may
+    live under /tmp (CI clones there): so run the interpreter the venv links to, and hand over the
+    harness as source (it uses the standard library only).
+    """
+    return [os.path.realpath(sys.executable), "-I", "-c", HARNESS.read_text()]
 ISOLATIONS = ("auto", "namespaces", "user_namespaces", "rlimits")
 # Mounted fresh inside the mount namespace, so files written there vanish with the run.
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
@@ -128,7 +138,8 @@ sys.exit(3)
 def _probe(prefix: tuple[str, ...]) -> Optional[bool]:
     """None if the wrapper does not run here; else whether the filesystem really is read-only in it."""
     try:
-        code = subprocess.run([*prefix, sys.executable, "-I", "-c", _PROBE], capture_output=True, timeout=20).returncode
+        code = subprocess.run([*prefix, os.path.realpath(sys.executable), "-I", "-c", _PROBE], capture_output=True,
+                              timeout=20).returncode
     except (OSError, subprocess.SubprocessError):
         return None
     return {0: True, 3: False}.get(code)
@@ -237,7 +248,7 @@ def run_program(program: str, call: str, limits: SandboxLimits = SandboxLimits()
     started = time.monotonic()
     try:
         with (workdir / ".stdout").open("wb") as out, (workdir / ".stderr").open("wb") as err:
-            command = [*isolation.prefix, sys.executable, "-I", str(HARNESS)]
+            command = [*isolation.prefix, *sandbox_python_command()]
             cgroup_root = pids_cgroup_root()
             cgroup = _PidsCgroup(cgroup_root, limits.max_processes) if cgroup_root else None
             if cgroup:
