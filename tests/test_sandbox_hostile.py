@@ -4,9 +4,9 @@ import os
 import shutil
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from otr_cli.eval.sandbox import SandboxLimits, detect_isolation, run_program
 
@@ -117,7 +117,10 @@ def test_writes_outside_the_working_directory_do_not_land(tmp_path):
 def test_the_filesystem_outside_tmp_is_read_only():
     if not detect_isolation().read_only_fs:
         pytest.skip(f"no read-only mount namespace on this machine: {detect_isolation().describe()}")
-    target = REPO / ".sandbox-write-probe"
+    # The home directory is outside /tmp wherever the checkout lives (CI clones under /tmp, whose
+    # sandbox copy is a private tmpfs, so a probe there would fail for a different reason).
+    target = Path.home() / ".otr-sandbox-write-probe"
+    target.unlink(missing_ok=True)
     result = run(f"open({str(target)!r}, 'w').write('x')")
     assert not target.exists()
     assert result.status == "failed" and "Read-only file system" in result.stderr_tail
