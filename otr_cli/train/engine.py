@@ -71,6 +71,10 @@ def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> Engine:
         config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
+    if world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
+        # Alone there is nothing to average, but stage 0 would still copy every gradient into a
+        # flat all-reduce buffer each step: a model-sized allocation for nothing.
+        engine.enable_backward_allreduce = False
     return Engine(engine=engine, lm=lm, ds_config=ds_config, precision=precision)
 
 
