@@ -102,8 +102,16 @@ class DataConfig:
 
 @dataclass
 class PhaseConfig:
+    """One phase of an objective schedule (``loss.phases``); unset fields inherit from ``loss``."""
+
     objective: str = "sft"
-    steps: int = 0
+    # Optimizer steps in this phase; -1: until the end of the run (only the last phase).
+    steps: int = -1
+    k: Optional[int] = None
+    temperature: Optional[float] = None
+    beta: Optional[float] = None
+    baseline: Optional[str] = None
+    sft_weight: Optional[float] = None
 
 
 @dataclass
@@ -123,6 +131,9 @@ class LossConfig:
     sft_warmup_steps: int = 0
     # Constant mix: loss = objective + sft_weight * CE.
     sft_weight: float = 0.0
+    # General schedule: [{objective: sft, steps: 16}, {objective: otr, steps: -1}]; replaces
+    # sft_warmup_steps. A phase may override k, temperature, beta, baseline and sft_weight.
+    phases: List[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -211,7 +222,38 @@ class EvalConfig:
 
 @dataclass
 class LauncherConfig:
+    """Where `otr train -m` sweeps run, and how one run's processes coordinate and stop.
+
+    The SLURM keys describe ONE sweep point (one array element); recipes/launcher/slurm.yaml
+    hands them to Hydra's submitit launcher (docs/slurm.md).
+    """
+
+    # "local": the sweep's points run one after another in this process; "slurm": one job array.
     name: str = "local"
+    partition: Optional[str] = None
+    nodes: int = 1
+    # None: request no GPUs. Runs use one process per GPU: set tasks_per_node to the same number.
+    gpus_per_node: Optional[int] = None
+    tasks_per_node: int = 1
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    timeout_min: int = 60
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    # Most array elements running at once.
+    array_parallelism: int = 256
+    # SLURM sends `signal` this many seconds before the time limit; the run saves at the next step
+    # boundary and requeues itself.
+    signal: str = "USR1"
+    signal_delay_s: int = 120
+    # Shell lines run in the job before training (module load ..., source .venv/bin/activate).
+    setup: List[str] = field(default_factory=list)
+    # A preempted or timed-out SLURM job requeues itself at most this many times (0: never).
+    max_requeues: int = 20
+    # A collective that waits longer than this fails (a hung or dead rank stops the run instead of hanging
+    # it). Rank 0 alone saves models and runs benchmarks while the others wait: keep it generous.
+    dist_timeout_min: float = 30.0
 
 
 @dataclass
@@ -281,6 +323,7 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
         _positive("loss.chunk_size", loss.chunk_size)
     _positive("loss.sft_warmup_steps", loss.sft_warmup_steps, strict=False)
     _positive("loss.sft_weight", loss.sft_weight, strict=False)
+    _validate_phases(loss)
     _positive("optim.lr", optim.lr)
     _choice("optim.scheduler", optim.scheduler, SCHEDULERS)
     if len(optim.betas) != 2:
@@ -310,7 +353,33 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     if data.validation_size < 0:
         raise ConfigError(f"data.validation_size={data.validation_size} must be >= 0")
     _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    validate_launcher(cfg.launcher)
     return cfg
+
+
+def _validate_phases(loss: LossConfig) -> None:
+    if loss.phases and loss.sft_warmup_steps > 0:
+        raise ConfigError("loss.phases and loss.sft_warmup_steps are two ways to write a schedule: set one, "
+                          "e.g. loss.sft_warmup_steps=0, or start loss.phases with {objective: sft, steps: N}")
+    for i, phase in enumerate(loss.phases):
+        path = f"loss.phases[{i}]"
+        _choice(f"{path}.objective", phase.objective, OBJECTIVES)
+        last = i == len(loss.phases) - 1
+        if phase.steps == -1 and not last:
+            raise ConfigError(f"{path}.steps=-1 (until the end) is only allowed in the last phase; "
+                              f"give it a number of optimizer steps")
+        if phase.steps != -1:
+            _positive(f"{path}.steps", phase.steps)
+        if phase.k is not None:
+            _positive(f"{path}.k", phase.k)
+        if phase.temperature is not None:
+            _positive(f"{path}.temperature", phase.temperature)
+        if phase.beta is not None and phase.beta >= 1.0:
+            raise ConfigError(f"{path}.beta={phase.beta} must be < 1 (the target's reward is 1)")
+        if phase.baseline is not None:
+            _choice(f"{path}.baseline", phase.baseline, BASELINES)
+        if phase.sft_weight is not None:
+            _positive(f"{path}.sft_weight", phase.sft_weight, strict=False)
 
 
 def schema_keys(schema: type = TrainConfig, prefix: str = "") -> dict[str, type]:
@@ -346,3 +415,29 @@ def check_override_keys(overrides: list[str], groups: tuple[str, ...]) -> None:
         raise ConfigError(f"unknown config key '{key}' in override '{override}'.{hint} "
                           f"`otr train --cfg job` prints every key.")
 
+
+
+LAUNCHERS = ("local", "slurm")
+PREEMPT_SIGNALS = ("USR1", "USR2", "TERM")
+
+
+def validate_launcher(launcher: LauncherConfig) -> None:
+    """Launcher checks; also run before a sweep is submitted (otr_cli/sweep/callbacks.py)."""
+    _choice("launcher.name", launcher.name, LAUNCHERS)
+    _positive("launcher.nodes", launcher.nodes)
+    _positive("launcher.tasks_per_node", launcher.tasks_per_node)
+    if launcher.gpus_per_node is not None:
+        _positive("launcher.gpus_per_node", launcher.gpus_per_node, strict=False)
+    _positive("launcher.timeout_min", launcher.timeout_min)
+    _positive("launcher.array_parallelism", launcher.array_parallelism)
+    _positive("launcher.signal_delay_s", launcher.signal_delay_s, strict=False)
+    _positive("launcher.max_requeues", launcher.max_requeues, strict=False)
+    _positive("launcher.dist_timeout_min", launcher.dist_timeout_min)
+    _choice("launcher.signal", launcher.signal, PREEMPT_SIGNALS)
+    if launcher.gpus_per_node and launcher.tasks_per_node != launcher.gpus_per_node:
+        raise ConfigError(
+            f"launcher.gpus_per_node={launcher.gpus_per_node} but launcher.tasks_per_node={launcher.tasks_per_node}: "
+            f"otr trains with one process per GPU, so set launcher.tasks_per_node={launcher.gpus_per_node}")
+    if launcher.signal_delay_s >= 60 * launcher.timeout_min:
+        raise ConfigError(f"launcher.signal_delay_s={launcher.signal_delay_s} must be shorter than the time limit "
+                          f"(launcher.timeout_min={launcher.timeout_min} minutes)")

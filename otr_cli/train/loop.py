@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from otr_cli.config import TrainConfig
 from otr_cli.data import DataBundle, build_datasets, collate_batch
 from otr_cli.models import load_tokenizer
+from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights
 from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume,
                                       write_json_atomic)
@@ -27,6 +28,7 @@ from otr_cli.train.engine import Engine, build_engine, export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.signals import WeakSignalMonitor
+from otr_cli.train.schedule import Phase, build_schedule, objective_at, phase_boundaries, phase_index_at
 from otr_cli.train.token_loss_model import ObjectiveSettings, sampling_generator
 
 log = logging.getLogger("otr.train")
@@ -67,15 +69,6 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def objective_at(cfg: TrainConfig, step: int) -> ObjectiveSettings:
-    """The loss settings in force at optimizer step `step` (SFT during the warm-up phase)."""
-    loss = cfg.loss
-    objective = "sft" if step < loss.sft_warmup_steps else loss.objective
-    return ObjectiveSettings(objective=objective, k=loss.k, temperature=loss.temperature, beta=loss.beta,
-                             baseline=loss.baseline, sft_weight=loss.sft_weight if objective != "sft" else 0.0,
-                             chunk_size=loss.chunk_size, implementation=loss.implementation)
-
-
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -95,6 +88,7 @@ class Trainer:
         self.engine = handle.engine
         self.total_steps = total_steps
         self.plan = plan
+        self.phases: list[Phase] = build_schedule(cfg.loss, total_steps)
         self.step = 0
         self.device = self.engine.device
         self.metrics = MetricsLog(run_dir.root / "metrics.jsonl", enabled=dist_info.is_main,
@@ -129,7 +123,8 @@ class Trainer:
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
-        settings = objective_at(cfg, self.step)
+        settings = objective_at(self.phases, self.step)
+        phase = phase_index_at(self.phases, self.step)
         micro_indices = self.plan.rank_micro_batches(self.step, self.dist.rank)
         micro_examples = [[self.data.train[i] for i in indices] for indices in micro_indices]
         local_tokens = sum(ex.num_supervised for examples in micro_examples for ex in examples)
@@ -168,6 +163,7 @@ class Trainer:
             "step": self.step,
             "epoch": round(self.plan.epoch_at(self.step), 4),
             "objective": settings.objective,
+            "phase": phase,
             "loss": loss_global,
             "lr": lr,
             "grad_norm": grad_norm if grad_norm is not None else _as_float(self.engine.get_global_grad_norm()),
@@ -181,10 +177,52 @@ class Trainer:
             record.pop("no_match_frac", None)
         return record
 
-    def _is_warmup_end(self) -> bool:
-        cfg = self.cfg
-        return (bool(cfg.eval.benchmarks) and cfg.eval.after_warmup and cfg.loss.sft_warmup_steps > 0
-                and self.step == cfg.loss.sft_warmup_steps < self.total_steps)
+    def _phase_ending_now(self) -> Optional[Phase]:
+        """The phase that has just ended when the run evaluates phase ends (eval.after_warmup)."""
+        if not (self.cfg.eval.benchmarks and self.cfg.eval.after_warmup):
+            return None
+        return phase_boundaries(self.phases).get(self.step)
+
+    def _periodic_eval_due(self) -> bool:
+        every = self.cfg.eval.every_steps
+        return bool(self.cfg.eval.benchmarks) and every > 0 and self.step % every == 0 and self.step < self.total_steps
+
+    def evaluate_in_training(self) -> dict[str, Any]:
+        """eval.every_steps: the benchmarks on the first eval.every_steps_limit problems, now.
+
+        The model in memory generates, except under ZeRO-3 (its parameters are partitioned), where
+        a consolidated copy is exported first and removed afterwards. Random generator states are
+        put back afterwards, so a run with periodic evals trains exactly like one without.
+        """
+        import dataclasses
+        import shutil
+
+        eval_cfg = dataclasses.replace(self.cfg.eval, limit=min(self.cfg.eval.limit or 10**9,
+                                                                self.cfg.eval.every_steps_limit))
+        out_dir = self.run_dir.root / "eval" / f"step-{self.step}"
+        states = rng_states()
+        zero3 = self.handle.ds_config["zero_optimization"]["stage"] == 3
+        result: dict[str, Any] = {}
+        if zero3:
+            export_dir = out_dir / "model"
+            export_hf_model(self.handle, export_dir, self.tokenizer, self.dist.is_main)
+        if self.dist.is_main:
+            from otr_cli.eval.runner import evaluate_model
+
+            if zero3:
+                result = evaluate_model(str(export_dir), eval_cfg, self.cfg.data, out_dir, tokenizer=self.tokenizer)
+                shutil.rmtree(export_dir, ignore_errors=True)
+            else:
+                lm = self.handle.lm
+                lm.eval()
+                try:
+                    result = evaluate_model(f"{self.run_dir.root}@step-{self.step}", eval_cfg, self.cfg.data,
+                                            out_dir, tokenizer=self.tokenizer, model_cfg=self.cfg.model, model=lm)
+                finally:
+                    lm.train()
+        barrier()
+        restore_rng_states(states)
+        return result
 
     def _grad_norm_before_step(self) -> Optional[float]:
         """Pre-clipping gradient norm. ZeRO 1-3 report it after the step; stage 0 does not."""
@@ -247,12 +285,28 @@ class Trainer:
                 if cfg.trainer.save_steps and self.step % cfg.trainer.save_steps == 0:
                     self.save_checkpoint()
                     saved_at = self.step
-                if self._is_warmup_end():
+                ending = self._phase_ending_now()
+                if ending is not None:
                     checkpoint = self.save_checkpoint() if saved_at != self.step else self.run_dir.latest_checkpoint()
                     saved_at = self.step
-                    name = f"after SFT warm-up (step {self.step})"
-                    self.phase_evals[name] = _evaluate(cfg, str(checkpoint), self.run_dir.root / "eval" / "warmup",
-                                                       self.dist, self.tokenizer)
+                    name = ("after SFT warm-up" if ending.settings.objective == "sft" and ending.index == 0
+                            else f"after phase {ending.index + 1}, {ending.settings.objective}")
+                    self.phase_evals[f"{name} (step {self.step})"] = _evaluate(
+                        cfg, str(checkpoint), self.run_dir.root / "eval" / f"phase-{ending.index + 1}",
+                        self.dist, self.tokenizer)
+                if self._periodic_eval_due():
+                    scores = self.evaluate_in_training()
+                    if self.dist.is_main:
+                        eval_record = {"step": self.step, **{f"eval/{name}": r["value"] for name, r in scores.items()}}
+                        self.metrics.write(eval_record)
+                        progress.note("eval at step %d: %s" % (self.step, ", ".join(
+                            f"{name} {r['value']:.1%}" for name, r in scores.items())))
+                if preemption.stop_requested(self.device):
+                    # A stop signal on any rank: all save at this step boundary and leave (preemption.py).
+                    last = self.save_checkpoint() if saved_at != self.step else self.run_dir.latest_checkpoint()
+                    self.run_dir.mark("preempted", step=self.step, total_steps=self.total_steps)
+                    self.metrics.close()
+                    raise preemption.Preempted(self.step, last)
         if saved_at != self.step:
             last = self.save_checkpoint()
         else:
@@ -290,7 +344,7 @@ def check_output_dir(run_dir: RunDirectory, cfg: TrainConfig) -> None:
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Everything `otr train` does after the config is validated. Returns the run summary."""
-    dist_info = init_distributed()
+    dist_info = init_distributed(cfg.launcher.dist_timeout_min)
     output_dir = resolve_output_dir(cfg)
     run_dir = RunDirectory(output_dir, dist_info)
     check_output_dir(run_dir, cfg)
@@ -325,6 +379,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     elapsed = time.time() - started
     evals: dict[str, dict] = {"before training": before} if before else {}
     evals.update(trainer.phase_evals)
+    # From metrics.jsonl rather than the trainer, so evaluations made before a resume count too.
+    periodic = {r["step"]: {k[len("eval/"):]: v for k, v in r.items() if k.startswith("eval/")}
+                for r in records if any(k.startswith("eval/") for k in r)}
     # Free the engine's memory before generating with the final model.
     del trainer, handle
     if cfg.eval.benchmarks:
@@ -332,6 +389,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                                                         dist_info, tokenizer)
     summary = {"output_dir": str(output_dir), "final_model": str(run_dir.final), "total_steps": total_steps,
                "train_seconds": elapsed, "eval": evals, "data": data.report.as_dict()}
+    if periodic:
+        summary["eval_during_training"] = periodic
     if dist_info.is_main:
         write_json_atomic(output_dir / "summary.json", summary)
         plot_curves(records, output_dir / "curves.png")

@@ -13,6 +13,7 @@ CURVE_PANELS = (
     ("match_rate", "OTR match rate"),
     ("p_target", "p(target)"),
     ("entropy", "entropy of p (nats)"),
+    ("no_match_frac", "OTR: positions with no matching sample"),
 )
 
 
@@ -71,12 +72,25 @@ def plot_curves(records: list[dict[str, Any]], out_png: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     panels = [(key, title) for key, title in CURVE_PANELS if any(key in r for r in records)]
+    # eval.every_steps writes "eval/<benchmark>" accuracies: one panel for all of them.
+    eval_keys = list(dict.fromkeys(k for r in records for k in r if k.startswith("eval/")))
+    if eval_keys:
+        panels.append(("eval/", "accuracy during training"))
     if not records or not panels:
         return None
     columns = 3
     rows = (len(panels) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
     for axis, (key, title) in zip(axes.flat, panels):
+        if key == "eval/":
+            for name in eval_keys:
+                points = [(r["step"], r[name]) for r in records if name in r]
+                axis.plot([s for s, _ in points], [v for _, v in points], "o-", ms=3, label=name[len("eval/"):])
+            axis.legend(fontsize=8)
+            axis.set_title(title, fontsize=10)
+            axis.set_xlabel("step", fontsize=8)
+            axis.grid(alpha=0.3)
+            continue
         points = [(r["step"], r[key]) for r in records if key in r]
         axis.plot([s for s, _ in points], [v for _, v in points], lw=1.2)
         if key == "ce":

@@ -55,13 +55,19 @@ class TrainProgress:
                           f"{format_record(record)}", highlight=False)
 
 
+    def note(self, message: str) -> None:
+        """A line above the live bar (or in the log stream), e.g. an evaluation during training."""
+        if self.enabled:
+            console.print(message, highlight=False)
+
+
 def print_summary(records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     steps = [r for r in records if "loss" in r]
     table = Table(title="otr train: summary", show_header=True)
     table.add_column("metric")
     table.add_column("first step", justify="right")
     table.add_column("last step", justify="right")
-    for key in ("loss", "ce", "p_target", "entropy", "match_rate", "reward_mean", "tokens_per_s"):
+    for key in ("loss", "ce", "p_target", "entropy", "match_rate", "no_match_frac", "reward_mean", "tokens_per_s"):
         values = [r[key] for r in steps if key in r and r[key] is not None]
         if values:
             table.add_row(key, f"{values[0]:.4g}", f"{values[-1]:.4g}")
