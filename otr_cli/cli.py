@@ -14,10 +14,12 @@ USAGE = """usage: otr <command> [hydra overrides ...]
 commands:
   train    fine-tune a model from a recipe:  otr train recipe=smollm2_demo loss.beta=-0.2
            multirun sweeps:                   otr train -m recipe=smollm2_demo loss.beta=0,-0.1
+           ... as one SLURM job array:        otr train -m loss.beta=0,-0.1 launcher=slurm launcher.partition=P
            print the composed config:         otr train recipe=qwen8b_math dry_run=true
   eval     benchmark a model:                otr eval model=outputs/run/final eval.benchmarks=[gsm8k,humaneval]
            compare two evaluations:          otr eval compare outputs/a outputs/b
   grade    grade completions from anywhere:  otr grade predictions=preds.jsonl grader=math|choice|code
+  sweep    summarise a sweep's points:       otr sweep summary multirun/smollm2_demo/2025-01-01_12-00-00
 
 Recipes live in {recipes}; `otr train --help` lists every config group and option.
 """
@@ -83,12 +85,31 @@ def train_task(cfg) -> Optional[dict]:
         if typed.dry_run:
             print_dry_run(typed, OmegaConf.to_yaml(cfg))
             return None
-        configure_logging()
-        from otr_cli.train.loop import run_training
-
-        return run_training(typed)
+        return _train(typed)
     except _user_errors() as err:
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            raise  # a sweep point on SLURM: Hydra hands the error back to the submitting `otr train -m`
         fail(str(err))
+
+
+def _train(typed) -> dict:
+    """A training run that stops cleanly on preemption signals and takes every rank down on an error."""
+    from otr_cli.train import faults, preemption
+    from otr_cli.train.distributed import populate_env_from_launcher
+    from otr_cli.train.loop import resolve_output_dir, run_training
+
+    populate_env_from_launcher()  # first: under srun the rank comes from SLURM, and log lines name it
+    configure_logging()
+    run_state = resolve_output_dir(typed) / "run_state.json"
+    with preemption.watching():
+        try:
+            with faults.stop_all_ranks_on_error(run_state, _user_errors()):
+                return run_training(typed)
+        except preemption.Preempted as stop:
+            # Still inside watching(): requeuing makes SLURM send this job a SIGTERM, which must not kill it
+            # before it has said what it did.
+            status = preemption.after_preemption(stop, int(os.environ["RANK"]), typed.launcher.max_requeues)
+    sys.exit(status)
 
 
 def print_dry_run(typed, resolved_yaml: str) -> None:
@@ -148,9 +169,15 @@ def _eval(args: list[str]) -> int:
     return eval_entry(args)
 
 
+def _sweep(args: list[str]) -> int:
+    from otr_cli.sweep.command import sweep_entry
+
+    return sweep_entry(args)
+
+
 # (Hydra task, primary config name), or a callable taking the raw arguments (commands that parse
 # their own arguments, or dispatch to Hydra themselves).
-COMMANDS = {"train": (train_task, "train"), "eval": _eval, "grade": _grade}
+COMMANDS = {"train": (train_task, "train"), "eval": _eval, "grade": _grade, "sweep": _sweep}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

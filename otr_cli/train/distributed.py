@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -57,8 +58,11 @@ def populate_env_from_launcher() -> None:
         env.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed: NCCL on GPU, gloo on CPU."""
+def init_distributed(timeout_min: float = 30.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed: NCCL on GPU, gloo on CPU.
+
+    A collective waiting longer than `timeout_min` raises instead of hanging (a dead or stuck rank).
+    """
     import deepspeed
 
     populate_env_from_launcher()
@@ -66,7 +70,8 @@ def init_distributed() -> DistInfo:
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                                   timeout=timedelta(minutes=timeout_min))
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
 
 
