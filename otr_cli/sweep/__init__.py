@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: checks before a SLURM submission, and `otr sweep summary`."""
