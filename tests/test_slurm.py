@@ -1,0 +1,164 @@
+"""`otr train -m ... launcher=slurm` on a real one-node SLURM cluster started for this session.
+
+Skipped, with the reason, where SLURM's daemons are not installed (CI installs them: .ci/run).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_jsonl, subprocess_env, tiny_overrides
+from otr_cli.cli import main
+from slurm_cluster import SlurmCluster, slurm_available
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    reason = slurm_available()
+    if reason:
+        pytest.skip(f"no SLURM here: {reason}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def sweep_overrides(model_dir: Path, sweep_dir: Path, *extra: str) -> list[str]:
+    """The tiny run's overrides for a sweep: every point writes under the sweep dir, not run.output_dir."""
+    base = [o for o in tiny_overrides(model_dir, sweep_dir) if not o.startswith("run.output_dir=")]
+    return [*base, "launcher=slurm", f"hydra.sweep.dir={sweep_dir}", *extra]
+
+
+def otr(args: list[str], cluster: SlurmCluster, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "otr_cli.cli", *args], cwd=cwd, env=subprocess_env() | cluster.env,
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"otr {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}\n{job_logs(cwd)}")
+    return result
+
+
+def job_logs(directory: Path) -> str:
+    """The SLURM jobs' own logs (submitit writes them under <sweep>/.submitit), for failure messages."""
+    logs = sorted(directory.rglob(".submitit/*/*_log.*"))
+    return "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs)
+
+
+def array_jobs(sweep_dir: Path) -> dict[str, list[str]]:
+    """{array job id: [element indices]} from submitit's per-element folders (<id>_<index>)."""
+    found: dict[str, list[str]] = {}
+    for child in (sweep_dir / ".submitit").iterdir():
+        match = re.fullmatch(r"(\d+)_(\d+)", child.name)
+        if match:
+            found.setdefault(match.group(1), []).append(match.group(2))
+    return {job: sorted(indices) for job, indices in found.items()}
+
+
+def submitted_job_ids(sweep_dir: Path) -> list[str]:
+    """Ids SLURM knows the sweep's jobs by: <array>_<index> per element (a one-point sweep is a plain job)."""
+    names = [child.name for child in (sweep_dir / ".submitit").iterdir()]
+    elements = sorted(name for name in names if re.fullmatch(r"\d+_\d+", name))
+    return elements or sorted(name for name in names if name.isdigit())
+
+
+def losses(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r or "val_ce" in r]
+
+
+def test_three_point_sweep_is_one_job_array_with_a_run_dir_per_point(slurm, tiny_model_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    otr(["train", "-m", *sweep_overrides(tiny_model_dir, sweep, "loss=otr", "loss.k=8", "loss.beta=0,-0.1,-0.3")],
+        slurm, cwd=tmp_path)
+    jobs = array_jobs(sweep)
+    assert len(jobs) == 1, f"expected one array job, got {jobs}"
+    assert list(jobs.values())[0] == ["0", "1", "2"]
+    script = next((sweep / ".submitit").glob("*/*_submission.sh")).read_text()
+    assert "#SBATCH --array=0-2" in script and "#SBATCH --signal=USR1@120" in script
+    for point, beta in zip("012", (0.0, -0.1, -0.3)):
+        run = sweep / point
+        assert json.loads((run / "run_state.json").read_text())["status"] == "finished"
+        assert f"beta: {beta}" in (run / "config.yaml").read_text()
+        assert (run / "final" / "model.safetensors").is_file()
+
+    result = otr(["sweep", "summary", str(sweep)], slurm, cwd=tmp_path)
+    rows = [line for line in result.stdout.splitlines() if re.match(r"^│\s+\d\s+│", line)]
+    assert len(rows) == 3, result.stdout
+    assert all("finished" in row for row in rows)
+    assert "loss.beta" in result.stdout and "best" in result.stdout
+    assert (sweep / "sweep_summary.csv").read_text().count("\n") == 4
+    assert (sweep / "sweep_summary.png").stat().st_size > 0
+
+
+def test_two_task_zero2_job_initialises_from_slurm_and_matches_one_process(slurm, tiny_model_dir, tmp_path):
+    common = ["loss=otr_exact", "loss.temperature=1.3", "loss.beta=-0.1", "deepspeed=zero2", "trainer.max_steps=3"]
+    sweep = tmp_path / "sweep"
+    otr(["train", "-m", *sweep_overrides(tiny_model_dir, sweep, *common, "trainer.micro_batch_size=2",
+                                         "launcher.tasks_per_node=2")], slurm, cwd=tmp_path)
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "one", *common, "trainer.micro_batch_size=4")])
+    one, two = losses(tmp_path / "one"), losses(sweep / "0")
+    assert [r["step"] for r in two if "loss" in r] == [1, 2, 3]
+    for left, right in zip(one, two):
+        if "loss" in left:
+            assert right["loss"] == pytest.approx(left["loss"], rel=1e-4, abs=1e-7)
+            assert right["supervised_tokens"] == left["supervised_tokens"]
+    shards = list((sweep / "0" / "checkpoints" / "step-3" / "ds").glob("*optim_states.pt"))
+    assert len(shards) == 2, "each of the two SLURM tasks writes its ZeRO-2 optimizer shard"
+    logs = job_logs(tmp_path)
+    assert "global_rank=1(2)" in logs  # two tasks in one job step
+    assert "[rank 0]" in logs  # log lines name their rank
+
+
+def _wait_for_steps(metrics: Path, steps: int, process: subprocess.Popen, timeout: float, sweep: Path) -> None:
+    deadline = time.time() + timeout
+    while not (metrics.is_file() and sum(1 for r in read_jsonl(metrics) if "loss" in r) >= steps):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"no step {steps} in {metrics} (exit {process.returncode}):\n{job_logs(sweep.parent)}")
+        time.sleep(0.1)
+
+
+def test_preempted_job_saves_requeues_itself_and_ends_like_an_uninterrupted_run(slurm, tiny_model_dir, tmp_path):
+    common = ["loss=otr", "loss.k=16", "loss.temperature=1.3", "loss.beta=-0.1", "trainer.max_steps=16",
+              "data.synthetic.num_train=20"]
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "reference", *common)])
+
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "otr_cli.cli", "train", "-m", *sweep_overrides(tiny_model_dir, sweep, *common)]
+    with (tmp_path / "submit.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env() | slurm.env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        _wait_for_steps(sweep / "0" / "metrics.jsonl", 2, process, timeout=180, sweep=sweep)
+        [job] = submitted_job_ids(sweep)
+        # What SLURM sends before the time limit (--signal=USR1@N); scancel delivers it to the job's tasks.
+        subprocess.run(["scancel", "--signal=USR1", job], env=subprocess_env() | slurm.env, check=True)
+        try:
+            process.wait(timeout=240)
+        finally:
+            process.kill()
+    logs = job_logs(tmp_path)
+    assert process.returncode == 0, f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{logs}"
+    assert "Preempted at step" in logs and "requeued" in logs, logs
+    assert "Resumed from" in logs, logs
+    restarts = subprocess.run(["scontrol", "show", "job", job], env=subprocess_env() | slurm.env,
+                              capture_output=True, text=True).stdout
+    assert "Restarts=1" in restarts, restarts
+
+    reference, resumed = losses(tmp_path / "reference"), losses(sweep / "0")
+    assert [r["step"] for r in resumed if "loss" in r] == list(range(1, 17))
+    assert len(resumed) == len(reference)
+    for left, right in zip(reference, resumed):
+        for key in ("loss", "ce", "match_rate", "grad_norm", "lr", "val_ce"):
+            if key in left:
+                assert right[key] == pytest.approx(left[key], rel=1e-6, abs=1e-9), (left["step"], key)
+    assert json.loads((sweep / "0" / "run_state.json").read_text())["status"] == "finished"
