@@ -134,6 +134,9 @@ class LossConfig:
     # General schedule: [{objective: sft, steps: 16}, {objective: otr, steps: -1}]; replaces
     # sft_warmup_steps. A phase may override k, temperature, beta, baseline and sft_weight.
     phases: List[PhaseConfig] = field(default_factory=list)
+    # Warn once when the OTR match rate stays under this fraction for this many optimizer steps.
+    weak_signal_threshold: float = 0.01
+    weak_signal_steps: int = 20
 
 
 @dataclass
@@ -324,6 +327,9 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     _positive("loss.sft_warmup_steps", loss.sft_warmup_steps, strict=False)
     _positive("loss.sft_weight", loss.sft_weight, strict=False)
     _validate_phases(loss)
+    if not 0.0 <= loss.weak_signal_threshold < 1.0:
+        raise ConfigError(f"loss.weak_signal_threshold={loss.weak_signal_threshold} must be in [0, 1)")
+    _positive("loss.weak_signal_steps", loss.weak_signal_steps)
     _positive("optim.lr", optim.lr)
     _choice("optim.scheduler", optim.scheduler, SCHEDULERS)
     if len(optim.betas) != 2:

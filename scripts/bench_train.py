@@ -4,7 +4,11 @@ Same model (SmolLM2-135M-Instruct), same tokenized examples (synthetic_arith), s
 batch, same number of steps; each case runs in its own process so peak RSS is its own.
 Throughput is non-padding input tokens per second over the steps after the first (warm-up).
 
-    python scripts/bench_train.py [--steps 12] [--batch 8] [--k 256]
+    python scripts/bench_train.py [--steps 12] [--batch 8] [--k 256] [--rounds 2]
+
+This VM's speed drifts (up to 2-3x between runs of the same case), so the three cases run in
+rounds with a rotating order, and each ratio is the median over rounds of the ratio measured
+within one round (the cases of a round run back to back, under the same conditions).
 
 Writes docs/benchmarks/bench_train.json and bench_train.md.
 """
@@ -104,6 +108,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--k", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--case", choices=["hf", "otr-sft", "otr-otr"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -117,20 +122,35 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    cases = {name: run_case_in_subprocess(name, args) for name in ("hf", "otr-sft", "otr-otr")}
-    hf = cases["hf"]
+    names = ["hf", "otr-sft", "otr-otr"]
+    rounds = []
+    for round_index in range(args.rounds):
+        order = names[round_index % 3:] + names[:round_index % 3]
+        rounds.append({name: run_case_in_subprocess(name, args) for name in order})
+        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
+            f"{name} {rounds[-1][name]['tokens_per_s']:.0f} tok/s" for name in names), flush=True)
+
+    def median_ratio(case: str, key: str) -> float:
+        return statistics.median(r[case][key] / r["hf"][key] for r in rounds)
+
+    # Per case: the median over rounds (peak RSS does not drift; throughput does).
+    cases = {name: {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]}
+             for name in names}
     ratios = {
-        "sft_tokens_per_s_vs_trainer": cases["otr-sft"]["tokens_per_s"] / hf["tokens_per_s"],
-        "sft_peak_rss_vs_trainer": cases["otr-sft"]["peak_rss_mb"] / hf["peak_rss_mb"],
-        "otr_tokens_per_s_vs_trainer": cases["otr-otr"]["tokens_per_s"] / hf["tokens_per_s"],
-        "otr_peak_rss_vs_trainer": cases["otr-otr"]["peak_rss_mb"] / hf["peak_rss_mb"],
+        "sft_tokens_per_s_vs_trainer": median_ratio("otr-sft", "tokens_per_s"),
+        "sft_peak_rss_vs_trainer": median_ratio("otr-sft", "peak_rss_mb"),
+        "otr_tokens_per_s_vs_trainer": median_ratio("otr-otr", "tokens_per_s"),
+        "otr_peak_rss_vs_trainer": median_ratio("otr-otr", "peak_rss_mb"),
     }
-    command = f"python scripts/bench_train.py --steps {args.steps} --batch {args.batch} --k {args.k}"
+    command = (f"python scripts/bench_train.py --steps {args.steps} --batch {args.batch} --k {args.k} "
+               f"--rounds {args.rounds}")
     report = {"command": command, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-              "steps": args.steps, "micro_batch": args.batch, "k": args.k, "cases": cases, "ratios": ratios}
+              "steps": args.steps, "micro_batch": args.batch, "k": args.k, "rounds": rounds, "cases": cases,
+              "ratios": ratios}
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "bench_train.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# Training throughput: otr train vs transformers Trainer", "", f"Command: `{command}`", "",
+    lines = ["# Training throughput: otr train vs transformers Trainer", "", f"Command: `{command}`", "",
+             "Medians over rounds; ratios are medians of within-round ratios.", "",
              "| case | tokens/s | median step (s) | peak RSS (MB) |", "| --- | --- | --- | --- |"]
     labels = {"hf": "transformers Trainer, SFT", "otr-sft": "otr train loss=sft", "otr-otr": f"otr train loss=otr K={args.k}"}
     for name, case in cases.items():

@@ -262,7 +262,8 @@ class Trainer:
         cfg = self.cfg
         self.engine.train()
         progress = TrainProgress(self.total_steps, self.step, enabled=self.dist.is_main and cfg.trainer.progress)
-        signal_monitor = WeakSignalMonitor()
+        signal_monitor = WeakSignalMonitor(threshold=cfg.loss.weak_signal_threshold,
+                                           patience=cfg.loss.weak_signal_steps)
         saved_at = None
         with progress:
             while self.step < self.total_steps:
