@@ -1,0 +1,131 @@
+"""Preemption without SLURM: a stop signal saves at the next step boundary, exits, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, read_jsonl, run_cli, subprocess_env, tiny_overrides
+from otr_cli.cli import main
+from otr_cli.train import preemption
+
+COMMON = ["loss=otr", "loss.k=16", "loss.temperature=1.3", "loss.beta=-0.1", "trainer.max_steps=8",
+          "data.synthetic.num_train=20"]
+
+
+def steps_of(run_dir) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r or "val_ce" in r]
+
+
+def assert_same_trajectory(reference: list[dict], resumed: list[dict]) -> None:
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    for left, right in zip(reference, resumed):
+        for key in ("loss", "ce", "match_rate", "grad_norm", "lr", "val_ce"):
+            if key in left:
+                assert right[key] == pytest.approx(left[key], rel=1e-6, abs=1e-9), (left["step"], key)
+
+
+def test_sigusr1_to_a_local_run_saves_at_a_step_boundary_exits_and_resumes_like_an_uninterrupted_run(
+        tiny_model_dir, tmp_path):
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "reference", *COMMON)])
+
+    out = tmp_path / "signalled"
+    args = ["train", *tiny_overrides(tiny_model_dir, out, *COMMON)]
+    log = tmp_path / "signalled.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "otr_cli.cli", *args], cwd=REPO, env=subprocess_env(),
+                                   stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while not ((out / "metrics.jsonl").is_file() and len(steps_of(out)) >= 2):
+            assert process.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGUSR1)
+        assert process.wait(timeout=120) == preemption.PREEMPTED_EXIT, log.read_text()
+    finally:
+        process.kill()
+    text = " ".join(log.read_text().split())  # rich wraps log lines
+    assert "SIGUSR1 received" in text and "not requeued (not running under SLURM)" in text
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["status"] == "preempted" and 2 <= state["step"] < 8
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{state['step']}"]
+    assert not (out / "final").exists()
+
+    run_cli(args)  # the same command again: resumes from the checkpoint and finishes
+    assert json.loads((out / "run_state.json").read_text())["status"] == "finished"
+    assert_same_trajectory(steps_of(tmp_path / "reference"), steps_of(out))
+
+
+def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    from otr_cli.train import loop
+
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "reference", *COMMON)])
+    out = tmp_path / "twice"
+    original_step, original_export = loop.Trainer.train_step, loop.export_hf_model
+
+    def step_then_signal(self):
+        record = original_step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return record
+
+    def export_interrupted(*args, **kwargs):
+        # Half-way through writing the checkpoint (DeepSpeed shards written, HF export not yet).
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return original_export(*args, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", step_then_signal)
+    monkeypatch.setattr(loop, "export_hf_model", export_interrupted)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *tiny_overrides(tiny_model_dir, out, *COMMON)])
+    assert stopped.value.code == preemption.PREEMPTED_EXIT
+    err = capfd.readouterr().err  # the handler writes to fd 2 directly (async-signal-safe)
+    assert "SIGTERM received again: already stopping" in err
+    checkpoint = out / "checkpoints" / "step-3"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 3
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "ds").is_dir()
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    # The handlers are put back once the run is over.
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+
+    monkeypatch.setattr(loop.Trainer, "train_step", original_step)
+    monkeypatch.setattr(loop, "export_hf_model", original_export)
+    main(["train", *tiny_overrides(tiny_model_dir, out, *COMMON)])
+    assert_same_trajectory(steps_of(tmp_path / "reference"), steps_of(out))
+
+
+def test_outside_slurm_the_run_is_not_requeued_and_exits_with_the_preempted_status(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert preemption.requeue(max_requeues=5) == "not running under SLURM"
+    stop = preemption.Preempted(4, None)
+    assert preemption.after_preemption(stop, rank=0, max_requeues=5) == preemption.PREEMPTED_EXIT
+
+
+def test_requeue_names_the_array_element_and_respects_max_requeues(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "118")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "116")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert preemption.slurm_job_id() == "116_2"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert "requeued 3 times already (launcher.max_requeues=3)" in preemption.requeue(max_requeues=3)
+    assert "launcher.max_requeues=0" in preemption.requeue(max_requeues=0)
+
+
+def test_watching_turns_signals_into_a_request_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with preemption.watching():
+        assert not preemption.stop_requested(device="cpu")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.stop_requested(device="cpu")
+    assert signal.getsignal(signal.SIGUSR1) is before
+    with preemption.watching():  # a new run starts with no request
+        assert not preemption.stop_requested(device="cpu")
