@@ -77,6 +77,8 @@ def print_summary(records: list[dict[str, Any]], summary: dict[str, Any]) -> Non
     console.print(table)
     if summary.get("eval"):
         console.print(eval_table(summary["eval"]))
+        for line in describe_evals(summary["eval"]):
+            console.print(line, highlight=False)
     console.print(f"final model: [bold]{summary['final_model']}[/bold]  "
                   f"({summary['total_steps']} steps in {summary['train_seconds']:.0f} s)")
 
@@ -95,3 +97,23 @@ def eval_table(evals: dict[str, dict[str, Any]]) -> Table:
             cells.append(f"{100 * result['accuracy']:.1f}% ({result['correct']}/{result['n']})" if result else "-")
         table.add_row(name, *cells)
     return table
+
+
+def describe_evals(evals: dict[str, dict[str, Any]]) -> list[str]:
+    """One plain sentence per benchmark: its accuracy at each evaluated point and the changes.
+
+    Changes are in percentage points, next to what one problem is worth, so a difference of one
+    or two problems reads as what it is (`otr eval compare` gives the paired test).
+    """
+    lines = []
+    benchmarks = list(dict.fromkeys(name for results in evals.values() for name in results))
+    for name in benchmarks:
+        present = [(point.split(" (")[0], results[name]) for point, results in evals.items() if name in results]
+        if len(present) < 2:
+            continue
+        path = ", ".join(f"{100 * r['accuracy']:.1f}% {point}" for point, r in present)
+        changes = "; ".join(f"{100 * (b['accuracy'] - a['accuracy']):+.1f} points from {point_a} to {point_b}"
+                            for (point_a, a), (point_b, b) in zip(present, present[1:]))
+        n = present[-1][1]["n"]
+        lines.append(f"{name}: {path}; {changes} ({n} problems, one problem = {100 / max(n, 1):.1f} points).")
+    return lines
