@@ -56,6 +56,9 @@ def print_table(summary: SweepSummary) -> None:
                       *[_cell(point.metrics.get(m)) for m in metrics], "[bold]<- best[/bold]" if i == summary.best
                       else "", style="bold" if i == summary.best else None)
     console = Console()
+    if not console.is_terminal:
+        # Piped or redirected: never truncate cells to an assumed 80 columns.
+        console = Console(width=max(80, Console(width=10_000).measure(table).maximum))
     console.print(table)
     for point in summary.points:
         if point.error:
