@@ -31,6 +31,7 @@ def assert_same_trajectory(reference: list[dict], resumed: list[dict]) -> None:
                 assert right[key] == pytest.approx(left[key], rel=1e-6, abs=1e-9), (left["step"], key)
 
 
+@pytest.mark.slow
 def test_sigusr1_to_a_local_run_saves_at_a_step_boundary_exits_and_resumes_like_an_uninterrupted_run(
         tiny_model_dir, tmp_path):
     main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "reference", *COMMON)])
@@ -62,6 +63,7 @@ def test_sigusr1_to_a_local_run_saves_at_a_step_boundary_exits_and_resumes_like_
     assert_same_trajectory(steps_of(tmp_path / "reference"), steps_of(out))
 
 
+@pytest.mark.slow
 def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, tmp_path, monkeypatch, capfd):
     from otr_cli.train import loop
 

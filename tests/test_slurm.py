@@ -18,7 +18,7 @@ from conftest import REPO, read_jsonl, subprocess_env, tiny_overrides
 from otr_cli.cli import main
 from slurm_cluster import SlurmCluster, slurm_available
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="session")
