@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.otr-installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench lint clean study
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test-fast: install
 bench: install
 	$(BIN)/python scripts/bench_loss.py --device cpu
 	$(BIN)/python scripts/bench_train.py
+
+# The reproduction study (docs/study.md): ~3 h on 2 cores at the default size; rerun to resume.
+STUDY_SIZE ?= default
+study: install
+	$(BIN)/python scripts/reproduce.py --size $(STUDY_SIZE)
 
 lint: install
 	$(BIN)/ruff check otr_cli tests scripts
