@@ -55,8 +55,11 @@ def test_summary_has_one_row_per_point_with_swept_values_status_and_the_best_mar
     assert "loss.beta" in out and "seed" in out and "loss.k" not in out  # only what was swept
     best_rows = [row for row in rows if "best" in row]
     assert len(best_rows) == 1 and "0.55" in best_rows[0]
-    assert "failed" in rows[3] and "rank 1: RuntimeError: CUDA out of memory" in out
-    assert "best (max synthetic_arith): point 1  loss.beta=-0.1 seed=2" in out
+    text = " ".join(out.split())  # the lines under the table wrap at the table's width
+    assert "failed" in rows[3] and "rank 1: RuntimeError: CUDA out of memory" in text
+    assert "best (max synthetic_arith): point 1 loss.beta=-0.1 seed=2" in text
+    # 0.40 and 0.55 for beta -0.1 (mean 0.475) beat 0.45 for beta -0.3 (its seed 2 failed)
+    assert "best setting, mean over seeds (max synthetic_arith): loss.beta=-0.1 synthetic_arith=0.475 (2 seeds)" in text
 
     table = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
     assert [r["point"] for r in table] == ["0", "1", "2", "3"]

@@ -1,16 +1,39 @@
-"""Hydra callback of `launcher=slurm`: checks run in the submitting process, before sbatch.
+"""Hydra callback of `launcher=slurm`, in the submitting process: checks before sbatch, then news.
 
-Inside the job the full config is validated again (otr_cli.config.validate); this catches the
-launcher mistakes that would otherwise only show after the array waited in the queue.
+Inside the job the full config is validated again (otr_cli.config.validate); the checks here
+catch the launcher mistakes that would otherwise only show after the array waited in the queue.
+Hydra's own launcher logging is off in otr, so this also says where the sweep goes and, once
+submitit has submitted it, the SLURM job id: the command then waits for the whole array.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+# How long to look for submitit's folder of the submitted job before giving up (sbatch is quick).
+ANNOUNCE_TIMEOUT_S = 600
+
+
+def _announce_job_id(submitit_dir: Path) -> None:
+    deadline = time.time() + ANNOUNCE_TIMEOUT_S
+    while time.time() < deadline:
+        if submitit_dir.is_dir():
+            # submitit names a folder after the job (arrays: <id>, then <id>_<index> per element).
+            ids = sorted((c.name for c in submitit_dir.iterdir() if re.fullmatch(r"\d+", c.name)), key=int)
+            if ids:
+                print(f"submitted SLURM job {ids[-1]}; its logs: {submitit_dir}/{ids[-1]}_*/ "
+                      f"(one folder per array element). Waiting for the jobs: Ctrl-C stops waiting, not the jobs.",
+                      flush=True)
+                return
+        time.sleep(0.5)
 
 
 class CheckLauncher(Callback):
@@ -25,3 +48,9 @@ class CheckLauncher(Callback):
         if shutil.which("sbatch") is None:
             fail("launcher=slurm submits with SLURM's `sbatch`, which is not on PATH here. Run the command on a "
                  "login node of your cluster, or use launcher=local to run the sweep on this machine.")
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        print(f"sweep directory: {sweep_dir} (one run directory per point: 0, 1, ...)", flush=True)
+        threading.Thread(target=_announce_job_id, args=(sweep_dir / ".submitit",), daemon=True).start()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print(f"sweep finished; summary: otr sweep summary {config.hydra.sweep.dir}", flush=True)

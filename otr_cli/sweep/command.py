@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from otr_cli.sweep.summary import SweepError, SweepSummary, format_value, summarize, write_csv
+from otr_cli.sweep.summary import SweepError, SweepSummary, best_setting, format_value, summarize, write_csv
 
 USAGE = "otr sweep summary SWEEP_DIR [--metric NAME] [--mode max|min] [--out DIR]"
 
@@ -30,7 +30,7 @@ def _cell(value) -> str:
     if value is None or value == "":
         return "-"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
+        return "nan" if math.isnan(value) else f"{value:.5g}"
     return str(value)
 
 
@@ -73,6 +73,11 @@ def print_table(summary: SweepSummary) -> None:
         console.print(f"best ({direction} {summary.metric}): point {best.name}  {summary.overrides(best)}  "
                       f"{summary.metric}={_cell(best.metrics[summary.metric])}  ({best.path})", highlight=False,
                       markup=False)
+        setting = best_setting(summary)
+        if setting is not None:
+            label, value, seeds = setting
+            console.print(f"best setting, mean over seeds ({direction} {summary.metric}): {label}  "
+                          f"{summary.metric}={_cell(value)}  ({seeds} seeds)", highlight=False, markup=False)
 
 
 def summary_command(args: list[str]) -> int:

@@ -203,6 +203,27 @@ def best_point(points: list[Point], metric: Optional[str], higher: bool) -> Opti
     return (max if higher else min)(candidates, key=lambda c: c[0])[1]
 
 
+def best_setting(summary: "SweepSummary") -> Optional[tuple[str, float, int]]:
+    """With seeds swept: (the other keys' values, mean metric over seeds, seeds) of the best setting.
+
+    One lucky seed should not pick the hyperparameters; the mean over the finished seeds does.
+    """
+    if "seed" not in summary.swept_keys or summary.metric is None:
+        return None
+    others = [k for k in summary.swept_keys if k != "seed"]
+    groups: dict[str, list[float]] = {}
+    for point in summary.points:
+        value = point.metrics.get(summary.metric)
+        if point.status == "finished" and value is not None and not math.isnan(value):
+            label = " ".join(f"{k}={format_value(point.config.get(k))}" for k in others)
+            groups.setdefault(label, []).append(value)
+    if not others or not groups:
+        return None
+    means = {label: sum(values) / len(values) for label, values in groups.items()}
+    label = (max if summary.higher_is_better else min)(means, key=means.get)
+    return label, means[label], len(groups[label])
+
+
 def summarize(sweep_dir: Path, metric: Optional[str] = None, mode: Optional[str] = None) -> SweepSummary:
     sweep_dir = Path(sweep_dir)
     points = [load_point(path) for path in find_point_dirs(sweep_dir)]
