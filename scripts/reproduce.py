@@ -99,9 +99,11 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         print(f"wrote {display_path(report(results_dir, size.name, args.docs_dir))}")
         return 0
+    # The runs start in the repository root: a local model path given from elsewhere must still point at it.
+    model = display_path(Path(args.model)) if args.model and Path(args.model).exists() else args.model
     options = StudyOptions(size=size, only=args.only, methods=check_methods(args.methods) if args.methods else None,
                            seeds=args.seeds, ablation_method=args.ablation_method, cache_root=args.cache_root,
-                           model=args.model, data_dir=args.data_dir, extra_overrides=tuple(args.override))
+                           model=model, data_dir=args.data_dir, extra_overrides=tuple(args.override))
     runs = build_plan(options)
     if args.dry_run:
         print_plan(runs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -40,8 +41,16 @@ def study(tiny_model_dir, tmp_path_factory):
     import io
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = reproduce.main(study_args(tiny_model_dir, root))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the `otr` subprocesses: a tiny model gains nothing from a second thread
+    try:
+        with contextlib.redirect_stdout(out):
+            code = reproduce.main(study_args(tiny_model_dir, root))
+    finally:
+        if threads is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
     return {"root": root, "code": code, "stdout": out.getvalue(), "model": tiny_model_dir}
 
 

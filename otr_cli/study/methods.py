@@ -40,12 +40,13 @@ class Method:
     def overrides(self, warmup_steps: int, otr: Optional[dict[str, float]] = None) -> list[str]:
         """`otr train` overrides for this method; `otr` replaces some of OTR_DEFAULTS (ablations).
 
-        The `loss` group is chosen on the command line, and `loss.sft_warmup_steps` is always set,
+        The `loss` group is chosen on the command line, and the schedule keys are always set,
         because the base recipes set their own warm-up (smollm2_demo: 16 steps) and it would
         otherwise leak into methods that must not have one.
         """
         values = {**OTR_DEFAULTS, **(otr or {})}
-        result = [f"loss={self.objective}", f"loss.sft_warmup_steps={warmup_steps if self.warmup else 0}"]
+        result = [f"loss={self.objective}", f"loss.sft_warmup_steps={warmup_steps if self.warmup else 0}",
+                  "loss.phases=[]"]
         if self.uses_otr_settings:
             if self.objective == "otr":  # otr_exact sums over the vocabulary: no samples
                 result.append(f"loss.k={int(values['k'])}")

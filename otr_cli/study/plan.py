@@ -14,7 +14,7 @@ Commands run from the repository root; paths in them are relative to it where po
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +38,8 @@ class Run:
     argv: tuple[str, ...]
     run_dir: Path
     estimate_s: float
-    budget: Optional[dict] = None  # Budget.as_dict() of the study whose data and evaluation it uses
+    # Budget.as_dict() of the study whose data and evaluation it uses (+ extra_overrides); not hashed.
+    budget: Optional[dict] = field(default=None, hash=False)
 
     @property
     def key(self) -> str:
@@ -190,8 +191,10 @@ def _train_run(options: StudyOptions, study: str, method: str, seed: int,
             f"trainer.max_steps={budget.steps}", f"trainer.micro_batch_size={budget.batch}", "trainer.grad_accum=1",
             f"trainer.save_steps={budget.save_steps}", "trainer.eval_steps=0", "trainer.resume=auto",
             "trainer.progress=false",
-            # The base model is its own row (one `otr eval`); the warm-up's end is not evaluated.
-            "eval.before_training=false", "eval.after_warmup=false", *_eval_overrides(options, data_study),
+            # The base model is its own row (one `otr eval`); the warm-up's end and periodic evals are not
+            # part of the budget.
+            "eval.before_training=false", "eval.after_warmup=false", "eval.every_steps=0",
+            *_eval_overrides(options, data_study),
             f"run.output_dir={display_path(run_dir)}", *options.extra_overrides]
     return Run(study, method, seed, ablation, tuple(argv), run_dir, train_seconds(data_study, budget),
                budget.as_dict() | {"extra_overrides": list(options.extra_overrides)})
