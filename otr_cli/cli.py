@@ -180,8 +180,19 @@ def _sweep(args: list[str]) -> int:
 COMMANDS = {"train": (train_task, "train"), "eval": _eval, "grade": _grade, "sweep": _sweep}
 
 
+def _take_local_rank_argument(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` the deepspeed launcher puts before the command (it also sets LOCAL_RANK)."""
+    kept = []
+    for arg in argv:
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _take_local_rank_argument(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.format(recipes=recipes_dir()))
         return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from otr_cli.cli import main
@@ -51,3 +53,11 @@ def test_without_sbatch_the_error_says_where_to_run(capsys, tmp_path, monkeypatc
 def test_bad_launcher_values_name_the_key(changes, message):
     with pytest.raises(ConfigError, match=message):
         validate_launcher(LauncherConfig(**changes))
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys, monkeypatch):
+    # `deepspeed --module otr_cli.cli train ...` runs `otr --local_rank=N train ...` in every process.
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    main(["--local_rank=0", "train", "dry_run=true"])
+    assert "dry run: nothing was loaded or written" in capsys.readouterr().out
+    assert os.environ["LOCAL_RANK"] == "0"
