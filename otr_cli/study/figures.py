@@ -77,11 +77,12 @@ def plot_curves(results: list[dict], study: str, path: Path, title: str) -> Path
                 axis.plot(list(points), list(points.values()), color=colours[method], lw=0.5, alpha=0.35)
             steps = sorted(set.intersection(*(set(s) for s in series)))
             mean = [sum(s[step] for s in series) / len(series) for step in steps]
-            axis.plot(steps, mean, color=colours[method], lw=1.5, label=label(method))
+            axis.plot(steps, mean, color=colours[method], lw=1.5, label=label(method),
+                      marker="o" if len(steps) < 12 else None, ms=3)  # short series stay visible
         axis.set_title(panel_title, fontsize=10)
         axis.set_xlabel("optimizer step", fontsize=8)
         axis.grid(alpha=0.3)
-        if key in ("loss", "ce"):
+        if key == "loss":  # OTR's surrogate goes to ~0 and below while CE-like losses stay near 1
             axis.set_yscale("symlog", linthresh=1e-2)
     axes.flat[0].legend(fontsize="x-small")
     fig.suptitle(title, fontsize=10)
