@@ -7,38 +7,19 @@ torchrun provide), so nothing but otr itself stops the survivor.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import REPO, subprocess_env, tiny_overrides
+from conftest import REPO, tiny_overrides
+from ranks import start_ranks, wait_all
 
 COMMON = ["loss=sft", "trainer.micro_batch_size=2", "trainer.max_steps=4"]
 
 
-def start_ranks(tmp_path, args: list[str], fault: str, rank: int, step: int) -> list[subprocess.Popen]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    processes = []
-    for r in range(2):
-        env = subprocess_env() | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OTR_FAULT": fault,
-                                  "OTR_FAULT_RANK": str(rank), "OTR_FAULT_STEP": str(step)}
-        with (tmp_path / f"rank{r}.log").open("w") as log:
-            processes.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_injection.py"), *args],
-                                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-    return processes
-
-
-def wait_all(processes: list[subprocess.Popen], timeout: float) -> list[int | None]:
-    deadline = time.time() + timeout
-    while time.time() < deadline and any(p.poll() is None for p in processes):
-        time.sleep(0.2)
-    return [p.poll() for p in processes]
+def start_faulty_ranks(tmp_path, args: list[str], fault: str, rank: int, step: int):
+    return start_ranks(args, tmp_path, extra_env={"OTR_FAULT": fault, "OTR_FAULT_RANK": str(rank),
+                                                  "OTR_FAULT_STEP": str(step)},
+                       script=str(REPO / "tests" / "fault_injection.py"))
 
 
 def flat(path) -> str:
@@ -48,7 +29,7 @@ def flat(path) -> str:
 @pytest.mark.slow
 def test_an_error_on_one_rank_stops_both_with_that_ranks_message(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    processes = start_ranks(tmp_path, ["train", *tiny_overrides(tiny_model_dir, out, *COMMON)], "raise", 1, 2)
+    processes = start_faulty_ranks(tmp_path, ["train", *tiny_overrides(tiny_model_dir, out, *COMMON)], "raise", 1, 2)
     try:
         codes = wait_all(processes, timeout=180)
     finally:
@@ -66,7 +47,7 @@ def test_an_error_on_one_rank_stops_both_with_that_ranks_message(tiny_model_dir,
 def test_a_hung_rank_times_out_the_others_instead_of_hanging_them(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     args = ["train", *tiny_overrides(tiny_model_dir, out, *COMMON, "launcher.dist_timeout_min=0.1")]
-    processes = start_ranks(tmp_path, args, "hang", 1, 2)
+    processes = start_faulty_ranks(tmp_path, args, "hang", 1, 2)
     try:
         codes = wait_all(processes[:1], timeout=180)
     finally:
