@@ -333,8 +333,13 @@ class FusedTokenLossFunction(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if grad_weight is not None else None
+            # In place: the precomputed gradients are used once (see above), and a scaled copy of
+            # the [V, H] weight gradient would double the loss's peak memory (DeepSpeed scales the
+            # loss by 1 / grad_accum, so this is the common case in training).
+            if grad_hidden is not None:
+                grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+            if grad_weight is not None:
+                grad_weight.mul_(grad_loss.to(grad_weight.dtype))
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
