@@ -29,9 +29,8 @@ def _announce_job_id(submitit_dir: Path) -> None:
             # submitit names a folder after the job (arrays: <id>, then <id>_<index> per element).
             ids = sorted((c.name for c in submitit_dir.iterdir() if re.fullmatch(r"\d+", c.name)), key=int)
             if ids:
-                print(f"submitted SLURM job {ids[-1]}; its logs: {submitit_dir}/{ids[-1]}_*/ "
-                      f"(one folder per array element). Waiting for the jobs: Ctrl-C stops waiting, not the jobs.",
-                      flush=True)
+                print(f"submitted SLURM job {ids[-1]}; its logs: {submitit_dir}/{ids[-1]}*/ (a folder per array "
+                      f"element). Waiting for the jobs: Ctrl-C stops waiting, not the jobs.", flush=True)
                 return
         time.sleep(0.5)
 

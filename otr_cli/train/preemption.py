@@ -68,7 +68,7 @@ def _on_signal(signum: int, frame) -> None:
         _state.received = signum
         message = f"{name} received: saving a checkpoint at the end of this step, then stopping\n"
     else:
-        message = f"{name} received again: already stopping (a checkpoint being written is not interrupted)\n"
+        message = f"{name} received again: already stopping; ignored, so that no checkpoint write is interrupted\n"
     os.write(2, (_rank_prefix() + message).encode())
 
 
