@@ -117,7 +117,8 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_matches(tin
     try:
         deadline = time.time() + 180
         while not ((out / "metrics.jsonl").is_file() and len(steps_of(out)) >= 2):
-            assert all(p.poll() is None for p in processes) and time.time() < deadline, (tmp_path / "rank0.log").read_text()
+            running = all(p.poll() is None for p in processes)
+            assert running and time.time() < deadline, (tmp_path / "rank0.log").read_text()
             time.sleep(0.05)
         processes[1].send_signal(signal.SIGUSR1)  # rank 1 only: rank 0 learns it from the all-reduce
         codes = wait_all(processes, timeout=120)
