@@ -57,3 +57,33 @@ def test_a_hung_rank_times_out_the_others_instead_of_hanging_them(tiny_model_dir
     assert codes[0] == 1, log
     assert "[rank 0] failed; stopping all 2 ranks" in log and "Timed out" in log, log
     assert json.loads((out / "run_state.json").read_text())["status"] == "failed"
+
+
+def test_a_refused_start_does_not_mark_the_run_that_owns_the_directory(tiny_model_dir, tmp_path, capsys):
+    from otr_cli.cli import main
+
+    out = tmp_path / "done"
+    args = ["train", *tiny_overrides(tiny_model_dir, out, "loss=sft", "trainer.max_steps=1")]
+    main(args)
+    with pytest.raises(SystemExit):
+        main(args)  # refused: the directory holds a finished run
+    assert "finished run" in capsys.readouterr().err
+    assert json.loads((out / "run_state.json").read_text())["status"] == "finished"
+    (out / "run_state.json").write_text('{"status": "running", "step": 1}')  # another run, still going
+    with pytest.raises(SystemExit):
+        main([*args, "trainer.resume=never"])
+    assert json.loads((out / "run_state.json").read_text())["status"] == "running"
+
+
+def test_record_failure_keeps_the_first_failure_and_never_undoes_a_finished_run(tmp_path):
+    from otr_cli.train.faults import record_failure
+
+    state = tmp_path / "run_state.json"
+    record_failure(state, 1, "RuntimeError: first")
+    record_failure(state, 0, "RuntimeError: connection closed by peer")
+    assert json.loads(state.read_text()) == {"status": "failed", "rank": 1, "error": "RuntimeError: first"}
+    state.write_text('{"status": "finished"}')
+    record_failure(state, 0, "OSError: later")
+    assert json.loads(state.read_text())["status"] == "finished"
+    record_failure(tmp_path / "missing" / "run_state.json", 0, "no directory, no record")
+    assert not (tmp_path / "missing").exists()

@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Iterator, Optional
 
+from otr_cli.train.checkpoints import RunExistsError
+
 log = logging.getLogger("otr.faults")
 
 FAILED_EXIT = 1
@@ -30,11 +32,15 @@ def _world() -> tuple[int, int]:
 
 
 def record_failure(run_state: Path, rank: int, message: str) -> None:
-    """Mark the run failed, naming the rank; the first failing rank's message is kept."""
+    """Mark the run failed, naming the rank; the first failing rank's message is kept.
+
+    A finished run stays finished: whatever failed afterwards (say a second command pointed at the
+    same directory) did not undo it.
+    """
     try:
         if not run_state.parent.is_dir():
             return
-        if run_state.is_file() and json.loads(run_state.read_text()).get("status") == "failed":
+        if run_state.is_file() and json.loads(run_state.read_text()).get("status") in ("failed", "finished"):
             return
         tmp = run_state.with_name(f".{run_state.name}.rank{rank}.tmp")
         tmp.write_text(json.dumps({"status": "failed", "rank": rank, "error": message}, indent=2))
@@ -55,7 +61,8 @@ def stop_all_ranks_on_error(run_state: Optional[Path], user_errors: tuple[type[B
     except Exception as err:
         rank, world = _world()
         message = f"{type(err).__name__}: {err}"
-        if run_state is not None:
+        # RunExistsError: the directory belongs to another run, which this one must not mark.
+        if run_state is not None and not isinstance(err, RunExistsError):
             record_failure(run_state, rank, message)
         if world == 1:
             raise
