@@ -57,7 +57,8 @@ class SlurmCluster:
         self.root = Path(root)
         self.conf = self.root / "slurm.conf"
         self.host = socket.gethostname()
-        self.cpus = cpus or os.cpu_count() or 1
+        # At least 2: the 2-task test needs them; config_overrides below lets a 1-core machine pretend.
+        self.cpus = cpus or max(2, os.cpu_count() or 1)
 
     @property
     def env(self) -> dict[str, str]:
@@ -88,6 +89,7 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "ReturnToService=2",
+            "SlurmdParameters=config_overrides",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             # Short timers: the tests wait on job state changes.

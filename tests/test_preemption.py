@@ -106,13 +106,9 @@ def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, t
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_matches(tiny_model_dir, tmp_path):
-    # otr_exact: deterministic per global batch, so 2 ranks of 2 match 1 process of 4 exactly.
-    common = ["loss=otr_exact", "loss.temperature=1.3", "loss.beta=-0.1", "deepspeed=zero2", "trainer.max_steps=8",
-              "data.synthetic.num_train=20"]
-    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "reference", *common)])
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_model_dir, tmp_path):
     out = tmp_path / "two"
-    args = ["train", *tiny_overrides(tiny_model_dir, out, *common, "trainer.micro_batch_size=2")]
+    args = ["train", *tiny_overrides(tiny_model_dir, out, *COMMON, "deepspeed=zero2", "trainer.micro_batch_size=2")]
     processes = start_ranks(args, tmp_path)
     try:
         deadline = time.time() + 180
@@ -127,18 +123,11 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_resume_matches(tin
             process.kill()
     assert codes == [preemption.PREEMPTED_EXIT] * 2, [(tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1)]
     step = json.loads((out / "run_state.json").read_text())["step"]
+    assert step < 8
     checkpoint = out / "checkpoints" / f"step-{step}"
     assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2  # both ranks saved the same step
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
-
-    for process in start_ranks(args, tmp_path):  # the same command again, in 2 ranks: resumes
-        assert process.wait(timeout=180) == 0
-    reference, resumed = steps_of(tmp_path / "reference"), steps_of(out)
-    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
-    for left, right in zip(reference, resumed):
-        for key in ("loss", "val_ce"):
-            if key in left:
-                assert right[key] == pytest.approx(left[key], rel=1e-4, abs=1e-7), (left["step"], key)
+    # (Resuming a 2-rank checkpoint in 2 ranks is tested in tests/test_train_distributed.py.)
 
 
 def test_outside_slurm_the_run_is_not_requeued_and_exits_with_the_preempted_status(monkeypatch):

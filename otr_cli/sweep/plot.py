@@ -64,7 +64,8 @@ def plot_sweep(summary: SweepSummary, out_png: Path) -> Optional[Path]:
         axis.set_xlabel(key)
         axis.set_ylabel(metric + (" (mean over seeds)" if SEED_KEY in summary.swept_keys and key != SEED_KEY else ""))
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     direction = "higher" if summary.higher_is_better else "lower"
     fig.suptitle(f"{summary.sweep_dir.name}: {metric} ({direction} is better)", fontsize=10)
     fig.tight_layout()

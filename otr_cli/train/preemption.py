@@ -114,6 +114,8 @@ def requeue(max_requeues: int) -> Optional[str]:
     if job is None:
         return "not running under SLURM"
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if max_requeues == 0:
+        return "launcher.max_requeues=0"
     if restarts >= max_requeues:
         return f"it was requeued {restarts} times already (launcher.max_requeues={max_requeues})"
     try:
@@ -129,7 +131,6 @@ def after_preemption(stop: Preempted, rank: int, max_requeues: int) -> int:
     """Requeue (rank 0 only, once every rank has saved) and return the exit status of `otr train`."""
     if rank != 0:
         return 0 if slurm_job_id() else PREEMPTED_EXIT
-    # SLURM signals the job's processes when it requeues: stay deaf to that, we are leaving anyway.
     not_requeued = requeue(max_requeues)
     if not_requeued is None:
         log.warning("Preempted at step %d: checkpoint %s saved, job %s requeued; it will resume from there.",
