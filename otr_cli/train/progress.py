@@ -73,7 +73,8 @@ def print_summary(records: list[dict[str, Any]], summary: dict[str, Any]) -> Non
             table.add_row(key, f"{values[0]:.4g}", f"{values[-1]:.4g}")
     val = [r["val_ce"] for r in records if "val_ce" in r]
     if val:
-        table.add_row("val_ce", f"{val[0]:.4g}", f"{val[-1]:.4g}")
+        # Validated only at the end: there is no first-step value to show.
+        table.add_row("val_ce", f"{val[0]:.4g}" if len(val) > 1 else "-", f"{val[-1]:.4g}")
     console.print(table)
     if summary.get("eval"):
         console.print(eval_table(summary["eval"]))
