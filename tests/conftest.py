@@ -70,5 +70,12 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, check:
     return result
 
 
+def start_cli(args: list[str], log: Path) -> subprocess.Popen:
+    """`otr ...` in the background, as a user's terminal would run it, its output going to `log`."""
+    with log.open("w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "otr_cli.cli", *args], cwd=REPO, env=subprocess_env(),
+                                stdout=handle, stderr=subprocess.STDOUT)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import REPO, read_jsonl, run_cli, subprocess_env, tiny_overrides
+from conftest import read_jsonl, run_cli, start_cli, tiny_overrides
 from otr_cli.cli import main
 from otr_cli.train import preemption
 from ranks import start_ranks, wait_all
@@ -40,9 +38,7 @@ def test_sigusr1_to_a_local_run_saves_at_a_step_boundary_exits_and_resumes_like_
     out = tmp_path / "signalled"
     args = ["train", *tiny_overrides(tiny_model_dir, out, *COMMON)]
     log = tmp_path / "signalled.log"
-    with log.open("w") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "otr_cli.cli", *args], cwd=REPO, env=subprocess_env(),
-                                   stdout=handle, stderr=subprocess.STDOUT)
+    process = start_cli(args, log)
     try:
         deadline = time.time() + 180
         while not ((out / "metrics.jsonl").is_file() and len(steps_of(out)) >= 2):

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, read_jsonl, run_cli, subprocess_env, tiny_overrides
+from conftest import read_jsonl, run_cli, start_cli, tiny_overrides
 from otr_cli.cli import main
 
 
@@ -152,9 +150,7 @@ def test_kill_9_and_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_mod
     out = tmp_path / "killed"
     args = ["train", *tiny_overrides(tiny_model_dir, out, *common)]
     log = tmp_path / "killed.log"
-    with log.open("w") as log_handle:
-        process = subprocess.Popen([sys.executable, "-m", "otr_cli.cli", *args], cwd=REPO, env=subprocess_env(),
-                                   stdout=log_handle, stderr=subprocess.STDOUT)
+    process = start_cli(args, log)
     try:
         _wait_for(out / "checkpoints" / "step-6", process, log, timeout=300)
     finally:
