@@ -28,7 +28,7 @@ from otr_cli.train.engine import Engine, build_engine, export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.signals import WeakSignalMonitor
-from otr_cli.train.schedule import Phase, build_schedule, objective_at, phase_boundaries, phase_index_at
+from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.token_loss_model import ObjectiveSettings, sampling_generator
 
 log = logging.getLogger("otr.train")
@@ -89,6 +89,10 @@ class Trainer:
         self.total_steps = total_steps
         self.plan = plan
         self.phases: list[Phase] = build_schedule(cfg.loss, total_steps)
+        # Step after which each phase but the last ends: {step: phase}.
+        self.phase_ends = phase_boundaries(self.phases)
+        # The step of the newest checkpoint this process wrote (None: none yet).
+        self.saved_at: Optional[int] = None
         self.step = 0
         self.device = self.engine.device
         self.metrics = MetricsLog(run_dir.root / "metrics.jsonl", enabled=dist_info.is_main,
@@ -118,13 +122,19 @@ class Trainer:
                     "global_batch": self.plan.global_batch, "seed": self.cfg.seed,
                 })
 
-        return self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit)
+        checkpoint = self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit)
+        self.saved_at = self.step
+        return checkpoint
+
+    def checkpoint_now(self) -> Path:
+        """A complete checkpoint of the current step: the one just written, else a new one."""
+        return self.run_dir.latest_checkpoint() if self.saved_at == self.step else self.save_checkpoint()
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
-        settings = objective_at(self.phases, self.step)
-        phase = phase_index_at(self.phases, self.step)
+        phase = phase_at(self.phases, self.step)
+        settings = phase.settings
         micro_indices = self.plan.rank_micro_batches(self.step, self.dist.rank)
         micro_examples = [[self.data.train[i] for i in indices] for indices in micro_indices]
         local_tokens = sum(ex.num_supervised for examples in micro_examples for ex in examples)
@@ -163,7 +173,7 @@ class Trainer:
             "step": self.step,
             "epoch": round(self.plan.epoch_at(self.step), 4),
             "objective": settings.objective,
-            "phase": phase,
+            "phase": phase.index,
             "loss": loss_global,
             "lr": lr,
             "grad_norm": grad_norm if grad_norm is not None else _as_float(self.engine.get_global_grad_norm()),
@@ -181,7 +191,7 @@ class Trainer:
         """The phase that has just ended when the run evaluates phase ends (eval.after_warmup)."""
         if not (self.cfg.eval.benchmarks and self.cfg.eval.after_warmup):
             return None
-        return phase_boundaries(self.phases).get(self.step)
+        return self.phase_ends.get(self.step)
 
     def _periodic_eval_due(self) -> bool:
         every = self.cfg.eval.every_steps
@@ -264,7 +274,6 @@ class Trainer:
         progress = TrainProgress(self.total_steps, self.step, enabled=self.dist.is_main and cfg.trainer.progress)
         signal_monitor = WeakSignalMonitor(threshold=cfg.loss.weak_signal_threshold,
                                            patience=cfg.loss.weak_signal_steps)
-        saved_at = None
         with progress:
             while self.step < self.total_steps:
                 started = time.perf_counter()
@@ -285,11 +294,9 @@ class Trainer:
                         self.metrics.write({"step": self.step, "warning": warning})
                 if cfg.trainer.save_steps and self.step % cfg.trainer.save_steps == 0:
                     self.save_checkpoint()
-                    saved_at = self.step
                 ending = self._phase_ending_now()
                 if ending is not None:
-                    checkpoint = self.save_checkpoint() if saved_at != self.step else self.run_dir.latest_checkpoint()
-                    saved_at = self.step
+                    checkpoint = self.checkpoint_now()
                     name = ("after SFT warm-up" if ending.settings.objective == "sft" and ending.index == 0
                             else f"after phase {ending.index + 1}, {ending.settings.objective}")
                     self.phase_evals[f"{name} (step {self.step})"] = _evaluate(
@@ -304,14 +311,11 @@ class Trainer:
                             f"{name} {r['value']:.1%}" for name, r in scores.items())))
                 if preemption.stop_requested(self.device):
                     # A stop signal on any rank: all save at this step boundary and leave (preemption.py).
-                    last = self.save_checkpoint() if saved_at != self.step else self.run_dir.latest_checkpoint()
+                    last = self.checkpoint_now()
                     self.run_dir.mark("preempted", step=self.step, total_steps=self.total_steps)
                     self.metrics.close()
                     raise preemption.Preempted(self.step, last)
-        if saved_at != self.step:
-            last = self.save_checkpoint()
-        else:
-            last = self.run_dir.latest_checkpoint()
+        last = self.checkpoint_now()
         records = read_metrics(self.run_dir.root / "metrics.jsonl") if self.dist.is_main else []
         val = self.validation_ce()
         if val is not None and self.dist.is_main:

@@ -55,19 +55,17 @@ def build_schedule(loss: LossConfig, total_steps: int) -> list[Phase]:
     return phases
 
 
+def phase_at(phases: list[Phase], step: int) -> Phase:
+    """The phase of optimizer step `step` (0-based: the step about to be taken)."""
+    for phase in phases:
+        if phase.start <= step < phase.end:
+            return phase
+    return phases[-1]
+
+
 def objective_at(phases: list[Phase], step: int) -> ObjectiveSettings:
     """Loss settings for optimizer step `step` (0-based: the step about to be taken)."""
-    for phase in phases:
-        if phase.start <= step < phase.end:
-            return phase.settings
-    return phases[-1].settings
-
-
-def phase_index_at(phases: list[Phase], step: int) -> int:
-    for phase in phases:
-        if phase.start <= step < phase.end:
-            return phase.index
-    return phases[-1].index
+    return phase_at(phases, step).settings
 
 
 def phase_boundaries(phases: list[Phase]) -> dict[int, Phase]:
