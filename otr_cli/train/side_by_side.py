@@ -37,9 +37,10 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     return [" ".join(f"{k}={format_value(p.config.get(k))}" for k in keys) or p.name for p in points]
 
 
-def side_by_side(run_dirs: list[Path]) -> dict[str, Any]:
-    """{"runs": [label...], "rows": [{"point", "benchmark", "cells": [accuracy or None per run]}],
-    "paired": [rows of otr_cli.eval.compare.compare_runs for the final models]}."""
+def side_by_side(run_dirs: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """({"runs": [label...], "rows": [{"point", "benchmark", "cells": [accuracy or None per run]}],
+    "paired": [rows of otr_cli.eval.compare.compare_runs for the final models]}, the final models'
+    evaluations as otr_cli.eval.compare.load_run reads them, labelled)."""
     from otr_cli.eval.compare import compare_runs, load_run
 
     summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
@@ -57,12 +58,10 @@ def side_by_side(run_dirs: list[Path]) -> dict[str, Any]:
             rows.append({"point": point, "benchmark": benchmark, "cells": cells})
     paired: list[dict[str, Any]] = []
     finals = [d for d in run_dirs if (d / "eval" / "final" / "results.json").is_file()]
-    if len(finals) >= 2:
-        runs = [load_run(d / "eval" / "final") for d in finals]
-        for run, d in zip(runs, finals):
-            run["label"] = labels[run_dirs.index(d)]
-        paired = compare_runs(runs)
-    return {"runs": labels, "dirs": [str(d) for d in run_dirs], "rows": rows, "paired": paired}
+    final_runs = [load_run(d / "eval" / "final") | {"label": labels[run_dirs.index(d)]} for d in finals]
+    if len(final_runs) >= 2:
+        paired = compare_runs(final_runs)
+    return {"runs": labels, "dirs": [str(d) for d in run_dirs], "rows": rows, "paired": paired}, final_runs
 
 
 def print_side_by_side(result: dict[str, Any]) -> None:
@@ -99,16 +98,13 @@ class PrintSideBySide(Callback):
         if len(run_dirs) < 2:
             log.warning("side by side: fewer than two finished runs under %s; nothing to compare", sweep_dir)
             return
-        result = side_by_side(run_dirs)
+        result, final_runs = side_by_side(run_dirs)
         print_side_by_side(result)
         from otr_cli.eval.atomic import write_json_atomic
 
         write_json_atomic(sweep_dir / "side_by_side.json", result)
         if result["paired"]:
-            from otr_cli.eval.compare import load_run, plot_comparison
+            from otr_cli.eval.compare import plot_comparison
 
-            runs = [load_run(Path(d) / "eval" / "final") for d in result["dirs"]]
-            for run, label in zip(runs, result["runs"]):
-                run["label"] = label
-            plot_comparison(runs, result["paired"], sweep_dir / "side_by_side.png")
+            plot_comparison(final_runs, result["paired"], sweep_dir / "side_by_side.png")
         print(f"side by side: {sweep_dir / 'side_by_side.json'}")
