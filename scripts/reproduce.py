@@ -1,7 +1,7 @@
 """The reproduction study: OTR against SFT and DFT under one budget, then docs/results.md.
 
     python scripts/reproduce.py --size tiny            # ~10-minute smoke version on a 2-core CPU
-    python scripts/reproduce.py                        # default size, ~3 hours on a 2-core CPU
+    python scripts/reproduce.py                        # default size, ~2-2.5 hours on a 2-core CPU
     python scripts/reproduce.py --only A --seeds 5     # a piece of it; rerun to resume
     python scripts/reproduce.py --dry-run              # the commands and the time estimate
     python scripts/reproduce.py --report               # docs/results.md from the kept result files
@@ -16,12 +16,13 @@ docs/study/results/<size>/, and the report is generated from those files. See do
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from otr_cli.study.methods import ABLATION_METHODS, METHODS, StudyError, check_methods
 from otr_cli.study.plan import REPO, STUDIES, StudyOptions, build_plan, display_path, estimate_seconds
-from otr_cli.study.sizes import SIZE_NAMES, SIZES, format_duration
+from otr_cli.study.sizes import SIZE_NAMES, SIZES, format_duration, wall_seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,11 +30,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Sizes, time estimates and resuming: docs/study.md")
     parser.add_argument("--size", choices=SIZE_NAMES, default="default",
-                        help="tiny: ~10 min smoke run; default: ~3 h on a 2-core CPU; paper: print SLURM commands")
+                        help="tiny: ~15 min smoke run; default: ~2-2.5 h on a 2-core CPU; paper: print SLURM commands")
     parser.add_argument("--only", choices=STUDIES, help="run one study: A (synthetic_arith), B (GSM8K), ablations")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"methods to run (default: all the size runs): {', '.join(METHODS)}")
     parser.add_argument("--seeds", type=int, help="seeds per method in every study (default: the size's)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs at once, the CPU cores shared between them (default: 2 where there are 2 cores; "
+                             "1: one run using every core)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and the estimate; run nothing")
     parser.add_argument("--report", action="store_true",
                         help="only regenerate docs/results.md from the result files of --size")
@@ -67,15 +71,15 @@ def print_paper(args: argparse.Namespace) -> None:
         print(line)
 
 
-def print_plan(runs) -> None:
+def print_plan(runs, jobs: int) -> None:
     from otr_cli.study.runner import run_status
 
     status = {run.key: run_status(run) for run in runs}
     todo = [run for run in runs if status[run.key] != "finished"]
     print(f"# {len(runs)} runs: {len(runs) - len(todo)} finished, "
           f"{sum(1 for r in todo if status[r.key] == 'unfinished')} to resume, "
-          f"{sum(1 for r in todo if status[r.key] == 'new')} new; estimated {format_duration(estimate_seconds(todo))} "
-          f"for the rest on a 2-core CPU (docs/study.md). Commands run from {REPO}.")
+          f"{sum(1 for r in todo if status[r.key] == 'new')} new; estimated {format_duration(wall_seconds(estimate_seconds(todo), jobs))} "
+          f"for the rest on a 2-core CPU with --jobs {jobs} (docs/study.md). Commands run from {REPO}.")
     for run in runs:
         print(f"# {run.key} [{status[run.key]}, ~{format_duration(run.estimate_s)}]")
         print(run.command())
@@ -94,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
             print("# --size paper prints the commands of the GPU-cluster version; it runs nothing here.")
         print_paper(args)
         return 0
+    if args.jobs < 1:
+        raise StudyError(f"--jobs {args.jobs}: needs at least 1 (runs at once)")
     size = SIZES[args.size]
     results_dir = args.docs_dir / "study" / "results" / size.name
     if args.report:
@@ -106,14 +112,14 @@ def run(args: argparse.Namespace) -> int:
                            model=model, data_dir=args.data_dir, extra_overrides=tuple(args.override))
     runs = build_plan(options)
     if args.dry_run:
-        print_plan(runs)
+        print_plan(runs, args.jobs)
         return 0
     from otr_cli.study.runner import check_data_dir, run_plan
 
     check_data_dir(runs, args.data_dir)
     print(f"study size {size.name}: {len(runs)} runs under {display_path(args.cache_root / size.name)}; "
           f"results to {display_path(results_dir)}")
-    outcomes = run_plan(runs, results_dir, size.name, keep_checkpoints=args.keep_checkpoints)
+    outcomes = run_plan(runs, results_dir, size.name, keep_checkpoints=args.keep_checkpoints, jobs=args.jobs)
     failed = [o for o in outcomes if o.status == "failed"]
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("finished", "skipped", "failed")}
     print(f"done: {counts['finished']} run, {counts['skipped']} skipped (finished earlier), {counts['failed']} failed")

@@ -95,7 +95,7 @@ def test_an_unfinished_run_is_resumed_with_the_same_command(study, tmp_path, mon
     assert run_status(run) == "unfinished"
     started = []
 
-    def fake_execute(r):  # stands in for `otr train ... trainer.resume=auto` finishing the run
+    def fake_execute(r, threads=None):  # stands in for `otr train ... trainer.resume=auto` finishing the run
         started.append(r.argv)
         (r.run_dir / "summary.json").write_text("{}")
         (r.run_dir / "run_state.json").write_text(json.dumps({"status": "finished"}))
@@ -163,12 +163,12 @@ def test_dry_run_prints_every_command_and_the_time_estimate(capsys, tmp_path):
     assert reproduce.main(["--dry-run", "--cache-root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     commands = [line for line in out.splitlines() if line.startswith("otr ")]
-    # A: 6 methods x 3 seeds + base; B: 6 x 1 + base; ablations: 6 non-default points (1 seed).
-    assert len(commands) == 18 + 1 + 6 + 1 + 6
+    # A: 6 methods x 3 seeds + base; B: 3 methods x 1 + base; ablations: 6 non-default points (1 seed).
+    assert len(commands) == 18 + 1 + 3 + 1 + 6
     estimate = out.splitlines()[0]
-    assert "32 new" in estimate and " h " in estimate
+    assert "29 new" in estimate and " h " in estimate and "--jobs" in estimate
     assert all(f"run.output_dir={tmp_path}/default/" in c for c in commands)
-    assert any("loss.baseline=loo" in c and "loss.sft_warmup_steps=16" in c for c in commands)
+    assert any("loss.baseline=loo" in c and "loss.sft_warmup_steps=12" in c for c in commands)
     assert not list(tmp_path.iterdir())  # nothing was run or created
 
 
@@ -176,7 +176,7 @@ def test_study_commands_compose(capsys):
     """A study B command and a paper point are valid `otr train` configurations (dry_run, nothing loaded)."""
     from otr_cli.cli import main as otr_main
 
-    assert reproduce.main(["--dry-run", "--only", "B", "--methods", "warmup_otr_loo"]) == 0
+    assert reproduce.main(["--dry-run", "--only", "B", "--methods", "warmup_otr"]) == 0
     b_command = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("otr train"))
     assert reproduce.main(["--size", "paper", "--only", "ablations"]) == 0
     paper = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("otr train"))

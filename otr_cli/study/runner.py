@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -84,11 +85,25 @@ def check_data_dir(runs: list[Run], data_dir: Path) -> None:
                          f"(layout: docs/study.md); pass --data-dir or --only A")
 
 
-def execute(run: Run) -> int:
-    """`otr <argv>` in a fresh process from the repository root; output appended to study.log."""
+def threads_per_job(jobs: int) -> int:
+    """CPU threads each of `jobs` concurrent runs may use: the cores shared out, at least one.
+
+    Two single-threaded runs on 2 cores did 1.3x the training tokens/s of one two-threaded run
+    (docs/study.md); more threads than cores in all (OpenMP oversubscription) made runs several times slower.
+    """
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def execute(run: Run, threads: Optional[int] = None) -> int:
+    """`otr <argv>` in a fresh process from the repository root; output appended to study.log.
+
+    threads: OMP_NUM_THREADS of the child (None: inherit, torch then uses every core).
+    """
     run.run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run.run_dir / COMMAND_FILE, {"argv": list(run.argv), "command": run.command()})
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS} | {"PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with (run.run_dir / LOG_FILE).open("a") as log:
         log.write(f"$ {run.command()}\n")
         log.flush()
@@ -105,42 +120,56 @@ def log_tail(run: Run, lines: int = 15) -> str:
 
 
 def run_plan(runs: list[Run], results_dir: Path, size: str, keep_checkpoints: bool = False,
-             echo: Callable[[str], None] = print) -> list[Outcome]:
-    """Run each run in order (skipping finished ones) and write its result file. Failures do not stop
-    the others; they are returned with the tail of their log."""
+             echo: Callable[[str], None] = print, jobs: int = 1) -> list[Outcome]:
+    """Run each run (skipping finished ones) and write its result file; returns outcomes in plan order.
+
+    jobs: runs executed at once, each with threads_per_job(jobs) CPU threads; they start in plan
+    order. Failures do not stop the others; they are returned with the tail of their log.
+    """
+    if jobs < 1:
+        raise StudyError(f"--jobs {jobs}: needs at least 1")
     for run in runs:
         check_command(run)  # all of them first: a stale cache should fail now, not in hour two
-    outcomes = []
-    for number, run in enumerate(runs, start=1):
-        prefix = f"[{number}/{len(runs)}] {run.key}"
-        status = run_status(run)
-        started = time.monotonic()
-        if status == "finished":
-            echo(f"{prefix}: finished earlier, skipped")
-            outcome = Outcome(run, "skipped")
-        else:
-            echo(f"{prefix}: {'resuming' if status == 'unfinished' else 'starting'} (estimate "
-                 f"{format_duration(run.estimate_s)}; log {display_path(run.run_dir / LOG_FILE)})")
-            code = execute(run)
-            seconds = time.monotonic() - started
-            if code != 0 or run_status(run) != "finished":
-                message = f"exit code {code}" if code else "the run did not mark itself finished"
-                echo(f"{prefix}: FAILED after {format_duration(seconds)} ({message}); last lines of the log:\n"
-                     f"{log_tail(run)}")
-                outcomes.append(Outcome(run, "failed", seconds, message))
-                continue
-            echo(f"{prefix}: finished in {format_duration(seconds)}")
-            outcome = Outcome(run, "finished", seconds)
-        try:
-            write_result(collect(run, size), results_dir)
-        except (CompareError, OSError, KeyError, ValueError) as exc:
-            echo(f"{prefix}: FAILED to read its results ({exc})")
-            outcomes.append(Outcome(run, "failed", outcome.seconds, f"results unreadable: {exc}"))
-            continue
-        if not keep_checkpoints:
-            prune_checkpoints(run)
-        outcomes.append(outcome)
-    return outcomes
+    threads = threads_per_job(jobs) if jobs > 1 else None
+
+    def one(numbered: tuple[int, Run]) -> Outcome:
+        number, run = numbered
+        return _run_one(run, f"[{number}/{len(runs)}] {run.key}", results_dir, size, keep_checkpoints, echo, threads)
+
+    numbered = list(enumerate(runs, start=1))
+    if jobs == 1:
+        return [one(item) for item in numbered]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(one, numbered))
+
+
+def _run_one(run: Run, prefix: str, results_dir: Path, size: str, keep_checkpoints: bool,
+             echo: Callable[[str], None], threads: Optional[int]) -> Outcome:
+    status = run_status(run)
+    started = time.monotonic()
+    if status == "finished":
+        echo(f"{prefix}: finished earlier, skipped")
+        outcome = Outcome(run, "skipped")
+    else:
+        echo(f"{prefix}: {'resuming' if status == 'unfinished' else 'starting'} (estimate "
+             f"{format_duration(run.estimate_s)}; log {display_path(run.run_dir / LOG_FILE)})")
+        code = execute(run, threads)
+        seconds = time.monotonic() - started
+        if code != 0 or run_status(run) != "finished":
+            message = f"exit code {code}" if code else "the run did not mark itself finished"
+            echo(f"{prefix}: FAILED after {format_duration(seconds)} ({message}); last lines of the log:\n"
+                 f"{log_tail(run)}")
+            return Outcome(run, "failed", seconds, message)
+        echo(f"{prefix}: finished in {format_duration(seconds)}")
+        outcome = Outcome(run, "finished", seconds)
+    try:
+        write_result(collect(run, size), results_dir)
+    except (CompareError, OSError, KeyError, ValueError) as exc:
+        echo(f"{prefix}: FAILED to read its results ({exc})")
+        return Outcome(run, "failed", outcome.seconds, f"results unreadable: {exc}")
+    if not keep_checkpoints:
+        prune_checkpoints(run)
+    return outcome
 
 
 def prune_checkpoints(run: Run) -> Optional[Path]:

@@ -1,10 +1,13 @@
 """Study sizes (tiny, default) and the wall-clock estimate they were chosen from.
 
-The estimate uses figures measured on the 2-core development CPU with SmolLM2-135M-Instruct
-(docs/benchmarks/): ~6.5 s per optimizer step of 8 sequences of ~110 tokens (bench_train),
-~150 generated tokens/s at generation batch 16 (bench_eval), and the mean rendered length of
-the training sequences (107 tokens for synthetic_arith, 212 for GSM8K). Generation is costed
-at eval.max_new_tokens per problem, an upper bound: a batch runs until its longest answer ends.
+The estimate uses figures measured on the 2-core development CPU with SmolLM2-135M-Instruct,
+one run at a time using both cores: ~100 training tokens/s (`make demo`: 40 steps of 8 x 107
+tokens in 341 s), ~0.18 s per decoding step of a generation batch whatever its size up to 50
+(greedy, KV cache; a 135M model on 2 cores is bound by per-step overhead, not by the batch), and
+the mean rendered length of the training sequences (107 tokens for synthetic_arith, 212 for
+GSM8K). Generation is costed at eval.max_new_tokens steps per batch, an upper bound: a batch runs
+until its longest answer ends. Two runs at once with one thread each did 1.3x the training
+throughput of one two-threaded run and overlap their start-up, hence PARALLEL_SPEEDUP.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-SECONDS_PER_TRAIN_TOKEN = 6.5 / (8 * 110)   # s per sequence token of a training step (fwd + bwd + AdamW)
-GENERATED_TOKENS_PER_S = 150.0              # greedy generation at batch 16
-RUN_OVERHEAD_S = 40.0                       # process start, model load, checkpoint writes, final copy, val CE
+SECONDS_PER_TRAIN_TOKEN = 1 / 100.0         # s per sequence token of a training step (fwd + bwd + AdamW)
+SECONDS_PER_DECODE_STEP = 0.18              # one greedy token for a whole generation batch
+RUN_OVERHEAD_S = 45.0                       # process start, model load, checkpoint writes, final copy, val CE
+PARALLEL_SPEEDUP = {1: 1.0, 2: 1.4}         # wall-clock gain of --jobs N on 2 cores (more: no further gain)
 TOKENS_PER_SEQUENCE = {"A": 107, "B": 212}  # mean rendered training sequence, tokens
 
 BENCHMARKS = {"A": ("synthetic_arith", "synthetic_arith_ood"), "B": ("gsm8k", "svamp", "mmlu_stem", "humaneval")}
@@ -74,14 +78,15 @@ SIZES: dict[str, Size] = {
         ablation_seeds=1,
         ablation_grid={"k": (8,)},
     ),
-    # About 3 hours on 2 cores: study A carries the seeds (where SFT and OTR differ measurably),
-    # study B and the ablations one seed each.
+    # About 2 hours on 2 cores with --jobs 2: study A carries the seeds (where SFT and OTR differ
+    # measurably); study B (the costly one: long GSM8K sequences and answers) and the ablations one
+    # seed each, study B with the three methods that answer the headline question.
     "default": Size(
         "default",
-        a=Budget(steps=32, batch=8, warmup_steps=16, lr=1e-4, seeds=3, eval_limit=50, eval_max_new_tokens=96,
-                 eval_batch=25, save_steps=16),
-        b=Budget(steps=20, batch=8, warmup_steps=10, lr=2e-5, seeds=1, eval_limit=25, eval_max_new_tokens=256,
-                 eval_batch=25, save_steps=10),
+        a=Budget(steps=24, batch=8, warmup_steps=12, lr=1e-4, seeds=3, eval_limit=50, eval_max_new_tokens=96,
+                 eval_batch=50, save_steps=12),
+        b=Budget(steps=16, batch=4, warmup_steps=8, lr=2e-5, seeds=1, eval_limit=25, eval_max_new_tokens=256,
+                 eval_batch=25, save_steps=8, methods=("sft", "otr", "warmup_otr")),
         ablation_seeds=1,
         ablation_grid={"k": (1, 8, 64, 256), "temperature": (1.0, 1.3), "beta": (0.0, -0.1, -0.5)},
     ),
@@ -97,7 +102,13 @@ def train_seconds(study: str, budget: Budget) -> float:
 
 def eval_seconds(study: str, budget: Budget) -> float:
     """Estimated seconds of generation for one model on all of `study`'s benchmarks."""
-    return len(BENCHMARKS[study]) * budget.eval_limit * budget.eval_max_new_tokens / GENERATED_TOKENS_PER_S
+    batches = -(-budget.eval_limit // budget.eval_batch)
+    return len(BENCHMARKS[study]) * batches * budget.eval_max_new_tokens * SECONDS_PER_DECODE_STEP
+
+
+def wall_seconds(run_seconds: float, jobs: int) -> float:
+    """Wall-clock estimate of runs totalling `run_seconds` (one at a time) executed `jobs` at once."""
+    return run_seconds / PARALLEL_SPEEDUP.get(jobs, max(PARALLEL_SPEEDUP.values()))
 
 
 def format_duration(seconds: float) -> str:
