@@ -1,7 +1,6 @@
 """Batched generation: input order, left padding equal to one-at-a-time greedy, samples, stop strings."""
 
 import pytest
-import torch
 
 from otr_cli.eval.generation import GenerationSettings, cut_at_stop, generate_completions, generate_hf
 

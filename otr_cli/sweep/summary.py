@@ -103,6 +103,11 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() or (path / "run_state.json").is_file()
 
 
+def point_order(run_dir: Path) -> tuple[bool, int, str]:
+    """Sort key of a sweep's run directories: Hydra job numbers numerically (0, 1, ..., 10), then names."""
+    return (not run_dir.name.isdigit(), int(run_dir.name) if run_dir.name.isdigit() else 0, run_dir.name)
+
+
 def find_point_dirs(sweep_dir: Path) -> list[Path]:
     """Run directories directly under the sweep dir, in point order (0, 1, 2, ..., then by name)."""
     if not sweep_dir.is_dir():
@@ -115,7 +120,7 @@ def find_point_dirs(sweep_dir: Path) -> list[Path]:
     if not children:
         raise SweepError(f"{sweep_dir} holds no runs: expected one subdirectory per sweep point with a config.yaml, "
                          f"as `otr train -m ...` writes them. Have the jobs started yet?")
-    return sorted(children, key=lambda c: (not c.name.isdigit(), int(c.name) if c.name.isdigit() else 0, c.name))
+    return sorted(children, key=point_order)
 
 
 def load_point(path: Path) -> Point:

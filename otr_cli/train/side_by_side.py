@@ -22,8 +22,9 @@ log = logging.getLogger("otr.train")
 
 def finished_runs(sweep_dir: Path) -> list[Path]:
     """Run directories (sorted by Hydra job number when the names are numbers) holding summary.json."""
-    runs = [path.parent for path in sweep_dir.glob("*/summary.json")]
-    return sorted(runs, key=lambda p: (0, int(p.name)) if p.name.isdigit() else (1, p.name))
+    from otr_cli.sweep.summary import point_order
+
+    return sorted((path.parent for path in sweep_dir.glob("*/summary.json")), key=point_order)
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:
