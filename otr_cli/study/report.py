@@ -69,11 +69,12 @@ def _verdict(results: list[dict]) -> str:
             lines.append(f"- {STUDY_TITLES[study]}: no results yet.")
             continue
         lines.append(f"- {STUDY_TITLES[study]}:")
-        lines += [f"  - {analysis.verdict(row)}" for row in rows]
+        # The one-line answer per method first, then the sentence per benchmark that backs it.
         for method in HEADLINE:
             mine = [r for r in rows if r["method"] == method]
             if mine:
-                lines.append(f"  - In short, {METHODS[method].label} against SFT: {_tally(mine)}.")
+                lines.append(f"  - **{METHODS[method].label} against SFT: {_tally(mine)}.**")
+        lines += [f"  - {analysis.verdict(row)}" for row in rows]
     return "\n".join(lines)
 
 
@@ -88,7 +89,7 @@ def _tally(rows: list[dict[str, Any]]) -> str:
         parts.append(f"worse on {', '.join(worse)}")
     if same:
         parts.append(f"no significant difference on {', '.join(same)}")
-    return "; ".join(parts) + f" (significant: McNemar p < {analysis.SIGNIFICANCE})"
+    return "; ".join(parts) + f" (significant means McNemar p < {analysis.SIGNIFICANCE})"
 
 
 def _setup(results: list[dict]) -> str:
