@@ -34,7 +34,7 @@ bench: install
 	$(BIN)/python scripts/bench_loss.py --device cpu
 	$(BIN)/python scripts/bench_train.py
 
-# The reproduction study (docs/study.md): ~3 h on 2 cores at the default size; rerun to resume.
+# The reproduction study (docs/study.md): ~2 h on 2 cores at the default size (two runs at once); rerun to resume.
 STUDY_SIZE ?= default
 study: install
 	$(BIN)/python scripts/reproduce.py --size $(STUDY_SIZE)

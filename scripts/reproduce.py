@@ -1,6 +1,6 @@
 """The reproduction study: OTR against SFT and DFT under one budget, then docs/results.md.
 
-    python scripts/reproduce.py --size tiny            # ~10-minute smoke version on a 2-core CPU
+    python scripts/reproduce.py --size tiny            # ~15-minute smoke version on a 2-core CPU
     python scripts/reproduce.py                        # default size, ~2-2.5 hours on a 2-core CPU
     python scripts/reproduce.py --only A --seeds 5     # a piece of it; rerun to resume
     python scripts/reproduce.py --dry-run              # the commands and the time estimate

@@ -2,7 +2,7 @@
 
 The estimate uses figures measured on the 2-core development CPU with SmolLM2-135M-Instruct,
 one run at a time using both cores: ~100 training tokens/s (`make demo`: 40 steps of 8 x 107
-tokens in 341 s), ~0.18 s per decoding step of a generation batch whatever its size up to 50
+tokens in 341 s), ~0.25 s per decoding step of a generation batch whatever its size up to 50
 (greedy, KV cache; a 135M model on 2 cores is bound by per-step overhead, not by the batch), and
 the mean rendered length of the training sequences (107 tokens for synthetic_arith, 212 for
 GSM8K). Generation is costed at eval.max_new_tokens steps per batch, an upper bound: a batch runs
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 SECONDS_PER_TRAIN_TOKEN = 1 / 100.0         # s per sequence token of a training step (fwd + bwd + AdamW)
-SECONDS_PER_DECODE_STEP = 0.18              # one greedy token for a whole generation batch
+SECONDS_PER_DECODE_STEP = 0.25              # one greedy token for a whole generation batch
 RUN_OVERHEAD_S = 45.0                       # process start, model load, checkpoint writes, final copy, val CE
 PARALLEL_SPEEDUP = {1: 1.0, 2: 1.4}         # wall-clock gain of --jobs N on 2 cores (more: no further gain)
 TOKENS_PER_SEQUENCE = {"A": 107, "B": 212}  # mean rendered training sequence, tokens
@@ -68,7 +68,7 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    # A smoke run of every code path: ~10 minutes on 2 cores (see estimate_seconds).
+    # A smoke run of every code path: ~15 minutes on 2 cores (measured 17.6 min one run at a time).
     "tiny": Size(
         "tiny",
         a=Budget(steps=4, batch=4, warmup_steps=2, lr=1e-4, seeds=1, eval_limit=6, eval_max_new_tokens=96,
