@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shlex
+import threading
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,35 @@ def test_an_unfinished_run_is_resumed_with_the_same_command(study, tmp_path, mon
     outcomes = run_plan([run], tmp_path / "results", "tiny", echo=lines.append)
     assert "trainer.resume=auto" in started[0] and "resuming" in lines[0]
     assert [o.status for o in outcomes] == ["finished"] and run_status(run) == "finished"
+
+
+def test_jobs_runs_two_at_once_with_the_cores_shared_out(study, tmp_path, monkeypatch):
+    options = StudyOptions(size=SIZES["tiny"], only="A", methods=["sft", "otr"], cache_root=tmp_path / "cache",
+                           model=str(study["model"]))
+    runs = [r for r in build_plan(options) if r.method != "base"]
+    both_running = threading.Barrier(2, timeout=30)  # breaks (and fails the runs) unless two run at once
+    threads_given = []
+
+    def fake_execute(r, threads=None):  # stands in for `otr train` finishing the run
+        threads_given.append(threads)
+        both_running.wait()
+        r.run_dir.mkdir(parents=True)
+        (r.run_dir / "summary.json").write_text("{}")
+        (r.run_dir / "run_state.json").write_text(json.dumps({"status": "finished"}))
+        return 0
+
+    monkeypatch.setattr("otr_cli.study.runner.execute", fake_execute)
+    monkeypatch.setattr("otr_cli.study.runner.collect", lambda r, size: {"key": r.key})
+    monkeypatch.setattr("otr_cli.study.runner.os.cpu_count", lambda: 2)
+    outcomes = run_plan(runs, tmp_path / "results", "tiny", echo=lambda line: None, jobs=2)
+    assert [o.run.key for o in outcomes] == [r.key for r in runs]  # reported in plan order
+    assert [o.status for o in outcomes] == ["finished", "finished"]
+    assert threads_given == [1, 1]  # 2 cores shared by 2 runs: OMP_NUM_THREADS=1 each
+
+
+def test_jobs_below_one_is_refused(capsys):
+    assert reproduce.main(["--dry-run", "--jobs", "0"]) == 2
+    assert "--jobs 0" in capsys.readouterr().err
 
 
 def test_a_cache_made_by_another_command_is_refused(study, capsys):
