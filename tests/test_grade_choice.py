@@ -37,3 +37,19 @@ def test_grade_choice_compares_letters():
     assert grade_choice("The answer is (B)", 1) == ("B", True)
     assert grade_choice("The answer is (B)", "C") == ("B", False)
     assert grade_choice("no idea", "C") == (None, False)
+
+
+@pytest.mark.parametrize("completion", [
+    # Real SmolLM2 completions from the study (MMLU-STEM): the model echoed the options instead of choosing.
+    "A. amnion\nB. chorion\nC. allantois\nD. yolk sac\n",
+    "A. A DNA or RNA primer and reverse transcriptase\nB. A DNA or RNA primer and DNA polymerase\nC. x\nD. y",
+    "A. B.",
+])
+def test_an_echoed_option_list_is_no_answer(completion):
+    # Before: the last listed letter (D) was read as the choice, a free 25% on every echo.
+    assert extract_choice(completion) is None
+
+
+def test_a_single_letter_line_still_counts_beside_other_text():
+    assert extract_choice("C. reduce the carrying capacity\n\nStep-by-step process:\n\n1. Determine") == "C"
+    assert extract_choice("A. B.\nThe answer is (B)") == "B"  # an explicit phrasing wins over the echo

@@ -14,8 +14,11 @@ _PATTERNS = (
     re.compile(rf"(?i:answer)\s*(?:is|:)\s*:?\s*(?i:option\s*)?[\(\[]?\**\s*({_L})\b"),
     re.compile(rf"(?i:option|choice)\s*[\(\[]?({_L})\b"),
     re.compile(rf"\(({_L})\)"),
-    re.compile(rf"^\s*\**({_L})\**\s*(?:[\.\):]|$)", re.MULTILINE),
 )
+# A line that starts with a letter ("C. reduce the carrying capacity"): weakest, and only when it is unambiguous.
+_LINE_START = re.compile(rf"^\s*\**({_L})\**\s*(?:[\.\):]|$)", re.MULTILINE)
+# Option markers anywhere ("A. amnion B. chorion"): two different ones mean the options were echoed, not chosen.
+_OPTION_MARKER = re.compile(rf"(?:^|\s)\**({_L})\**[\.\)](?=\s|$)", re.MULTILINE)
 
 
 def _letter_in(text: str) -> Optional[str]:
@@ -28,7 +31,9 @@ def extract_choice(completion: str) -> Optional[str]:
     """The letter (A-J) a completion picked, or None.
 
     \\boxed{B} wins; then "the answer is (B)", "Answer: B", "option B", the last "(B)", a line
-    that starts with the letter; within a phrasing the last occurrence counts.
+    that starts with the letter; within a phrasing the last occurrence counts. A completion that
+    lists several options ("A. amnion\\nB. chorion\\n...") without one of the stronger phrasings
+    chose nothing: reading its last line as the answer would give a free 1-in-N guess.
     """
     boxed = last_boxed(completion)
     if boxed is not None:
@@ -39,7 +44,10 @@ def extract_choice(completion: str) -> Optional[str]:
         matches = pattern.findall(completion)
         if matches:
             return matches[-1].upper()
-    return None
+    if len(set(_OPTION_MARKER.findall(completion))) > 1:
+        return None
+    matches = _LINE_START.findall(completion)
+    return matches[-1].upper() if matches else None
 
 
 def gold_letter(gold: Union[str, int]) -> str:
