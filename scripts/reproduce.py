@@ -1,7 +1,7 @@
 """The reproduction study: OTR against SFT and DFT under one budget, then docs/results.md.
 
-    python scripts/reproduce.py --size tiny            # ~15-minute smoke version on a 2-core CPU
-    python scripts/reproduce.py                        # default size, ~2-2.5 hours on a 2-core CPU
+    python scripts/reproduce.py --size tiny            # ~12-minute smoke version on a 2-core CPU
+    python scripts/reproduce.py                        # default size, ~1 h 50 min on a 2-core CPU
     python scripts/reproduce.py --only A --seeds 5     # a piece of it; rerun to resume
     python scripts/reproduce.py --dry-run              # the commands and the time estimate
     python scripts/reproduce.py --report               # docs/results.md from the kept result files
@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Sizes, time estimates and resuming: docs/study.md")
     parser.add_argument("--size", choices=SIZE_NAMES, default="default",
-                        help="tiny: ~15 min smoke run; default: ~2-2.5 h on a 2-core CPU; paper: print SLURM commands")
+                        help="tiny: ~12 min smoke run; default: ~1 h 50 min on a 2-core CPU; paper: print SLURM commands")
     parser.add_argument("--only", choices=STUDIES, help="run one study: A (synthetic_arith), B (GSM8K), ablations")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"methods to run (default: all the size runs): {', '.join(METHODS)}")
