@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Sizes, time estimates and resuming: docs/study.md")
     parser.add_argument("--size", choices=SIZE_NAMES, default="default",
-                        help="tiny: ~12 min smoke run; default: ~1 h 50 min on a 2-core CPU; paper: print SLURM commands")
+                        help="tiny: ~12 min smoke run; default: ~1 h 50 min on a 2-core CPU; "
+                             "paper: print SLURM commands")
     parser.add_argument("--only", choices=STUDIES, help="run one study: A (synthetic_arith), B (GSM8K), ablations")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"methods to run (default: all the size runs): {', '.join(METHODS)}")
@@ -76,9 +77,10 @@ def print_plan(runs, jobs: int) -> None:
 
     status = {run.key: run_status(run) for run in runs}
     todo = [run for run in runs if status[run.key] != "finished"]
+    estimate = format_duration(wall_seconds(estimate_seconds(todo), jobs))
     print(f"# {len(runs)} runs: {len(runs) - len(todo)} finished, "
           f"{sum(1 for r in todo if status[r.key] == 'unfinished')} to resume, "
-          f"{sum(1 for r in todo if status[r.key] == 'new')} new; estimated {format_duration(wall_seconds(estimate_seconds(todo), jobs))} "
+          f"{sum(1 for r in todo if status[r.key] == 'new')} new; estimated {estimate} "
           f"for the rest on a 2-core CPU with --jobs {jobs} (docs/study.md). Commands run from {REPO}.")
     for run in runs:
         print(f"# {run.key} [{status[run.key]}, ~{format_duration(run.estimate_s)}]")

@@ -123,11 +123,10 @@ def run_plan(runs: list[Run], results_dir: Path, size: str, keep_checkpoints: bo
              echo: Callable[[str], None] = print, jobs: int = 1) -> list[Outcome]:
     """Run each run (skipping finished ones) and write its result file; returns outcomes in plan order.
 
-    jobs: runs executed at once, each with threads_per_job(jobs) CPU threads; they start in plan
-    order. Failures do not stop the others; they are returned with the tail of their log.
+    jobs: runs executed at once (>= 1; scripts/reproduce.py checks --jobs), each with
+    threads_per_job(jobs) CPU threads; they start in plan order. Failures do not stop the others;
+    they are returned with the tail of their log.
     """
-    if jobs < 1:
-        raise StudyError(f"--jobs {jobs}: needs at least 1")
     for run in runs:
         check_command(run)  # all of them first: a stale cache should fail now, not in hour two
     threads = threads_per_job(jobs) if jobs > 1 else None
