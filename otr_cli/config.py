@@ -134,9 +134,12 @@ class LossConfig:
     # General schedule: [{objective: sft, steps: 16}, {objective: otr, steps: -1}]; replaces
     # sft_warmup_steps. A phase may override k, temperature, beta, baseline and sft_weight.
     phases: List[PhaseConfig] = field(default_factory=list)
-    # Warn once when the OTR match rate stays under this fraction for this many optimizer steps.
+    # Warn once when, for weak_signal_steps optimizer steps in a row, the OTR match rate stays under
+    # weak_signal_threshold, or the fraction of targets with rollout probability < 1e-3 stays over
+    # unreachable_threshold (1.0: off). See docs/loss.md, "When OTR has signal".
     weak_signal_threshold: float = 0.01
     weak_signal_steps: int = 20
+    unreachable_threshold: float = 0.05
 
 
 @dataclass
@@ -330,6 +333,9 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     if not 0.0 <= loss.weak_signal_threshold < 1.0:
         raise ConfigError(f"loss.weak_signal_threshold={loss.weak_signal_threshold} must be in [0, 1)")
     _positive("loss.weak_signal_steps", loss.weak_signal_steps)
+    if not 0.0 <= loss.unreachable_threshold <= 1.0:
+        raise ConfigError(f"loss.unreachable_threshold={loss.unreachable_threshold} must be in [0, 1] "
+                          "(a fraction of positions; 1 turns the warning off)")
     _positive("optim.lr", optim.lr)
     _choice("optim.scheduler", optim.scheduler, SCHEDULERS)
     if len(optim.betas) != 2:

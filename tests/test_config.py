@@ -75,6 +75,7 @@ def test_out_of_range_value_names_the_key_and_allowed_values(capsys):
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
     ("trainer.max_steps=0", "trainer.max_steps"),
     ("data.truncation=cut", "data.truncation"),
+    ("loss.unreachable_threshold=1.5", "loss.unreachable_threshold"),
 ])
 def test_validate_rejects_bad_values(override, message):
     from omegaconf import OmegaConf

@@ -310,7 +310,7 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert_runs_agree(single, double, 1e-12)
-    for name in ("match_rate", "no_match_frac", "reward_mean"):
+    for name in ("match_rate", "no_match_frac", "unreachable_frac", "reward_mean"):
         assert float(single[3][name]) == float(double[3][name])
 
 
@@ -391,7 +391,26 @@ def test_stats_are_detached_unweighted_means():
     assert float(stats["entropy"]) == pytest.approx(float(-(p * log_p).sum(1).mean()), rel=1e-6)
     assert float(stats["reward_mean"]) == pytest.approx(beta + (1 - beta) * float(stats["match_rate"]), rel=1e-6)
     assert 0 <= float(stats["no_match_frac"]) <= 1
-    assert set(stats) == {"ce", "p_target", "entropy", "match_rate", "reward_mean", "no_match_frac", "count"}
+    assert set(stats) == {"ce", "p_target", "entropy", "match_rate", "reward_mean", "no_match_frac", "unreachable_frac",
+                          "count"}
+
+
+@pytest.mark.parametrize("fn", [fused_token_loss, reference_token_loss], ids=["fused", "reference"])
+@pytest.mark.parametrize("objective, temperature", [("otr", 1.0), ("otr", 1.3), ("otr_exact", 1.0), ("otr_exact", 0.7)])
+def test_unreachable_frac_counts_targets_with_rollout_probability_under_one_in_a_thousand(fn, objective, temperature):
+    # With an identity head the hidden states are the logits, so q(y) = softmax(z / T)[y] is set directly:
+    # row i puts logit -s_i on the target and 0 elsewhere, q(y) = 1 / (1 + (V - 1) e^{s_i / T}).
+    vocab = 64
+    target_logits = torch.linspace(0.0, -6.0, 25, dtype=torch.float64)
+    hidden = torch.zeros(25, vocab, dtype=torch.float64)
+    labels = torch.arange(25) % vocab
+    hidden[torch.arange(25), labels] = target_logits
+    q_target = 1.0 / (1.0 + (vocab - 1) * torch.exp(-target_logits / temperature))
+    expected = float((q_target < 1e-3).double().mean())
+    assert 0.2 < expected < 0.8  # both kinds of row are present
+    _, stats = fn(hidden, torch.eye(vocab, dtype=torch.float64), labels, objective=objective, k=4,
+                  temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert float(stats["unreachable_frac"]) == pytest.approx(expected, abs=1e-7)
 
 
 def test_upstream_gradient_scales_the_precomputed_gradients():

@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO
 
 from otr_cli.study import analysis
+from otr_cli.study import report as reproduce_report
 from otr_cli.study.methods import METHODS
 from otr_cli.study.plan import StudyOptions, build_plan
 from otr_cli.study.runner import run_plan, run_status
@@ -151,7 +152,7 @@ def test_report_tables_come_from_the_result_files(study):
     assert (docs / "study" / "accuracy_A.png").stat().st_size > 0
     assert (docs / "study" / "curves_A.png").stat().st_size > 0
     assert "study/accuracy_A.png" in report and "study/curves_A.png" in report
-    for heading in ("## Verdict", "### Accuracy", "### Paired differences against SFT",
+    for heading in ("## Verdict", "### Accuracy", "### Paired differences against SFT", "### On-policy signal",
                     "### Wall-clock cost per training step", "## Commands"):
         assert heading in report
     assert "Study B" in report and "No results yet" in report  # absent studies say so
@@ -187,6 +188,29 @@ def test_verdict_says_who_won_and_by_how_much():
     assert "did not differ significantly" in analysis.verdict(rows["warmup_otr"])
     mean, (low, high) = analysis.mean_interval([0.2, 0.3, 0.4])
     assert mean == pytest.approx(0.3) and high - mean == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+
+
+def test_report_signal_table_counts_unreachable_targets_and_which_rule_warned():
+    def result(method, seed, fractions, warnings=()):
+        curves = [{"step": s, "objective": "otr", "match_rate": 0.8} for s in range(1, len(fractions) + 1)]
+        for curve, fraction in zip(curves, fractions):
+            if fraction is not None:
+                curve["unreachable_frac"] = fraction
+        return {"study": "A", "method": method, "seed": seed, "ablation": None, "eval": {},
+                "train": {"warnings": list(warnings), "curves": curves}}
+
+    unreachable_warning = "weak OTR signal: 8.0% of target tokens have rollout probability q(target) < 0.001 ..."
+    results = [result("otr", 1, [0.06] * 24, [unreachable_warning]), result("otr", 2, [0.02] * 24),
+               result("warmup_otr", 1, [0.0] * 12), result("otr_exact", 1, [None] * 24)]
+    rows = {row["method"]: row for row in analysis.signal_rows(results, "A")}
+    assert rows["otr"]["unreachable_frac"] == pytest.approx(0.04) and rows["otr"]["fired"] == 1
+    assert rows["otr"]["by_unreachable"] == 1 and rows["otr_exact"]["unreachable_frac"] is None
+    lines = reproduce_report._weak_signal(results, "A")
+    table = "\n".join(lines)
+    assert "| OTR | 2 | 24 | 80.0% | 4.0% | 1 of 2 (1 by unreachable targets) |" in table
+    assert "| SFT warm-up, then OTR | 1 | 12 | 80.0% | 0.0% | 0 of 1 (too few OTR steps to fire) |" in table
+    assert "| OTR-exact | 1 | 24 | 80.0% | not recorded | 0 of 1 |" in table
+    assert "1 of these runs were recorded before otr measured unreachable targets" in table
 
 
 def test_dry_run_prints_every_command_and_the_time_estimate(capsys, tmp_path):

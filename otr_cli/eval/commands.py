@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 
 def grade_entry(args: list[str]) -> int:
     """`otr grade key=value ...`: user errors become one clear message and exit code 2."""

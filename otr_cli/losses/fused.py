@@ -28,6 +28,7 @@ from otr_cli.losses.objectives import (
     rollout_rewards,
     rollout_weights,
     summarise_stats,
+    unreachable,
 )
 
 # Target size of one chunk of float32 logits (the one big buffer); see ``default_chunk_rows``.
@@ -144,9 +145,11 @@ def _otr_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, optio
     k = options.k
     # With temperature 1 the rollout weights are the logits buffer's own exp(z - max).
     if options.temperature == 1.0:
-        weights = logits
+        weights, sum_weights = logits, sum_exp
     else:
         weights = rollout_weights(shifted, options.temperature, out=scratch["rollout"])
+        sum_weights = weights.sum(dim=1, keepdim=True)
+    stats["unreachable_frac"] = unreachable(weights.gather(1, target_col) / sum_weights)
     samples = draw_rollouts(weights, k, generator, cdf_out=scratch["product"])  # [b, K]
     log_p_samples = shifted.gather(1, samples) - log_sum_exp
     rewards = rollout_rewards(samples, target_col.squeeze(1), options.beta, logits.dtype)
@@ -180,6 +183,7 @@ def _otr_exact_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col,
     expected_log_p = _row_dot(q_weights, shifted, scratch["product"]) / sum_q - log_sum_exp  # Σ_a q_a log p_a
     stats["match_rate"] = q_target
     stats["reward_mean"] = q_target + beta * (1.0 - q_target)
+    stats["unreachable_frac"] = unreachable(q_target)
 
     target_coef = (1.0 - beta) * q_target + sft_weight
     if options.centred:
@@ -295,9 +299,9 @@ def fused_loss_and_grads(
 def _stat_names(options: LossOptions) -> tuple[str, ...]:
     names = ("ce", "p_target", "entropy")
     if options.objective == "otr":
-        return names + ("match_rate", "reward_mean", "no_match_frac")
+        return names + ("match_rate", "reward_mean", "no_match_frac", "unreachable_frac")
     if options.objective == "otr_exact":
-        return names + ("match_rate", "reward_mean")
+        return names + ("match_rate", "reward_mean", "unreachable_frac")
     return names
 
 
@@ -376,7 +380,9 @@ def fused_token_loss(
 
     Returns (loss, stats): loss is a 0-dim float32 (float64) tensor; stats holds detached float32
     0-dim tensors: ce, p_target, entropy (unweighted means over supervised positions), for otr
-    match_rate, reward_mean, no_match_frac, for otr_exact match_rate, reward_mean; and count.
+    match_rate, reward_mean, no_match_frac, unreachable_frac, for otr_exact match_rate,
+    reward_mean, unreachable_frac; and count. unreachable_frac: the fraction of positions whose
+    target has rollout probability q(y) < ``UNREACHABLE_Q`` (1e-3).
     """
     options = make_options(
         objective,

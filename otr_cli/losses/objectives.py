@@ -151,7 +151,15 @@ def rollout_advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
 
 
 STAT_NAMES = ("ce", "p_target", "entropy")
-ROLLOUT_STAT_NAMES = ("match_rate", "reward_mean", "no_match_frac")
+ROLLOUT_STAT_NAMES = ("match_rate", "reward_mean", "no_match_frac", "unreachable_frac")
+# A target the rollout policy draws with probability under this is "unreachable": OTR's gradient
+# towards it is weighted by q(y), so the model will not learn it whatever K is (docs/loss.md).
+UNREACHABLE_Q = 1e-3
+
+
+def unreachable(q_target: torch.Tensor) -> torch.Tensor:
+    """1.0 where the rollout probability of the target q(y) < ``UNREACHABLE_Q``, else 0.0 (same shape, dtype)."""
+    return (q_target < UNREACHABLE_Q).to(q_target.dtype)
 
 
 def summarise_stats(rows: dict[str, torch.Tensor], count: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from otr_cli.losses.objectives import (
     rollout_rewards,
     rollout_weights,
     summarise_stats,
+    unreachable,
 )
 
 
@@ -102,7 +103,9 @@ def _otr_value(logits, log_p, targets, options, generator, stats):
     """Monte Carlo OTR: -(1/K) sum_k A_k log p(a_k) with a_k ~ softmax(z / T), rewards constant."""
     with torch.no_grad():
         shifted = logits - logits.amax(dim=1, keepdim=True)
-        samples = draw_rollouts(rollout_weights(shifted, options.temperature), options.k, generator)
+        weights = rollout_weights(shifted, options.temperature)
+        stats["unreachable_frac"] = unreachable(weights.gather(1, targets.unsqueeze(1)).squeeze(1) / weights.sum(1))
+        samples = draw_rollouts(weights, options.k, generator)
         rewards = rollout_rewards(samples, targets, options.beta, logits.dtype)
         advantages = rollout_advantages(rewards, options.baseline)
         hits = (samples == targets.unsqueeze(1)).to(logits.dtype)
@@ -120,6 +123,7 @@ def _otr_exact_value(logits, log_p, log_p_target, targets, options, stats):
         q_target = q.gather(1, targets.unsqueeze(1)).squeeze(1)
         stats["match_rate"] = q_target
         stats["reward_mean"] = q_target + beta * (1 - q_target)
+        stats["unreachable_frac"] = unreachable(q_target)
     expected_log_p = (q * log_p).sum(1)  # sum_a q_a log p_a
     if options.centred:
         return (1 - beta) * q_target * (expected_log_p - log_p_target)

@@ -145,14 +145,32 @@ def step_costs(results: list[dict], study: str) -> list[dict[str, Any]]:
     return rows
 
 
-def weak_signal_counts(results: list[dict], study: str) -> dict[str, tuple[int, int]]:
-    """method -> (runs whose weak-OTR-signal warning fired, runs)."""
-    counts = {}
+def signal_rows(results: list[dict], study: str) -> list[dict[str, Any]]:
+    """One row per method that ran OTR steps: how much on-policy signal its OTR steps had.
+
+    Each row: method, runs, otr_steps (per run, the most of any run), match_rate and unreachable_frac
+    (means over every OTR step of every run; unreachable_frac None when no run recorded it),
+    fired (runs whose weak-OTR-signal warning fired), by_unreachable (of those, by the
+    unreachable-targets rule), unmeasured (runs recorded before otr measured unreachable_frac).
+    """
+    rows = []
     for method in METHODS:
         runs = [r for r in main_runs(results, study, method) if r["train"]]
-        if runs:
-            counts[method] = (sum(1 for r in runs if r["train"]["warnings"]), len(runs))
-    return counts
+        curves = [[c for c in r["train"]["curves"] if c.get("objective") in ("otr", "otr_exact")] for r in runs]
+        if not any(curves):
+            continue
+        steps = [c for curve in curves for c in curve]
+        unreachable = [c["unreachable_frac"] for c in steps if c.get("unreachable_frac") is not None]
+        warnings = [r["train"]["warnings"] for r in runs]
+        rows.append({
+            "method": method, "label": label(method), "runs": len(runs), "otr_steps": max(len(c) for c in curves),
+            "match_rate": sum(c["match_rate"] for c in steps) / len(steps),
+            "unreachable_frac": sum(unreachable) / len(unreachable) if unreachable else None,
+            "fired": sum(1 for w in warnings if w),
+            "by_unreachable": sum(1 for w in warnings if any("rollout probability" in text for text in w)),
+            "unmeasured": sum(1 for curve in curves if curve and "unreachable_frac" not in curve[0]),
+        })
+    return rows
 
 
 def ablation_rows(results: list[dict]) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from otr_cli.study.analysis import ROW_ORDER, accuracy_rows, benchmarks, label, 
 from otr_cli.study.methods import METHODS
 
 CURVE_PANELS = (("loss", "objective loss"), ("ce", "cross-entropy of targets (nats)"),
-                ("match_rate", "OTR match rate"))
+                ("match_rate", "OTR match rate"), ("unreachable_frac", "OTR: targets with q(y) < 0.001"))
 
 
 def _pyplot():
@@ -62,7 +62,8 @@ def plot_accuracy(results: list[dict], study: str, path: Path, title: str) -> Pa
 
 
 def plot_curves(results: list[dict], study: str, path: Path, title: str) -> Path:
-    """Loss, CE and OTR match rate against step: each method's mean over seeds (thin: each seed)."""
+    """Loss, CE, OTR match rate and unreachable targets against step: each method's mean over seeds (thin: each
+    seed)."""
     plt = _pyplot()
     colours = _colours(plt)
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.3 * len(CURVE_PANELS), 3.3), squeeze=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from otr_cli.config import LossConfig
 from otr_cli.eval.atomic import write_text_atomic
 from otr_cli.study import analysis
 from otr_cli.study.figures import plot_accuracy, plot_curves
@@ -169,12 +170,31 @@ def _differences(results: list[dict], study: str) -> list[str]:
 
 
 def _weak_signal(results: list[dict], study: str) -> list[str]:
-    counts = analysis.weak_signal_counts(results, study)
-    fired = {m: c for m, c in counts.items() if c[0]}
-    if not fired:
-        return ["The weak-OTR-signal warning (match rate under 1% for 20 steps) fired in no run.", ""]
-    text = ", ".join(f"{METHODS[m].label} {n} of {total} runs" for m, (n, total) in fired.items())
-    return [f"The weak-OTR-signal warning (match rate under 1% for 20 steps) fired in: {text}.", ""]
+    rows = analysis.signal_rows(results, study)
+    if not rows:
+        return []
+    defaults = LossConfig()
+    lines = ["### On-policy signal", "",
+             f"Means over every OTR step of every run. The weak-OTR-signal warning fires when, averaged over "
+             f"the last {defaults.weak_signal_steps} OTR steps, the match rate is under "
+             f"{100 * defaults.weak_signal_threshold:g}% or more than {100 * defaults.unreachable_threshold:g}% of the "
+             "targets have rollout probability under 0.001 (\"unreachable\"; docs/loss.md).", "",
+             "| method | runs | OTR steps per run | match rate | unreachable targets | warning fired |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        unreachable = "not recorded" if row["unreachable_frac"] is None else f"{100 * row['unreachable_frac']:.1f}%"
+        fired = f"{row['fired']} of {row['runs']}"
+        if row["fired"]:
+            fired += f" ({row['by_unreachable']} by unreachable targets)"
+        if row["otr_steps"] < defaults.weak_signal_steps:
+            fired += " (too few OTR steps to fire)"
+        lines.append(f"| {row['label']} | {row['runs']} | {row['otr_steps']} | {100 * row['match_rate']:.1f}% "
+                     f"| {unreachable} | {fired} |")
+    unmeasured = sum(row["unmeasured"] for row in rows)
+    if unmeasured:
+        lines += ["", f"{unmeasured} of these runs were recorded before otr measured unreachable targets; only the "
+                  "match-rate rule could fire in them."]
+    return lines + [""]
 
 
 def _costs(results: list[dict], study: str) -> list[str]:

@@ -6,7 +6,7 @@ One JSON file per run, `<results>/<run key>.json`:
     eval:  {benchmark: {accuracy, correct, n, ci95, outcomes: {problem id: correct}}}
            (per-problem outcomes are what the paired tests need)
     train: {total_steps, train_seconds, val_ce, warnings, curves: [{step, objective, loss, ce,
-           match_rate, p_target, entropy, no_match_frac, step_time_s (s), tokens}]}   (null for the base model)
+           match_rate, p_target, entropy, no_match_frac, unreachable_frac, step_time_s (s), tokens}]}   (null for the base model)
 
 Never model weights: the run directories under the cache root keep those.
 """
@@ -23,8 +23,8 @@ from otr_cli.study.methods import StudyError
 from otr_cli.study.plan import Run
 
 SCHEMA = 1
-CURVE_KEYS = ("step", "objective", "loss", "ce", "match_rate", "p_target", "entropy", "no_match_frac", "step_time_s",
-              "tokens")
+CURVE_KEYS = ("step", "objective", "loss", "ce", "match_rate", "p_target", "entropy", "no_match_frac", "unreachable_frac",
+              "step_time_s", "tokens")
 
 
 def eval_dir(run: Run) -> Path:

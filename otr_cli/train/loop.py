@@ -34,7 +34,7 @@ from otr_cli.train.token_loss_model import ObjectiveSettings, sampling_generator
 log = logging.getLogger("otr.train")
 
 # Order of the statistics all-reduced each step (sums; divided by `count` afterwards).
-STAT_KEYS = ("ce", "p_target", "entropy", "match_rate", "reward_mean", "no_match_frac")
+STAT_KEYS = ("ce", "p_target", "entropy", "match_rate", "reward_mean", "no_match_frac", "unreachable_frac")
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:
@@ -273,7 +273,8 @@ class Trainer:
         self.engine.train()
         progress = TrainProgress(self.total_steps, self.step, enabled=self.dist.is_main and cfg.trainer.progress)
         signal_monitor = WeakSignalMonitor(threshold=cfg.loss.weak_signal_threshold,
-                                           patience=cfg.loss.weak_signal_steps)
+                                           patience=cfg.loss.weak_signal_steps,
+                                           unreachable_threshold=cfg.loss.unreachable_threshold)
         with progress:
             while self.step < self.total_steps:
                 started = time.perf_counter()
@@ -396,6 +397,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                "train_seconds": elapsed, "eval": evals, "data": data.report.as_dict()}
     if periodic:
         summary["eval_during_training"] = periodic
+    warnings = [r["warning"] for r in records if "warning" in r]
+    if warnings:
+        summary["warnings"] = warnings
     if dist_info.is_main:
         write_json_atomic(output_dir / "summary.json", summary)
         plot_curves(records, output_dir / "curves.png")

@@ -14,6 +14,7 @@ CURVE_PANELS = (
     ("p_target", "p(target)"),
     ("entropy", "entropy of p (nats)"),
     ("no_match_frac", "OTR: positions with no matching sample"),
+    ("unreachable_frac", "OTR: positions with q(target) < 1e-3"),
 )
 
 

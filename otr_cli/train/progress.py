@@ -16,6 +16,8 @@ def format_record(record: dict[str, Any]) -> str:
     parts = [f"loss {record['loss']:.4f}", f"ce {record.get('ce', float('nan')):.4f}"]
     if "match_rate" in record:
         parts.append(f"match {record['match_rate']:.3f}")
+    if "unreachable_frac" in record:
+        parts.append(f"unreachable {100 * record['unreachable_frac']:.1f}%")
     if "val_ce" in record:
         parts.append(f"val_ce {record['val_ce']:.4f}")
     parts.append(f"{record.get('tokens_per_s', 0):.0f} tok/s")
@@ -67,7 +69,8 @@ def print_summary(records: list[dict[str, Any]], summary: dict[str, Any]) -> Non
     table.add_column("metric")
     table.add_column("first step", justify="right")
     table.add_column("last step", justify="right")
-    for key in ("loss", "ce", "p_target", "entropy", "match_rate", "no_match_frac", "reward_mean", "tokens_per_s"):
+    for key in ("loss", "ce", "p_target", "entropy", "match_rate", "no_match_frac", "unreachable_frac", "reward_mean",
+                "tokens_per_s"):
         values = [r[key] for r in steps if key in r and r[key] is not None]
         if values:
             table.add_row(key, f"{values[0]:.4g}", f"{values[-1]:.4g}")
@@ -76,6 +79,9 @@ def print_summary(records: list[dict[str, Any]], summary: dict[str, Any]) -> Non
         # Validated only at the end: there is no first-step value to show.
         table.add_row("val_ce", f"{val[0]:.4g}" if len(val) > 1 else "-", f"{val[-1]:.4g}")
     console.print(table)
+    for warning in summary.get("warnings", []):
+        # Repeated here: the run may have logged it hundreds of lines ago.
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     if summary.get("eval"):
         console.print(eval_table(summary["eval"]))
         for line in describe_evals(summary["eval"]):
