@@ -136,10 +136,10 @@ class LossConfig:
     phases: List[PhaseConfig] = field(default_factory=list)
     # Warn once when, for weak_signal_steps optimizer steps in a row, the OTR match rate stays under
     # weak_signal_threshold, or the fraction of targets with rollout probability < 1e-3 stays over
-    # unreachable_threshold (1.0: off). See docs/loss.md, "When OTR has signal".
+    # unreachable_threshold (1.0: off). See docs/loss.md, "When OTR learns".
     weak_signal_threshold: float = 0.01
     weak_signal_steps: int = 20
-    unreachable_threshold: float = 0.05
+    unreachable_threshold: float = 0.04
 
 
 @dataclass

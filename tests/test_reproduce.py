@@ -190,26 +190,24 @@ def test_verdict_says_who_won_and_by_how_much():
     assert mean == pytest.approx(0.3) and high - mean == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
 
 
-def test_report_signal_table_counts_unreachable_targets_and_which_rule_warned():
-    def result(method, seed, fractions, warnings=()):
-        curves = [{"step": s, "objective": "otr", "match_rate": 0.8} for s in range(1, len(fractions) + 1)]
+def test_report_signal_table_replays_the_warning_on_the_recorded_curves():
+    def result(method, seed, fractions):
+        curves = [{"step": s, "objective": "otr", "match_rate": 0.8, "ce": 1.0} for s in range(1, len(fractions) + 1)]
         for curve, fraction in zip(curves, fractions):
             if fraction is not None:
                 curve["unreachable_frac"] = fraction
         return {"study": "A", "method": method, "seed": seed, "ablation": None, "eval": {},
-                "train": {"warnings": list(warnings), "curves": curves}}
+                "train": {"warnings": [], "curves": curves}}
 
-    unreachable_warning = "weak OTR signal: 8.0% of target tokens have rollout probability q(target) < 0.001 ..."
-    results = [result("otr", 1, [0.06] * 24, [unreachable_warning]), result("otr", 2, [0.02] * 24),
+    results = [result("otr", 1, [0.09] * 24), result("otr", 2, [0.01] * 24),
                result("warmup_otr", 1, [0.0] * 12), result("otr_exact", 1, [None] * 24)]
     rows = {row["method"]: row for row in analysis.signal_rows(results, "A")}
-    assert rows["otr"]["unreachable_frac"] == pytest.approx(0.04) and rows["otr"]["fired"] == 1
+    assert rows["otr"]["unreachable_frac"] == pytest.approx(0.05) and rows["otr"]["warned_at"] == [20]
     assert rows["otr"]["by_unreachable"] == 1 and rows["otr_exact"]["unreachable_frac"] is None
-    lines = reproduce_report._weak_signal(results, "A")
-    table = "\n".join(lines)
-    assert "| OTR | 2 | 24 | 80.0% | 4.0% | 1 of 2 (1 by unreachable targets) |" in table
-    assert "| SFT warm-up, then OTR | 1 | 12 | 80.0% | 0.0% | 0 of 1 (too few OTR steps to fire) |" in table
-    assert "| OTR-exact | 1 | 24 | 80.0% | not recorded | 0 of 1 |" in table
+    table = "\n".join(reproduce_report._weak_signal(results, "A"))
+    assert "| OTR | 2 | 24 | 80.0% | 5.0% | 1 of 2 runs, at step 20 (unreachable targets) |" in table
+    assert "| SFT warm-up, then OTR | 1 | 12 | 80.0% | 0.0% | 0 of 1 runs (too few OTR steps to judge) |" in table
+    assert "| OTR-exact | 1 | 24 | 80.0% | not recorded | 0 of 1 runs |" in table
     assert "1 of these runs were recorded before otr measured unreachable targets" in table
 
 

@@ -148,10 +148,12 @@ def step_costs(results: list[dict], study: str) -> list[dict[str, Any]]:
 def signal_rows(results: list[dict], study: str) -> list[dict[str, Any]]:
     """One row per method that ran OTR steps: how much on-policy signal its OTR steps had.
 
-    Each row: method, runs, otr_steps (per run, the most of any run), match_rate and unreachable_frac
-    (means over every OTR step of every run; unreachable_frac None when no run recorded it),
-    fired (runs whose weak-OTR-signal warning fired), by_unreachable (of those, by the
+    Each row: method, label, runs, otr_steps (per run, the most of any run), match_rate and
+    unreachable_frac (means over every OTR step of every run; unreachable_frac None when no run
+    recorded it), warned_at (per run that warns: the step), by_unreachable (how many of those by the
     unreachable-targets rule), unmeasured (runs recorded before otr measured unreachable_frac).
+    The warnings are replayed from the recorded curves with today's default settings, so a report
+    regenerated after the defaults change says what a user would see now.
     """
     rows = []
     for method in METHODS:
@@ -161,16 +163,28 @@ def signal_rows(results: list[dict], study: str) -> list[dict[str, Any]]:
             continue
         steps = [c for curve in curves for c in curve]
         unreachable = [c["unreachable_frac"] for c in steps if c.get("unreachable_frac") is not None]
-        warnings = [r["train"]["warnings"] for r in runs]
+        warnings = [w for w in (replay_warning(r["train"]["curves"]) for r in runs) if w]
         rows.append({
             "method": method, "label": label(method), "runs": len(runs), "otr_steps": max(len(c) for c in curves),
             "match_rate": sum(c["match_rate"] for c in steps) / len(steps),
             "unreachable_frac": sum(unreachable) / len(unreachable) if unreachable else None,
-            "fired": sum(1 for w in warnings if w),
-            "by_unreachable": sum(1 for w in warnings if any("rollout probability" in text for text in w)),
+            "warned_at": [step for step, _ in warnings],
+            "by_unreachable": sum(1 for _, text in warnings if "rollout probability" in text),
             "unmeasured": sum(1 for curve in curves if curve and "unreachable_frac" not in curve[0]),
         })
     return rows
+
+
+def replay_warning(curves: list[dict[str, Any]]) -> Optional[tuple[int, str]]:
+    """(step, text) of the weak-OTR-signal warning a run with these curves gets at the default settings."""
+    from otr_cli.train.signals import WeakSignalMonitor
+
+    monitor = WeakSignalMonitor()  # its defaults are loss.weak_signal_* and loss.unreachable_threshold's
+    for record in curves:
+        text = monitor.observe(record)
+        if text:
+            return record["step"], text
+    return None
 
 
 def ablation_rows(results: list[dict]) -> list[dict[str, Any]]:

@@ -178,22 +178,27 @@ def _weak_signal(results: list[dict], study: str) -> list[str]:
              f"Means over every OTR step of every run. The weak-OTR-signal warning fires when, averaged over "
              f"the last {defaults.weak_signal_steps} OTR steps, the match rate is under "
              f"{100 * defaults.weak_signal_threshold:g}% or more than {100 * defaults.unreachable_threshold:g}% of the "
-             "targets have rollout probability under 0.001 (\"unreachable\"; docs/loss.md).", "",
-             "| method | runs | OTR steps per run | match rate | unreachable targets | warning fired |",
+             "targets have rollout probability under 0.001 (\"unreachable\"; docs/loss.md); the last column replays "
+             "it on each run's recorded curve with those default settings.", "",
+             "| method | runs | OTR steps per run | match rate | unreachable targets | warning |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         unreachable = "not recorded" if row["unreachable_frac"] is None else f"{100 * row['unreachable_frac']:.1f}%"
-        fired = f"{row['fired']} of {row['runs']}"
-        if row["fired"]:
-            fired += f" ({row['by_unreachable']} by unreachable targets)"
-        if row["otr_steps"] < defaults.weak_signal_steps:
-            fired += " (too few OTR steps to fire)"
+        warned = row["warned_at"]
+        if warned:
+            rule = "unreachable targets" if row["by_unreachable"] == len(warned) else (
+                "match rate" if not row["by_unreachable"] else f"{row['by_unreachable']} by unreachable targets")
+            warning = f"{len(warned)} of {row['runs']} runs, at step {', '.join(map(str, warned))} ({rule})"
+        else:
+            warning = f"0 of {row['runs']} runs"
+            if row["otr_steps"] < defaults.weak_signal_steps:
+                warning += " (too few OTR steps to judge)"
         lines.append(f"| {row['label']} | {row['runs']} | {row['otr_steps']} | {100 * row['match_rate']:.1f}% "
-                     f"| {unreachable} | {fired} |")
+                     f"| {unreachable} | {warning} |")
     unmeasured = sum(row["unmeasured"] for row in rows)
     if unmeasured:
         lines += ["", f"{unmeasured} of these runs were recorded before otr measured unreachable targets; only the "
-                  "match-rate rule could fire in them."]
+                  "match-rate rule can judge them."]
     return lines + [""]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from otr_cli.losses.objectives import UNREACHABLE_Q
 
 REMEDIES = ("Try an SFT warm-up (loss.sft_warmup_steps=N), a lower loss.temperature, loss.beta=0 or "
-            "loss.baseline=mean, or loss.sft_weight>0 (docs/loss.md, 'When OTR has signal').")
+            "loss.baseline=mean, or loss.sft_weight>0 (docs/loss.md, 'When OTR learns').")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class WeakSignalMonitor:
 
     threshold: float = 0.01
     patience: int = 20
-    unreachable_threshold: float = 0.05
+    unreachable_threshold: float = 0.04
     window: list[dict[str, Any]] = field(default_factory=list)
     warned: bool = False
 
