@@ -45,7 +45,7 @@ def test_unreachable_targets_warning_fires_once_when_many_targets_stay_below_one
     assert [i for i, m in enumerate(messages) if m] == [9]
     assert "8.0% of target tokens have rollout probability q(target) < 0.001" in messages[9]
     assert "match rate is 85%" in messages[9] and "from 1.300 to 1.800 nats" in messages[9]
-    assert "loss.sft_warmup_steps" in messages[9]
+    assert "loss.sft_warmup_steps" in messages[9] and monitor.fired_rule == "unreachable"
 
 
 def test_unreachable_rule_judges_the_mean_over_the_window_not_single_steps():
@@ -66,7 +66,7 @@ def test_unreachable_rule_off_at_threshold_one_and_one_warning_per_run():
     # A random model trips both rules at once: the user hears it once, as the match-rate warning.
     both = WeakSignalMonitor(patience=2)
     messages = [m for m in (both.observe(otr_step(s, 0.0, unreachable_frac=1.0)) for s in range(1, 10)) if m]
-    assert len(messages) == 1 and "match rate 0.00%" in messages[0]
+    assert len(messages) == 1 and "match rate 0.00%" in messages[0] and both.fired_rule == "match_rate"
 
 
 def test_a_run_without_signal_warns_once_in_the_log_and_metrics_and_again_in_the_summary(tiny_model_dir, tmp_path):

@@ -169,21 +169,21 @@ def signal_rows(results: list[dict], study: str) -> list[dict[str, Any]]:
             "match_rate": sum(c["match_rate"] for c in steps) / len(steps),
             "unreachable_frac": sum(unreachable) / len(unreachable) if unreachable else None,
             "warned_at": [step for step, _ in warnings],
-            "by_unreachable": sum(1 for _, text in warnings if "rollout probability" in text),
+            "by_unreachable": sum(1 for _, rule in warnings if rule == "unreachable"),
             "unmeasured": sum(1 for curve in curves if curve and "unreachable_frac" not in curve[0]),
         })
     return rows
 
 
 def replay_warning(curves: list[dict[str, Any]]) -> Optional[tuple[int, str]]:
-    """(step, text) of the weak-OTR-signal warning a run with these curves gets at the default settings."""
+    """(step, rule) of the weak-OTR-signal warning a run with these curves gets at the default settings;
+    rule is "match_rate" or "unreachable"."""
     from otr_cli.train.signals import WeakSignalMonitor
 
     monitor = WeakSignalMonitor()  # its defaults are loss.weak_signal_* and loss.unreachable_threshold's
     for record in curves:
-        text = monitor.observe(record)
-        if text:
-            return record["step"], text
+        if monitor.observe(record):
+            return record["step"], monitor.fired_rule
     return None
 
 

@@ -40,7 +40,8 @@ class WeakSignalMonitor:
     patience: int = 20
     unreachable_threshold: float = 0.04
     window: list[dict[str, Any]] = field(default_factory=list)
-    warned: bool = False
+    # Which rule fired: None until the warning, then "match_rate" or "unreachable".
+    fired_rule: Optional[str] = None
 
     def observe(self, record: dict[str, Any]) -> Optional[str]:
         """Feed one step's record; returns the warning text the first time either rule fires."""
@@ -48,14 +49,14 @@ class WeakSignalMonitor:
             self.window.clear()
             return None
         self.window = (self.window + [record])[-self.patience:]
-        if self.warned or len(self.window) < self.patience:
+        if self.fired_rule or len(self.window) < self.patience:
             return None
         if _mean(self.window, "match_rate") < self.threshold:
-            self.warned = True
+            self.fired_rule = "match_rate"
             return self._low_match_message(record)
         if all("unreachable_frac" in r for r in self.window) and \
                 _mean(self.window, "unreachable_frac") > self.unreachable_threshold:
-            self.warned = True
+            self.fired_rule = "unreachable"
             return self._unreachable_message(record)
         return None
 
