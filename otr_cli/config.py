@@ -134,8 +134,8 @@ class LossConfig:
     # General schedule: [{objective: sft, steps: 16}, {objective: otr, steps: -1}]; replaces
     # sft_warmup_steps. A phase may override k, temperature, beta, baseline and sft_weight.
     phases: List[PhaseConfig] = field(default_factory=list)
-    # Warn once when, for weak_signal_steps optimizer steps in a row, the OTR match rate stays under
-    # weak_signal_threshold, or the fraction of targets with rollout probability < 1e-3 stays over
+    # Warn once when, averaged over the last weak_signal_steps OTR steps, the match rate is under
+    # weak_signal_threshold or the fraction of targets with rollout probability < 1e-3 is over
     # unreachable_threshold (1.0: off). See docs/loss.md, "When OTR learns".
     weak_signal_threshold: float = 0.01
     weak_signal_steps: int = 20

@@ -15,8 +15,10 @@ from __future__ import annotations
 import statistics
 from typing import Any, Optional
 
+from otr_cli.config import LossConfig
 from otr_cli.eval.stats import mcnemar_exact, paired_bootstrap_ci, wilson_interval
 from otr_cli.study.methods import ABLATION_GRID, METHODS, OTR_DEFAULTS
+from otr_cli.train.signals import WeakSignalMonitor
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1); 1.96 beyond 30.
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -178,9 +180,7 @@ def signal_rows(results: list[dict], study: str) -> list[dict[str, Any]]:
 def replay_warning(curves: list[dict[str, Any]]) -> Optional[tuple[int, str]]:
     """(step, rule) of the weak-OTR-signal warning a run with these curves gets at the default settings;
     rule is "match_rate" or "unreachable"."""
-    from otr_cli.train.signals import WeakSignalMonitor
-
-    monitor = WeakSignalMonitor()  # its defaults are loss.weak_signal_* and loss.unreachable_threshold's
+    monitor = WeakSignalMonitor.from_config(LossConfig())
     for record in curves:
         if monitor.observe(record):
             return record["step"], monitor.fired_rule

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from otr_cli.config import LossConfig
 from otr_cli.eval.atomic import write_text_atomic
+from otr_cli.losses.objectives import UNREACHABLE_Q
 from otr_cli.study import analysis
 from otr_cli.study.figures import plot_accuracy, plot_curves
 from otr_cli.study.methods import METHODS, OTR_DEFAULTS
@@ -178,8 +179,8 @@ def _weak_signal(results: list[dict], study: str) -> list[str]:
              f"Means over every OTR step of every run. The weak-OTR-signal warning fires when, averaged over "
              f"the last {defaults.weak_signal_steps} OTR steps, the match rate is under "
              f"{100 * defaults.weak_signal_threshold:g}% or more than {100 * defaults.unreachable_threshold:g}% of the "
-             "targets have rollout probability under 0.001 (\"unreachable\"; docs/loss.md); the last column replays "
-             "it on each run's recorded curve with those default settings.", "",
+             f"targets have rollout probability under {UNREACHABLE_Q:g} (\"unreachable\"; docs/loss.md); the last "
+             "column replays it on each run's recorded curve with those default settings.", "",
              "| method | runs | OTR steps per run | match rate | unreachable targets | warning |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:

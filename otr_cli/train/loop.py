@@ -272,9 +272,7 @@ class Trainer:
         cfg = self.cfg
         self.engine.train()
         progress = TrainProgress(self.total_steps, self.step, enabled=self.dist.is_main and cfg.trainer.progress)
-        signal_monitor = WeakSignalMonitor(threshold=cfg.loss.weak_signal_threshold,
-                                           patience=cfg.loss.weak_signal_steps,
-                                           unreachable_threshold=cfg.loss.unreachable_threshold)
+        signal_monitor = WeakSignalMonitor.from_config(cfg.loss)
         with progress:
             while self.step < self.total_steps:
                 started = time.perf_counter()

@@ -43,6 +43,12 @@ class WeakSignalMonitor:
     # Which rule fired: None until the warning, then "match_rate" or "unreachable".
     fired_rule: Optional[str] = None
 
+    @classmethod
+    def from_config(cls, loss: Any) -> "WeakSignalMonitor":
+        """The monitor a run with this ``LossConfig`` uses (loss.weak_signal_* and loss.unreachable_threshold)."""
+        return cls(threshold=loss.weak_signal_threshold, patience=loss.weak_signal_steps,
+                   unreachable_threshold=loss.unreachable_threshold)
+
     def observe(self, record: dict[str, Any]) -> Optional[str]:
         """Feed one step's record; returns the warning text the first time either rule fires."""
         if record.get("objective") not in ("otr", "otr_exact") or "match_rate" not in record:
