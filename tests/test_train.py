@@ -166,16 +166,48 @@ def test_kill_9_and_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_mod
                 assert left[key] == pytest.approx(right[key], rel=1e-6, abs=1e-9), (left["step"], key)
 
 
+# ZeRO stages compute the same model in other buffers (flattened, partitioned, gathered), so float32
+# sums may round differently in their last bits: ~1e-7 relative per operation, a few 1e-7 for a loss
+# averaged over ~200 tokens. Adam's first steps are nearly lr * sign(g), so rounding can flip the update
+# of a weight whose gradient is itself at rounding level; such a weight moves by 2 * lr, but since its
+# gradient is ~0 the loss moves by second order only. rel 1e-5 therefore holds at every step for the
+# deterministic objectives, and the gradient norm (summed in another order per stage) at rel 1e-4.
+DETERMINISTIC_TOLERANCE = dict(loss=1e-5, ce=1e-5, grad_norm=1e-4)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stages_match_zero0_losses_and_export_a_loadable_model(tiny_model_dir, tmp_path, stage):
+@pytest.mark.parametrize("objective", ["sft", "otr_exact"])
+def test_zero_stages_compute_the_same_model_as_zero0(tiny_model_dir, tmp_path, stage, objective):
+    common = [f"loss={objective}", "loss.temperature=1.3", "loss.beta=-0.1"]
+    reference = [r for r in train(tiny_model_dir, tmp_path / "zero0", *common) if "loss" in r]
+    zero = [r for r in train(tiny_model_dir, tmp_path / f"zero{stage}", *common, f"deepspeed=zero{stage}")
+            if "loss" in r]
+    assert [r["step"] for r in zero] == [r["step"] for r in reference] == [1, 2, 3]
+    for left, right in zip(reference, zero):
+        for key, rel in DETERMINISTIC_TOLERANCE.items():
+            assert right[key] == pytest.approx(left[key], rel=rel), (left["step"], key)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_draw_the_same_otr_rollouts_on_the_first_step_and_export_a_loadable_model(
+        tiny_model_dir, tmp_path, stage):
+    # Only the first step is comparable: there the parameters are equal and the draws are the same up
+    # to float rounding. Later steps start from parameters that differ in their last bits (see above);
+    # a single rollout whose uniform lands on the other side of a token boundary then moves the Monte
+    # Carlo loss by far more than rounding: 2e-4 relative at step 3 with MKL's AVX2 kernels (measured),
+    # which is the Monte Carlo noise of this random model's near-uniform policy. On the first step the
+    # same draws agree to ~1e-7; one flipped non-target draw moves the loss by about
+    # |beta| * |delta log p| / (K * tokens) ~ 1e-5 relative, a flipped target draw by ~1e-2 (the match
+    # rate would show it). rel 1e-4 admits a few flips, not a different set of draws.
     from transformers import AutoModelForCausalLM
 
-    reference = train(tiny_model_dir, tmp_path / "zero0", "loss=otr", "loss.k=8")
-    zero = train(tiny_model_dir, tmp_path / f"zero{stage}", "loss=otr", "loss.k=8", f"deepspeed=zero{stage}")
-    for left, right in zip(reference, zero):
-        if "loss" in left:
-            assert left["loss"] == pytest.approx(right["loss"], rel=1e-4, abs=1e-6)
-            assert right["grad_norm"] == pytest.approx(left["grad_norm"], rel=1e-3)
+    common = ["loss=otr", "loss.k=8", "trainer.max_steps=1"]
+    [reference] = [r for r in train(tiny_model_dir, tmp_path / "zero0", *common) if "loss" in r]
+    [zero] = [r for r in train(tiny_model_dir, tmp_path / f"zero{stage}", *common, f"deepspeed=zero{stage}")
+              if "loss" in r]
+    assert zero["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    assert zero["ce"] == pytest.approx(reference["ce"], rel=1e-5)
+    assert zero["match_rate"] == pytest.approx(reference["match_rate"], abs=1e-9)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / f"zero{stage}" / "final")
     assert model.get_output_embeddings().weight.abs().sum() > 0
 

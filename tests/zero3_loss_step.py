@@ -23,15 +23,16 @@ from torch import nn
 GLOBAL_BATCH, SEQ_LEN, VOCAB = 4, 16, 1000
 PROMPT_LEN = 5  # first positions of every sequence are not supervised
 GROUP_SEEDS = (1000, 1001)
-LOSS_OPTIONS = dict(objective="otr", k=8, temperature=1.3, beta=-0.1, baseline="none")
+LOSS_OPTIONS = dict(k=8, temperature=1.3, beta=-0.1, baseline="none")
 
 
 class FusedLossLlama(nn.Module):
     """Runs the decoder, then the fused loss on lm_head.weight (tied to the embeddings)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, objective: str):
         super().__init__()
         self.lm = lm
+        self.objective = objective
 
     def forward(self, input_ids, targets, group_bounds, group_seeds, token_weight, loss_scale):
         from otr_cli.losses import fused_token_loss
@@ -42,7 +43,7 @@ class FusedLossLlama(nn.Module):
             rows = hidden[start:stop].reshape(-1, hidden.shape[-1])
             labels = targets[start:stop].reshape(-1)
             loss, _ = fused_token_loss(
-                rows, self.lm.lm_head.weight, labels, **LOSS_OPTIONS, reduction="sum",
+                rows, self.lm.lm_head.weight, labels, objective=self.objective, **LOSS_OPTIONS, reduction="sum",
                 weights=torch.full(labels.shape, token_weight), generator=torch.Generator().manual_seed(seed),
             )
             total = total + loss
@@ -72,6 +73,7 @@ def tiny_llama() -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", type=int, choices=(0, 3), required=True)
+    parser.add_argument("--objective", choices=("otr", "otr_exact"), default="otr")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -97,7 +99,7 @@ def main() -> None:
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0, "torch_adam": True}},
         "zero_optimization": {"stage": args.stage},
     }
-    model = FusedLossLlama(tiny_llama())
+    model = FusedLossLlama(tiny_llama(), args.objective)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     loss = engine(input_ids[mine], targets[mine], group_bounds, group_seeds, token_weight, float(world))
     engine.backward(loss)
