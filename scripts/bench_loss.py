@@ -230,7 +230,6 @@ def describe_machine(device):
 def benchmark(shapes, cases, rounds, device, quiet_wait_s, log):
     results = []
     for n, h, v, label in shapes:
-        shape = (n, h, v)
         log(f"shape N={n} H={h} V={v} ({label}): timing {len(cases)} cases x {rounds} rounds")
         timing = run_worker(["--worker", "time", "--shape", f"{n},{h},{v}", "--cases", ",".join(cases),
                              "--rounds", str(rounds), "--device", device, "--quiet-wait", str(quiet_wait_s)],

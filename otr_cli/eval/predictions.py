@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from otr_cli.eval.atomic import write_jsonl_atomic
+from otr_cli.atomic import write_jsonl_atomic
 from otr_cli.eval.choice_grader import gold_letter, grade_choice
 from otr_cli.eval.code_grader import extract_code, grade_code_many
 from otr_cli.eval.math_grader import grade_math

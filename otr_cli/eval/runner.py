@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from otr_cli.config import DataConfig, EvalConfig, ModelConfig
-from otr_cli.eval.atomic import write_json_atomic, write_jsonl_atomic
+from otr_cli.atomic import write_json_atomic, write_jsonl_atomic
 from otr_cli.eval.benchmarks import (BENCHMARK_NAMES, BenchmarkError, Problem, few_shot_examples, load_benchmark,
                                      prompt_style)
 from otr_cli.eval.choice_grader import grade_choice

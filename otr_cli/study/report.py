@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from otr_cli.config import LossConfig
-from otr_cli.eval.atomic import write_text_atomic
+from otr_cli.atomic import write_text_atomic
 from otr_cli.losses.objectives import UNREACHABLE_Q
 from otr_cli.study import analysis
 from otr_cli.study.figures import plot_accuracy, plot_curves

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from otr_cli.eval.atomic import write_json_atomic
+from otr_cli.atomic import write_json_atomic
 from otr_cli.eval.compare import load_run
 from otr_cli.study.methods import StudyError
 from otr_cli.study.plan import Run

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from otr_cli.eval.atomic import write_json_atomic
+from otr_cli.atomic import write_json_atomic
 from otr_cli.eval.compare import CompareError
 from otr_cli.study.methods import StudyError
 from otr_cli.study.plan import REPO, Run, display_path

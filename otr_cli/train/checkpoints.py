@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from otr_cli.atomic import fsync_directory, write_json_atomic
 from otr_cli.train.distributed import DistInfo, barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -32,12 +33,6 @@ class CheckpointError(RuntimeError):
 
 class RunExistsError(RuntimeError):
     """The output directory holds a run that must not be overwritten silently."""
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 class RunDirectory:
@@ -119,6 +114,7 @@ class RunDirectory:
                 # Same step saved again (e.g. the end of training right after a periodic save).
                 shutil.rmtree(final_dir)
             os.replace(tmp_dir, final_dir)
+            fsync_directory(self.checkpoints)
             self._prune(limit, keep=final_dir)
         barrier()
         return final_dir
@@ -143,6 +139,7 @@ class RunDirectory:
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(tmp, self.final)
+        fsync_directory(self.root)
         barrier()
 
 

@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Iterator, Optional
 
+from otr_cli.atomic import write_json_atomic
 from otr_cli.train.checkpoints import RunExistsError
 
 log = logging.getLogger("otr.faults")
@@ -42,9 +43,7 @@ def record_failure(run_state: Path, rank: int, message: str) -> None:
             return
         if run_state.is_file() and json.loads(run_state.read_text()).get("status") in ("failed", "finished"):
             return
-        tmp = run_state.with_name(f".{run_state.name}.rank{rank}.tmp")
-        tmp.write_text(json.dumps({"status": "failed", "rank": rank, "error": message}, indent=2))
-        os.replace(tmp, run_state)
+        write_json_atomic(run_state, {"status": "failed", "rank": rank, "error": message})
     except (OSError, ValueError):
         pass  # reporting the failure must not hide it
 

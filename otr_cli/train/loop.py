@@ -21,8 +21,8 @@ from otr_cli.data import DataBundle, build_datasets, collate_batch
 from otr_cli.models import load_tokenizer
 from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights
-from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume,
-                                      write_json_atomic)
+from otr_cli.atomic import write_json_atomic, write_text_atomic
+from otr_cli.train.checkpoints import DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import Engine, build_engine, export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
@@ -354,7 +354,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     check_output_dir(run_dir, cfg)
     run_dir.prepare(overwrite=cfg.trainer.overwrite)
     if dist_info.is_main:
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,

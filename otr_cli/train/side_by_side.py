@@ -101,7 +101,7 @@ class PrintSideBySide(Callback):
             return
         result, final_runs = side_by_side(run_dirs)
         print_side_by_side(result)
-        from otr_cli.eval.atomic import write_json_atomic
+        from otr_cli.atomic import write_json_atomic
 
         write_json_atomic(sweep_dir / "side_by_side.json", result)
         if result["paired"]:
