@@ -24,8 +24,7 @@ commands:
 Recipes live in {recipes}; `otr train --help` lists every config group and option.
 """
 
-# Errors caused by the user's input: shown as one clear message, no traceback.
-USER_ERROR_EXIT = 2
+from otr_cli.errors import USER_ERROR_EXIT, UserError, fail  # noqa: F401 - re-exported for the rooms still importing them here
 
 
 def recipes_dir() -> Path:
@@ -35,22 +34,6 @@ def recipes_dir() -> Path:
         if (candidate / "train.yaml").is_file():
             return candidate
     raise FileNotFoundError(f"otr's recipes/ directory was not found next to {package_dir}")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from otr_cli.config import ConfigError
-    from otr_cli.data import DataError
-    from otr_cli.models import ModelSourceError
-    from otr_cli.train.checkpoints import CheckpointError, RunExistsError
-
-    return (ConfigError, DataError, ModelSourceError, CheckpointError, RunExistsError)
-
-
-def fail(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False)
-    sys.exit(USER_ERROR_EXIT)
 
 
 def configure_logging() -> None:
@@ -86,7 +69,7 @@ def train_task(cfg) -> Optional[dict]:
             print_dry_run(typed, OmegaConf.to_yaml(cfg))
             return None
         return _train(typed)
-    except _user_errors() as err:
+    except UserError as err:
         if os.environ.get("SUBMITIT_EXECUTOR"):
             raise  # a sweep point on SLURM: Hydra hands the error back to the submitting `otr train -m`
         fail(str(err))
@@ -103,7 +86,7 @@ def _train(typed) -> dict:
     run_state = resolve_output_dir(typed) / "run_state.json"
     with preemption.watching():
         try:
-            with faults.stop_all_ranks_on_error(run_state, _user_errors()):
+            with faults.stop_all_ranks_on_error(run_state, (UserError,)):
                 return run_training(typed)
         except preemption.Preempted as stop:
             # Still inside watching(): requeuing makes SLURM send this job a SIGTERM, which must not kill it

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from otr_cli.errors import UserError
 from otr_cli.losses.objectives import BASELINES, OBJECTIVES
 
 REDUCTIONS = ("token", "sequence")
@@ -23,7 +24,7 @@ TRUNCATIONS = ("truncate", "drop")
 DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that is well-typed but not usable; the message names the key."""
 
 

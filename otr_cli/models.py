@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from otr_cli.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {
@@ -27,7 +29,7 @@ BUILTIN_MODELS = {
 }
 
 
-class ModelSourceError(FileNotFoundError):
+class ModelSourceError(UserError, FileNotFoundError):
     """A model or tokenizer source that cannot be found; the message says what to do."""
 
 

@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from otr_cli.errors import UserError
 from otr_cli.study.methods import ABLATION_METHODS, METHODS, StudyError, check_methods
 from otr_cli.study.plan import REPO, STUDIES, StudyOptions, build_plan, display_path, estimate_seconds
 from otr_cli.study.sizes import SIZE_NAMES, SIZES, format_duration, wall_seconds
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except StudyError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from otr_cli.config import ConfigError
 from otr_cli.eval.generation import GenerationSettings, cut_at_stop, generate_completions, generate_hf
 
 
@@ -61,5 +62,5 @@ def test_vllm_backend_without_vllm_installed_says_what_to_do(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_vllm)
     from otr_cli.eval.generation import generate_vllm
 
-    with pytest.raises(RuntimeError, match="eval.backend=vllm needs vLLM"):
+    with pytest.raises(ConfigError, match="eval.backend=vllm needs vLLM"):
         generate_vllm("some/model", ["hi"], GenerationSettings(backend="vllm"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from otr_cli.eval.sandbox import SandboxLimits, detect_isolation, run_program
+from otr_cli.eval.sandbox import IsolationError, SandboxLimits, detect_isolation, run_program
 
 FAST = SandboxLimits(timeout_s=5, cpu_s=5, memory_mb=512, output_bytes=100_000)
 
@@ -166,7 +166,7 @@ def test_isolation_is_described():
 
 
 def test_unknown_isolation_is_rejected():
-    with pytest.raises(ValueError, match="isolation"):
+    with pytest.raises(IsolationError, match="isolation"):
         detect_isolation("chroot")
 
 
@@ -176,7 +176,7 @@ def _available_isolations() -> list[str]:
         try:
             detect_isolation(name)
             available.append(name)
-        except RuntimeError:
+        except IsolationError:
             pass
     return available
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from otr_cli.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad data or data settings.
 
     Every message says where (``file:line`` for JSON lines, the file and record index, or the

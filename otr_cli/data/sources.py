@@ -68,34 +68,50 @@ class RecordSet:
         return f"{segment.label} record {local}"
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _decode(raw: bytes, path: Path, line: int, line_offset: int) -> str:
+    """UTF-8 text of `raw` (line `line`, starting at byte `line_offset` of the file), or a DataError saying where."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = raw[exc.start : exc.start + 1].hex()
+        raise DataError(f"{path}:{line}: not UTF-8 text: byte 0x{byte} at byte {line_offset + exc.start} of the file "
+                        f"(column {exc.start + 1} of the line); save the file as UTF-8 "
+                        f"(e.g. `iconv -f latin1 -t utf-8 {path.name}`)") from exc
+
+
+def _text_lines(path: Path):
+    """(line number from 1, decoded line) of a text file, gzipped or not; non-UTF-8 bytes are a DataError."""
+    offset = 0
+    with _open_binary(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            yield number, _decode(raw, path, number, offset)
+            offset += len(raw)
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     records: list[dict] = []
     line_numbers: list[int] = []
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline, say) are not records
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno}); "
-                                f"fix or remove that line") from exc
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
-            records.append(record)
-            line_numbers.append(number)
+    for number, line in _text_lines(path):
+        if not line.strip():
+            continue  # blank lines (a trailing newline, say) are not records
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno}); "
+                            f"fix or remove that line") from exc
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+        records.append(record)
+        line_numbers.append(number)
     return records, line_numbers
 
 
 def _read_json(path: Path) -> list[dict]:
-    with _open_text(path) as handle:
-        text = handle.read()
+    text = "".join(line for _, line in _text_lines(path))
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -55,12 +55,10 @@ def eval_task(cfg) -> Optional[dict]:
     """Body of `otr eval` (called by Hydra with the composed config)."""
     from omegaconf import OmegaConf
 
-    from otr_cli.cli import configure_logging, fail
+    from otr_cli.cli import configure_logging
     from otr_cli.config import ConfigError
-    from otr_cli.data import DataError
-    from otr_cli.eval.benchmarks import BenchmarkError
+    from otr_cli.errors import UserError, fail
     from otr_cli.eval.runner import evaluate_model
-    from otr_cli.models import ModelSourceError
 
     try:
         typed: EvalRunConfig = OmegaConf.to_object(cfg)
@@ -70,6 +68,6 @@ def eval_task(cfg) -> Optional[dict]:
         out = output_dir(typed) / "eval"
         return evaluate_model(typed.model.name_or_path, typed.eval, typed.data, out, model_cfg=typed.model,
                               print_table=True)
-    except (ConfigError, DataError, BenchmarkError, ModelSourceError, RuntimeError) as err:
+    except UserError as err:
         fail(str(err))
     return None

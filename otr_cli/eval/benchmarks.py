@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from otr_cli.config import DataConfig, EvalConfig
+from otr_cli.errors import UserError
 from otr_cli.eval.math_grader import gold_from_gsm8k
 
 GRADERS = ("math", "choice", "code")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A benchmark that cannot be loaded; the message names the benchmark, key or file."""
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 def grade_entry(args: list[str]) -> int:
     """`otr grade key=value ...`: user errors become one clear message and exit code 2."""
-    from otr_cli.cli import fail
-    from otr_cli.eval.predictions import GradeInputError, grade_command
+    from otr_cli.errors import UserError, fail
+    from otr_cli.eval.predictions import grade_command
 
     try:
         return grade_command(args)
-    except (GradeInputError, ValueError, RuntimeError) as err:
+    except UserError as err:
         fail(str(err))
-    return 2
 
 
 def eval_entry(args: list[str]) -> int:
@@ -21,11 +20,12 @@ def eval_entry(args: list[str]) -> int:
     from otr_cli.eval.app import CONFIG_NAME, eval_task, register_eval_schema, rewrite_model_override
 
     if args and args[0] == "compare":
-        from otr_cli.eval.compare import CompareError, compare_command
+        from otr_cli.errors import UserError
+        from otr_cli.eval.compare import compare_command
 
         try:
             return compare_command(args[1:])
-        except CompareError as err:
+        except UserError as err:
             fail(str(err))
     register_eval_schema()
     return _run_hydra(eval_task, CONFIG_NAME, "eval", rewrite_model_override(args, recipes_dir()))

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from otr_cli.atomic import write_json_atomic
+from otr_cli.errors import UserError
 from otr_cli.eval.stats import mcnemar_exact, paired_bootstrap_ci, wilson_interval
 
 COMPARE_USAGE = "usage: otr eval compare DIR_A DIR_B [DIR_C ...] [output=compare.png]"
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """Directories that cannot be compared; the message names the directory or file."""
 
 

@@ -7,6 +7,8 @@ from typing import Callable, Optional
 
 import torch
 
+from otr_cli.config import ConfigError
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -84,13 +86,13 @@ def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSetti
     try:
         from vllm import LLM, SamplingParams
     except ImportError as exc:
-        raise RuntimeError("eval.backend=vllm needs vLLM installed (`pip install otr-cli[vllm]`, GPU only); "
+        raise ConfigError("eval.backend=vllm needs vLLM installed (`pip install otr-cli[vllm]`, GPU only); "
                            "use eval.backend=hf") from exc
     from otr_cli.models import resolve_source
 
     source = resolve_source(model_path)  # the built-in name becomes its cached safetensors directory
     if source.gguf_file:
-        raise RuntimeError(f"eval.backend=vllm cannot load the GGUF {source.gguf_file}; give a safetensors model "
+        raise ConfigError(f"eval.backend=vllm cannot load the GGUF {source.gguf_file}; give a safetensors model "
                            f"directory or hub id, or use eval.backend=hf")
     llm = LLM(model=source.path, seed=settings.seed)
     params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from otr_cli.atomic import write_jsonl_atomic
+from otr_cli.errors import UserError
 from otr_cli.eval.choice_grader import gold_letter, grade_choice
 from otr_cli.eval.code_grader import extract_code, grade_code_many
 from otr_cli.eval.math_grader import grade_math
@@ -23,7 +24,7 @@ REQUIRED_FIELDS = {"math": ("completion", "gold"), "choice": ("completion", "gol
                    "code": ("prompt", "completion", "test", "entry_point")}
 
 
-class GradeInputError(ValueError):
+class GradeInputError(UserError, ValueError):
     """A predictions file that cannot be graded; the message names the file and line."""
 
 

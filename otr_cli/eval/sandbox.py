@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from otr_cli.errors import UserError
+
 log = logging.getLogger("otr.eval.sandbox")
 
 HARNESS = Path(__file__).with_name("sandbox_harness.py")
@@ -45,6 +47,10 @@ def sandbox_python_command() -> list[str]:
 ISOLATIONS = ("auto", "namespaces", "user_namespaces", "rlimits")
 # Mounted fresh inside the mount namespace, so files written there vanish with the run.
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+class IsolationError(UserError, RuntimeError):
+    """The requested sandbox isolation is unknown or not available on this machine."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ def _probe(prefix: tuple[str, ...]) -> Optional[bool]:
 def detect_isolation(requested: str = "auto") -> Isolation:
     """The strongest isolation this machine allows (or `requested`, failing if unavailable)."""
     if requested not in ISOLATIONS:
-        raise ValueError(f"sandbox isolation {requested!r} is not one of {', '.join(ISOLATIONS)}")
+        raise IsolationError(f"sandbox isolation {requested!r} is not one of {', '.join(ISOLATIONS)}")
     is_root = os.geteuid() == 0
     candidates = []
     if shutil.which("unshare") and shutil.which("setpriv") and shutil.which("findmnt"):
@@ -166,7 +172,7 @@ def detect_isolation(requested: str = "auto") -> Isolation:
         if read_only is not None:
             # Locked mounts (user namespaces) may refuse the read-only remount: say so, keep the rest.
             return dataclasses.replace(candidate, read_only_fs=read_only)
-    raise RuntimeError(f"sandbox isolation {requested!r} is not available on this machine "
+    raise IsolationError(f"sandbox isolation {requested!r} is not available on this machine "
                        f"(needs unshare{' as root' if requested == 'namespaces' else ''}); use 'auto'")
 
 

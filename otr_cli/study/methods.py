@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from otr_cli.errors import UserError
+
 # The paper's OTR settings (arXiv 2509.26313): the defaults the ablations vary one at a time.
 OTR_DEFAULTS = {"k": 256, "temperature": 1.3, "beta": -0.1}
 
@@ -68,7 +70,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 ABLATION_METHODS = tuple(name for name, m in METHODS.items() if m.objective == "otr")
 
 
-class StudyError(ValueError):
+class StudyError(UserError, ValueError):
     """Bad study options or an inconsistent cache; the message names the option or directory."""
 
 

@@ -37,8 +37,8 @@ def _announce_job_id(submitit_dir: Path) -> None:
 
 class CheckLauncher(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from otr_cli.cli import fail
         from otr_cli.config import ConfigError, validate_launcher
+        from otr_cli.errors import fail
 
         try:
             validate_launcher(OmegaConf.to_object(config.launcher))

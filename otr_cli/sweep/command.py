@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from otr_cli.sweep.summary import SweepError, SweepSummary, best_setting, format_value, summarize, write_csv
+from otr_cli.sweep.summary import SweepSummary, best_setting, format_value, summarize, write_csv
 
 USAGE = "otr sweep summary SWEEP_DIR [--metric NAME] [--mode max|min] [--out DIR]"
 
@@ -97,7 +97,7 @@ def summary_command(args: list[str]) -> int:
 
 def sweep_entry(args: list[str]) -> int:
     """`otr sweep SUBCOMMAND ...` (wired in otr_cli/cli.py); user errors exit 2 with one message."""
-    from otr_cli.cli import fail
+    from otr_cli.errors import UserError, fail
 
     if not args or args[0] in ("-h", "--help"):
         print(f"usage: {USAGE}")
@@ -106,6 +106,5 @@ def sweep_entry(args: list[str]) -> int:
         fail(f"unknown sweep command {args[0]!r}; usage: {USAGE}")
     try:
         return summary_command(args[1:])
-    except SweepError as err:
+    except UserError as err:
         fail(str(err))
-    return 2

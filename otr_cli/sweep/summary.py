@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import yaml
 
+from otr_cli.errors import UserError
+
 # Keys that differ between points by construction, not because they were swept.
 IGNORED_KEYS = ("run.output_dir",)
 # Metrics where lower is better; every other metric (benchmark scores) is better higher.
@@ -29,7 +31,7 @@ LOWER_IS_BETTER = ("loss", "ce", "val_ce")
 DEFAULT_METRICS = ("val_ce", "ce")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """The directory is not a sweep otr can summarise; the message says what was expected."""
 
 

@@ -21,17 +21,18 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from otr_cli.atomic import fsync_directory, write_json_atomic
+from otr_cli.errors import UserError
 from otr_cli.train.distributed import DistInfo, barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 DS_TAG = "ds"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
-class RunExistsError(RuntimeError):
+class RunExistsError(UserError, RuntimeError):
     """The output directory holds a run that must not be overwritten silently."""
 
 

@@ -1,0 +1,26 @@
+"""The one user-error type, and how every entry point reports it.
+
+An error the user can fix (a wrong key, a missing file, a malformed data line) derives from
+:class:`UserError`: entry points print its message as one red line and exit with code 2. Anything
+else is a bug or an environment failure (CUDA out of memory, a grader crash) and must reach the
+user as a real traceback with exit code 1, so entry points catch ``UserError`` and nothing wider.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message says what is wrong, where, and what to do."""
+
+
+def fail(message: str) -> NoReturn:
+    """Print `message` as one red line on stderr and exit with code 2."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    sys.exit(USER_ERROR_EXIT)
