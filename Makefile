@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.otr-installed
 
-.PHONY: install demo test test-fast bench lint clean study
+.PHONY: install demo test test-fast bench lint clean study wheel-check
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: install
 STUDY_SIZE ?= default
 study: install
 	$(BIN)/python scripts/reproduce.py --size $(STUDY_SIZE)
+
+# What `pip install .` users get: the wheel in a fresh venv with its dependencies from the registry,
+# run from outside the checkout (~3 min on 2 cores; `make test` checks the same offline, less the install).
+wheel-check:
+	PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" scripts/check_wheel.sh
 
 lint: install
 	$(BIN)/ruff check otr_cli tests scripts

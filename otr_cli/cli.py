@@ -21,19 +21,52 @@ commands:
   grade    grade completions from anywhere:  otr grade predictions=preds.jsonl grader=math|choice|code
   sweep    summarise a sweep's points:       otr sweep summary multirun/smollm2_demo/2025-01-01_12-00-00
 
-Recipes live in {recipes}; `otr train --help` lists every config group and option.
+{version}. `otr train --help` lists every config group and option;
+your own recipes: `otr train hydra.searchpath=[file:///path/to/my_recipes] recipe=mine` (docs/configuration.md).
 """
 
 from otr_cli.errors import USER_ERROR_EXIT, UserError, fail  # noqa: F401 - re-exported for the rooms still importing them here
 
+# The name pip knows otr by (pyproject.toml), for its version.
+DISTRIBUTION = "otr-cli"
+
+
+class RecipesNotFoundError(FileNotFoundError):
+    """The recipes tree is missing: an installation made without it (a wheel built before they were packaged)."""
+
 
 def recipes_dir() -> Path:
-    """The recipes tree: beside the package in a checkout/editable install, else packaged."""
+    """The recipes tree: packaged inside otr_cli/ (wheel, sdist, `pip install .`), else beside the package.
+
+    A checkout and an editable install have no otr_cli/recipes/ on disk (pyproject.toml maps the
+    top-level recipes/ into the package only when building), so they use the checkout's recipes/.
+    The packaged copy is looked for first so that no stray site-packages/recipes/ can hijack an install.
+    """
     package_dir = Path(__file__).resolve().parent
-    for candidate in (package_dir.parent / "recipes", package_dir / "recipes"):
+    candidates = (package_dir / "recipes", package_dir.parent / "recipes")
+    for candidate in candidates:
         if (candidate / "train.yaml").is_file():
             return candidate
-    raise FileNotFoundError(f"otr's recipes/ directory was not found next to {package_dir}")
+    raise RecipesNotFoundError(
+        f"otr's recipes were not found (no train.yaml in {' or '.join(map(str, candidates))}): this "
+        "installation of otr lacks its recipes. Reinstall it from a current checkout or wheel, e.g. "
+        "`pip install --force-reinstall .` in the checkout (a wheel of the same version built before "
+        "the recipes were packaged is otherwise kept).")
+
+
+def otr_version() -> str:
+    """The installed distribution's version (a checkout run without installing has none)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def version_line() -> str:
+    """`otr 0.1.0 (recipes: /path/to/recipes)`: which otr runs, and which recipes it composes from."""
+    return f"otr {otr_version()} (recipes: {recipes_dir()})"
 
 
 def configure_logging() -> None:
@@ -107,6 +140,7 @@ def print_dry_run(typed, resolved_yaml: str) -> None:
     console = Console()
     world_size = world_size_from_env()
     on_gpu = torch.cuda.is_available()
+    console.print(_sources_line(), highlight=False, soft_wrap=True)
     console.rule("resolved config")
     console.print(Syntax(resolved_yaml, "yaml", theme="ansi_dark"))
     console.rule(f"DeepSpeed config (world size {world_size}, {'GPU' if on_gpu else 'CPU'})")
@@ -120,6 +154,68 @@ def print_dry_run(typed, resolved_yaml: str) -> None:
     console.print("dry run: nothing was loaded or written.", highlight=False)
 
 
+def _sources_line() -> str:
+    """Which otr and which recipe directories composed this config (the user's come after otr's)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    line = version_line()
+    if HydraConfig.initialized() and HydraConfig.get().searchpath:
+        line += f", then hydra.searchpath: {', '.join(HydraConfig.get().searchpath)}"
+    return line
+
+
+def _register_resolvers() -> None:
+    """`${otr.version:}` and `${otr.recipes:}`, used by the `--help` headers in recipes/*.yaml."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("otr.version", otr_version, replace=True)
+    OmegaConf.register_new_resolver("otr.recipes", lambda: str(recipes_dir()), replace=True)
+
+
+def _override_value(override: str):
+    """The parsed value of one override; None when malformed (Hydra reports it, in its own words)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_override(override).value()
+    except OverrideParseException:
+        return None
+
+
+def _searchpath_dirs(overrides: list[str]) -> list[Path]:
+    """Local directories of a `hydra.searchpath=[...]` override (pkg:// entries are not files)."""
+    entries = []
+    for override in overrides:
+        if override.split("=", 1)[0] in ("hydra.searchpath", "+hydra.searchpath", "++hydra.searchpath"):
+            value = _override_value(override)
+            if isinstance(value, list):
+                entries += value
+    return [Path(str(entry).removeprefix("file://")) for entry in entries
+            if "://" not in str(entry) or str(entry).startswith("file://")]
+
+
+def warn_shadowed_user_configs(overrides: list[str]) -> list[Path]:
+    """Warn about user files in hydra.searchpath that Hydra ignores for otr's own file of the same name.
+
+    Hydra reads the primary config directory (otr's recipes) before hydra.searchpath, so a user's
+    recipe/smollm2_demo.yaml is silently never used: name it differently (docs/configuration.md).
+    """
+    from rich.console import Console
+
+    packaged, shadowed = recipes_dir(), []
+    for directory in _searchpath_dirs(overrides):
+        for user_file in sorted(directory.rglob("*.yaml")) if directory.is_dir() else ():
+            name = user_file.relative_to(directory)
+            if (packaged / name).is_file():
+                shadowed.append(user_file)
+                message = (f"{user_file} is not used: otr's own {name} has the same name and comes first in "
+                           "Hydra's search path. Give yours another name (docs/configuration.md, 'Your own recipes').")
+                Console(stderr=True).print(f"[bold yellow]warning:[/bold yellow] {message}", highlight=False,
+                                           soft_wrap=True)
+    return shadowed
+
+
 def _run_hydra(task: Callable, config_name: str, command: str, overrides: list[str]) -> int:
     import hydra
 
@@ -129,7 +225,9 @@ def _run_hydra(task: Callable, config_name: str, command: str, overrides: list[s
         check_override_keys(overrides, tuple(GROUP_SCHEMAS) + ("recipe",))
     except ConfigError as err:
         fail(str(err))
+    warn_shadowed_user_configs(overrides)
     register_configs()
+    _register_resolvers()
     main_fn = hydra.main(config_path=str(recipes_dir()), config_name=config_name, version_base="1.3")(task)
     saved_argv = sys.argv
     sys.argv = [f"otr {command}"] + overrides
@@ -176,8 +274,19 @@ def _take_local_rank_argument(argv: list[str]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = _take_local_rank_argument(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _dispatch(argv)
+    except RecipesNotFoundError as err:
+        fail(str(err))
+    return USER_ERROR_EXIT
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE.format(recipes=recipes_dir()))
+        print(USAGE.format(version=version_line()))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
         return 0
     command, overrides = argv[0], argv[1:]
     if command not in COMMANDS:
