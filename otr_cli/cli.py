@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from otr_cli.errors import UserError, fail
+
 USAGE = """usage: otr <command> [hydra overrides ...]
 
 commands:
@@ -25,13 +27,11 @@ commands:
 your own recipes: `otr train hydra.searchpath=[file:///path/to/my_recipes] recipe=mine` (docs/configuration.md).
 """
 
-from otr_cli.errors import USER_ERROR_EXIT, UserError, fail  # noqa: F401 - re-exported for the rooms still importing them here
-
 # The name pip knows otr by (pyproject.toml), for its version.
 DISTRIBUTION = "otr-cli"
 
 
-class RecipesNotFoundError(FileNotFoundError):
+class RecipesNotFoundError(UserError, FileNotFoundError):
     """The recipes tree is missing: an installation made without it (a wheel built before they were packaged)."""
 
 
@@ -278,7 +278,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _dispatch(argv)
     except RecipesNotFoundError as err:
         fail(str(err))
-    return USER_ERROR_EXIT
 
 
 def _dispatch(argv: list[str]) -> int:

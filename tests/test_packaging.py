@@ -96,7 +96,7 @@ def test_missing_recipes_are_a_clear_error_saying_what_to_do(monkeypatch, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "dry_run=true"])
     message = " ".join(capsys.readouterr().err.split())
-    assert exit_info.value.code == cli.USER_ERROR_EXIT
+    assert exit_info.value.code == 2
     assert f"no train.yaml in {tmp_path / 'otr_cli' / 'recipes'} or {tmp_path / 'recipes'}" in message
     assert "pip install --force-reinstall ." in message
 

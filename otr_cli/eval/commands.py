@@ -16,7 +16,8 @@ def grade_entry(args: list[str]) -> int:
 
 def eval_entry(args: list[str]) -> int:
     """`otr eval [overrides]` runs Hydra; `otr eval compare DIR_A DIR_B ...` compares finished evals."""
-    from otr_cli.cli import _run_hydra, fail, recipes_dir
+    from otr_cli.cli import _run_hydra, recipes_dir
+    from otr_cli.errors import fail
     from otr_cli.eval.app import CONFIG_NAME, eval_task, register_eval_schema, rewrite_model_override
 
     if args and args[0] == "compare":
