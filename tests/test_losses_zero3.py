@@ -30,20 +30,21 @@ def run_step(stage: int, processes: int, objective: str, out: Path) -> dict:
     return torch.load(out)
 
 
-def needs_deepspeed() -> None:
+def zero0_and_zero3_steps(objective: str, tmp_path: Path) -> tuple[dict, dict]:
+    """The same step as ZeRO-0 on one process and as ZeRO-3 on two."""
     if importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("torch.distributed.run") is None:
         pytest.skip("needs deepspeed and torchrun")
+    single = run_step(stage=0, processes=1, objective=objective, out=tmp_path / "zero0.pt")
+    sharded = run_step(stage=3, processes=2, objective=objective, out=tmp_path / "zero3.pt")
+    assert sharded["world"] == 2
+    return single, sharded
 
 
 @pytest.mark.slow
 def test_zero3_on_two_ranks_matches_zero0_on_one_for_an_otr_exact_training_step(tmp_path):
     # Deterministic objective, same kernel path as otr but for sampling: the step must agree to float32
     # rounding (two ranks run the body on half the batch each, so sums round differently).
-    needs_deepspeed()
-    single = run_step(stage=0, processes=1, objective="otr_exact", out=tmp_path / "zero0.pt")
-    sharded = run_step(stage=3, processes=2, objective="otr_exact", out=tmp_path / "zero3.pt")
-
-    assert sharded["world"] == 2
+    single, sharded = zero0_and_zero3_steps("otr_exact", tmp_path)
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
     assert single["params"].keys() == sharded["params"].keys()
     for name, grad in single["grads"].items():
@@ -63,11 +64,7 @@ def test_zero3_on_two_ranks_draws_the_same_otr_rollouts_as_zero0_on_one(tmp_path
     # norm and the loss by ~1e-5 relative; another set of draws (other seeds) moves every gradient by
     # 1.2-2.0x its norm and the loss by 8e-4. The bounds below admit a few flips and nothing more. The
     # parameters after the step are not compared: Adam's first step is lr * sign(g).
-    needs_deepspeed()
-    single = run_step(stage=0, processes=1, objective="otr", out=tmp_path / "zero0.pt")
-    sharded = run_step(stage=3, processes=2, objective="otr", out=tmp_path / "zero3.pt")
-
-    assert sharded["world"] == 2
+    single, sharded = zero0_and_zero3_steps("otr", tmp_path)
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-4)
     assert single["grads"].keys() == sharded["grads"].keys()
     for name, grad in single["grads"].items():
