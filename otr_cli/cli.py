@@ -211,9 +211,15 @@ def warn_shadowed_user_configs(overrides: list[str]) -> list[Path]:
                 shadowed.append(user_file)
                 message = (f"{user_file} is not used: otr's own {name} has the same name and comes first in "
                            "Hydra's search path. Give yours another name (docs/configuration.md, 'Your own recipes').")
-                Console(stderr=True).print(f"[bold yellow]warning:[/bold yellow] {message}", highlight=False,
-                                           soft_wrap=True)
+                if _launched_as_first_rank():  # one warning per job, not one per rank
+                    Console(stderr=True).print(f"[bold yellow]warning:[/bold yellow] {message}", highlight=False,
+                                               soft_wrap=True)
     return shadowed
+
+
+def _launched_as_first_rank() -> bool:
+    """Whether this process is rank 0 of its launch (torchrun/deepspeed set RANK, srun SLURM_PROCID)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def _run_hydra(task: Callable, config_name: str, command: str, overrides: list[str]) -> int:

@@ -159,6 +159,19 @@ def _run_installed(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.parametrize("rank_variable", ["RANK", "SLURM_PROCID"])
+def test_a_same_named_user_recipe_is_flagged_once_per_job_not_once_per_rank(tmp_path, monkeypatch, capsys,
+                                                                         rank_variable):
+    user = _user_recipes(tmp_path / "my_recipes")
+    overrides = [f"hydra.searchpath=[file://{user}]"]
+    monkeypatch.setenv(rank_variable, "1")
+    assert cli.warn_shadowed_user_configs(overrides) == [user / "recipe" / "smollm2_demo.yaml"]
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv(rank_variable, "0")
+    cli.warn_shadowed_user_configs(overrides)
+    assert capsys.readouterr().err.count("warning") == 1
+
+
 @pytest.mark.slow
 def test_an_installed_wheel_runs_from_any_directory_with_its_packaged_recipes(built_wheel, tmp_path):
     venv, elsewhere = _venv_with_the_wheel(built_wheel, tmp_path / "venv"), tmp_path / "elsewhere"
