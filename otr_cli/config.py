@@ -15,9 +15,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from otr_cli.errors import UserError
-from otr_cli.losses.objectives import BASELINES, OBJECTIVES
+from otr_cli.losses.objectives import LossOptionError, LossOptions, make_options
 
-REDUCTIONS = ("token", "sequence")
+# loss.reduction: every supervised token weighs the same, or every sequence (the paper's 1/T).
+LOSS_REDUCTIONS = ("token", "sequence")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRUNCATIONS = ("truncate", "drop")
@@ -318,19 +319,12 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_object(cfg)
     loss, optim, trainer, data, ds = cfg.loss, cfg.optim, cfg.trainer, cfg.data, cfg.deepspeed
-    _choice("loss.objective", loss.objective, OBJECTIVES)
-    _choice("loss.reduction", loss.reduction, REDUCTIONS)
-    _choice("loss.baseline", loss.baseline, BASELINES)
-    _choice("loss.implementation", loss.implementation, ("fused", "reference"))
-    _positive("loss.k", loss.k)
-    _positive("loss.temperature", loss.temperature)
-    if loss.beta >= 1.0:
-        raise ConfigError(f"loss.beta={loss.beta} must be < 1 (the target's reward is 1)")
-    if loss.chunk_size is not None:
-        _positive("loss.chunk_size", loss.chunk_size)
+    loss_options(loss)
+    _choice("loss.reduction", loss.reduction, LOSS_REDUCTIONS)
     _positive("loss.sft_warmup_steps", loss.sft_warmup_steps, strict=False)
-    _positive("loss.sft_weight", loss.sft_weight, strict=False)
     _validate_phases(loss)
+    if trainer.max_steps > 0:  # else the length comes from the data, and build_schedule checks it
+        check_phases_cover(loss, trainer.max_steps)
     if not 0.0 <= loss.weak_signal_threshold < 1.0:
         raise ConfigError(f"loss.weak_signal_threshold={loss.weak_signal_threshold} must be in [0, 1)")
     _positive("loss.weak_signal_steps", loss.weak_signal_steps)
@@ -370,29 +364,59 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     return cfg
 
 
+def check_phases_cover(loss: LossConfig, total_steps: int) -> None:
+    """A schedule whose phases all have a length must cover the run's `total_steps` optimizer steps."""
+    if not loss.phases or loss.phases[-1].steps == -1:
+        return
+    covered = sum(phase.steps for phase in loss.phases)
+    if covered < total_steps:
+        raise ConfigError(f"loss.phases cover {covered} optimizer steps but the run has {total_steps}; "
+                          f"give the last phase steps: -1 (until the end) or lower trainer.max_steps")
+
+
 def _validate_phases(loss: LossConfig) -> None:
     if loss.phases and loss.sft_warmup_steps > 0:
         raise ConfigError("loss.phases and loss.sft_warmup_steps are two ways to write a schedule: set one, "
                           "e.g. loss.sft_warmup_steps=0, or start loss.phases with {objective: sft, steps: N}")
     for i, phase in enumerate(loss.phases):
         path = f"loss.phases[{i}]"
-        _choice(f"{path}.objective", phase.objective, OBJECTIVES)
         last = i == len(loss.phases) - 1
         if phase.steps == -1 and not last:
             raise ConfigError(f"{path}.steps=-1 (until the end) is only allowed in the last phase; "
                               f"give it a number of optimizer steps")
         if phase.steps != -1:
             _positive(f"{path}.steps", phase.steps)
-        if phase.k is not None:
-            _positive(f"{path}.k", phase.k)
-        if phase.temperature is not None:
-            _positive(f"{path}.temperature", phase.temperature)
-        if phase.beta is not None and phase.beta >= 1.0:
-            raise ConfigError(f"{path}.beta={phase.beta} must be < 1 (the target's reward is 1)")
-        if phase.baseline is not None:
-            _choice(f"{path}.baseline", phase.baseline, BASELINES)
-        if phase.sft_weight is not None:
-            _positive(f"{path}.sft_weight", phase.sft_weight, strict=False)
+        loss_options(loss, phase, path)
+
+
+# Phase fields that default to the loss group's value when a phase leaves them unset.
+PHASE_INHERITED = ("k", "temperature", "beta", "baseline", "sft_weight")
+
+
+def loss_options(loss: LossConfig, phase: Optional[PhaseConfig] = None, path: Optional[str] = None) -> LossOptions:
+    """The kernel's settings for the whole run (``loss``) or for one phase of its schedule.
+
+    A phase's unset fields inherit from ``loss``; a plain SFT phase gets no CE mix (it would count
+    the same term twice). Training sums weighted token losses (``reduction="sum"``): the row
+    weights carry loss.reduction. Invalid knobs raise ConfigError with their key path (``path``:
+    where the phase is written, e.g. ``loss.phases[1]``).
+    """
+    values = {key: getattr(loss, key) for key in PHASE_INHERITED}
+    objective = loss.objective
+    if phase is not None:
+        objective = phase.objective
+        values.update({key: getattr(phase, key) for key in PHASE_INHERITED if getattr(phase, key) is not None})
+        if objective == "sft":
+            values["sft_weight"] = 0.0
+    try:
+        return make_options(objective, reduction="sum", chunk_size=loss.chunk_size,
+                            implementation=loss.implementation, **values)
+    except LossOptionError as err:
+        # The key the user wrote: the phase's own value, else the loss group's that it inherited.
+        own = phase is not None and err.field in PHASE_INHERITED + ("objective",) and getattr(phase, err.field) is not None
+        key = f"{path}.{err.field}" if own else f"loss.{err.field}"
+        value = getattr(phase if own else loss, err.field)
+        raise ConfigError(f"{key}={value!r}: {err}") from err
 
 
 def schema_keys(schema: type = TrainConfig, prefix: str = "") -> dict[str, type]:

@@ -66,7 +66,7 @@ def test_out_of_range_value_names_the_key_and_allowed_values(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "loss.objective=ppo", "dry_run=true"])
     assert exit_info.value.code == 2
-    assert "loss.objective='ppo' is not one of sft, dft, otr, otr_exact" in capsys.readouterr().err
+    assert "loss.objective='ppo': objective must be one of sft, dft, otr, otr_exact" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, message", [

@@ -480,3 +480,15 @@ def test_out_of_range_labels_and_mismatched_shapes_raise():
         fused_token_loss(hidden[:, :-1], weight, labels, objective="sft")
     with pytest.raises(TypeError, match="same dtype"):
         fused_token_loss(hidden.float(), weight, labels, objective="sft")
+
+
+def test_loss_options_and_keyword_knobs_are_the_same_call():
+    from otr_cli.losses import make_options
+
+    hidden, weight, labels = make_inputs()
+    knobs = dict(objective="otr", k=8, temperature=1.3, beta=-0.1, chunk_size=8)
+    by_keywords = run(fused_token_loss, hidden, weight, labels, **knobs)
+    by_options = run(fused_token_loss, hidden, weight, labels, options=make_options(**knobs))
+    assert_runs_agree(by_keywords, by_options, 0.0)
+    with pytest.raises(TypeError, match="either as options= or as keywords"):
+        fused_token_loss(hidden, weight, labels, make_options("sft"), k=8)

@@ -15,8 +15,8 @@ from otr_cli.train.schedule import build_schedule, objective_at, phase_boundarie
 
 def test_no_schedule_is_one_phase_for_the_whole_run():
     phases = build_schedule(LossConfig(objective="otr", beta=-0.1), 10)
-    assert [(p.start, p.end, p.settings.objective) for p in phases] == [(0, 10, "otr")]
-    assert phases[0].settings.beta == -0.1
+    assert [(p.start, p.end, p.options.objective) for p in phases] == [(0, 10, "otr")]
+    assert phases[0].options.beta == -0.1
 
 
 def test_sft_warmup_steps_is_sft_then_the_objective():
@@ -48,7 +48,7 @@ def test_phases_that_end_before_the_run_are_a_clear_error():
 
 def test_phases_beyond_the_run_are_cut_at_its_end():
     loss = LossConfig(phases=[PhaseConfig(objective="sft", steps=4), PhaseConfig(objective="otr")])
-    assert [(p.start, p.end, p.settings.objective) for p in build_schedule(loss, 3)] == [(0, 3, "sft")]
+    assert [(p.start, p.end, p.options.objective) for p in build_schedule(loss, 3)] == [(0, 3, "sft")]
 
 
 def _dry_run_error(capsys, *overrides) -> str:
@@ -147,3 +147,26 @@ def test_after_warmup_evaluates_the_end_of_each_phase_but_the_last(tiny_model_di
     assert list(summary["eval"]) == ["after SFT warm-up (step 2)", "final (step 3)"]
     assert (out / "eval" / "phase-1" / "summary.json").is_file()
     assert (out / "checkpoints" / "step-2").is_dir()
+
+
+def test_phase_knob_errors_name_the_key_that_was_written(capsys):
+    err = _dry_run_error(capsys, "loss.sft_warmup_steps=0",
+                         "loss.phases=[{objective:sft,steps:2},{objective:otr,steps:-1,beta:1.5}]")
+    assert "loss.phases[1].beta=1.5" in err and "< 1" in err
+    # A value the phase inherits is reported where it was set: in the loss group.
+    err = _dry_run_error(capsys, "loss.sft_warmup_steps=0", "loss.temperature=0",
+                         "loss.phases=[{objective:sft,steps:2},{objective:otr,steps:-1}]")
+    assert "loss.temperature=0" in err
+
+
+def test_phases_that_do_not_cover_max_steps_fail_before_anything_loads(capsys):
+    err = _dry_run_error(capsys, "loss.sft_warmup_steps=0", "trainer.max_steps=10",
+                         "loss.phases=[{objective:sft,steps:2},{objective:otr,steps:3}]")
+    assert "loss.phases cover 5 optimizer steps but the run has 10" in err
+
+
+def test_the_schedule_hands_the_kernel_validated_loss_options():
+    loss = LossConfig(objective="otr", k=8, beta=-0.2, sft_weight=0.5, chunk_size=64, sft_warmup_steps=2)
+    warmup, otr = (phase.options for phase in build_schedule(loss, 5))
+    assert (warmup.objective, warmup.sft_weight, warmup.chunk_size, warmup.reduction) == ("sft", 0.0, 64, "sum")
+    assert (otr.objective, otr.k, otr.beta, otr.sft_weight, otr.chunk_size) == ("otr", 8, -0.2, 0.5, 64)

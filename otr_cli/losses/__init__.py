@@ -6,14 +6,24 @@ See docs/loss.md for the formulas and knobs.
 """
 
 from otr_cli.losses.fused import default_chunk_rows, fused_token_loss
-from otr_cli.losses.objectives import BASELINES, OBJECTIVES, REDUCTIONS
+from otr_cli.losses.objectives import (
+    BASELINES,
+    KERNEL_REDUCTIONS,
+    OBJECTIVES,
+    LossOptionError,
+    LossOptions,
+    make_options,
+)
 from otr_cli.losses.reference import reference_token_loss
 
 __all__ = [
     "BASELINES",
     "OBJECTIVES",
-    "REDUCTIONS",
+    "KERNEL_REDUCTIONS",
+    "LossOptionError",
+    "LossOptions",
     "default_chunk_rows",
     "fused_token_loss",
+    "make_options",
     "reference_token_loss",
 ]

@@ -23,7 +23,7 @@ from otr_cli.losses.objectives import (
     accumulation_dtype,
     check_inputs,
     draw_rollouts,
-    make_options,
+    options_from,
     rollout_advantages,
     rollout_rewards,
     rollout_weights,
@@ -351,18 +351,11 @@ def fused_token_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
+    options: LossOptions | None = None,
     *,
-    objective: str,
-    k: int = 256,
-    temperature: float = 1.0,
-    beta: float = 0.0,
-    baseline: str = "none",
-    sft_weight: float = 0.0,
     weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    **knobs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token loss of an LM head without materialising the logits.
 
@@ -371,12 +364,14 @@ def fused_token_loss(
     rows. Same dtype for hidden and weight: float32, bfloat16, float16 or float64. Logits, softmax
     and statistics are computed in float32 (float64 for float64 inputs).
 
-    objective: "sft" | "dft" | "otr" | "otr_exact"; k, temperature, beta, baseline: OTR rollouts
-    (K samples per position from softmax(z / temperature), reward 1 on the target and beta
-    elsewhere, baseline "none" | "mean" | "loo"); sft_weight: λ, adds λ * cross-entropy.
-    weights: optional [N] per-row weights (constants). reduction "mean": sum_i w_i l_i / n_sup;
-    "sum": sum_i w_i l_i. generator: drives every draw (same state -> same result).
-    chunk_size: rows per chunk (default ``default_chunk_rows(V, H)``).
+    options: a validated ``LossOptions`` (what training passes), or instead its fields as keywords
+    (``objective="otr", k=8, beta=-0.1, ...``, validated by ``make_options``): objective "sft" |
+    "dft" | "otr" | "otr_exact"; k, temperature, beta, baseline: OTR rollouts (K samples per
+    position from softmax(z / temperature), reward 1 on the target and beta elsewhere, baseline
+    "none" | "mean" | "loo"); sft_weight: λ, adds λ * cross-entropy; reduction "mean":
+    sum_i w_i l_i / n_sup, "sum": sum_i w_i l_i; chunk_size: rows per chunk (default
+    ``default_chunk_rows(V, H)``). weights: optional [N] per-row weights (constants).
+    generator: drives every draw (same state -> same result).
 
     Returns (loss, stats): loss is a 0-dim float32 (float64) tensor; stats holds detached float32
     0-dim tensors: ce, p_target, entropy (unweighted means over supervised positions), for otr
@@ -384,20 +379,9 @@ def fused_token_loss(
     reward_mean, unreachable_frac; and count. unreachable_frac: the fraction of positions whose
     target has rollout probability q(y) < ``UNREACHABLE_Q`` (1e-3).
     """
-    options = make_options(
-        objective,
-        k=k,
-        temperature=temperature,
-        beta=beta,
-        baseline=baseline,
-        sft_weight=sft_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
+    options = options_from(options, knobs)
     hidden, labels, weights = check_inputs(hidden, weight, labels, weights, options.ignore_index)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size!r}")
-    chunk_rows = int(chunk_size) if chunk_size is not None else default_chunk_rows(weight.shape[0], weight.shape[1])
+    chunk_rows = options.chunk_size or default_chunk_rows(weight.shape[0], weight.shape[1])
     stats: dict[str, torch.Tensor] = {}
     loss = FusedTokenLossFunction.apply(hidden, weight, labels, weights, options, generator, chunk_rows, stats)
     return loss, stats

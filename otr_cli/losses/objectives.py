@@ -14,13 +14,35 @@ import torch
 
 OBJECTIVES = ("sft", "dft", "otr", "otr_exact")
 BASELINES = ("none", "mean", "loo")
-REDUCTIONS = ("mean", "sum")
+# How the kernel combines per-position losses: "mean" over supervised rows or a weighted "sum".
+# (Not the training config's loss.reduction, token | sequence, which sets the row weights.)
+KERNEL_REDUCTIONS = ("mean", "sum")
+IMPLEMENTATIONS = ("fused", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class LossOptionError(ValueError):
+    """An invalid loss knob; ``field`` names it, so the config layer can report its key path."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Every knob of the token loss, validated once (see :func:`make_options`)."""
+    """Every knob of the token loss, validated once (see :func:`make_options`).
+
+    The one carrier of loss settings from the config and the objective schedule to the kernels:
+    a new knob is a field here, a key in ``LossConfig`` (and ``PhaseConfig`` if a phase may set
+    it), and its use in the kernel.
+
+    objective: sft | dft | otr | otr_exact. k: rollouts per position (otr). temperature: the
+    rollout policy is softmax(z / temperature). beta: reward of a non-target rollout (< 1).
+    baseline: none | mean | loo. sft_weight: λ, adds λ * cross-entropy. ignore_index: label of
+    unsupervised rows. reduction: mean | sum over supervised rows. chunk_size: rows per chunk of
+    the fused kernel (None: ``default_chunk_rows``). implementation: fused | reference kernel.
+    """
 
     objective: str
     k: int = 256
@@ -30,6 +52,8 @@ class LossOptions:
     sft_weight: float = 0.0
     ignore_index: int = -100
     reduction: str = "mean"
+    chunk_size: int | None = None
+    implementation: str = "fused"
 
     @property
     def samples(self) -> bool:
@@ -42,6 +66,10 @@ class LossOptions:
         return self.baseline in ("mean", "loo")
 
 
+def _is_count(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and int(value) == value and value >= 1
+
+
 def make_options(
     objective: str,
     *,
@@ -52,24 +80,33 @@ def make_options(
     sft_weight: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    chunk_size: int | None = None,
+    implementation: str = "fused",
 ) -> LossOptions:
-    """Validate the knobs and freeze them; raises ``ValueError`` with the offending value."""
+    """Validate the knobs and freeze them; raises ``LossOptionError`` naming the field and the value."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise LossOptionError("objective", f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"k (rollouts per token) must be a positive integer, got {k!r}")
+        raise LossOptionError("baseline", f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    if reduction not in KERNEL_REDUCTIONS:
+        raise LossOptionError("reduction", f"reduction must be one of {', '.join(KERNEL_REDUCTIONS)}, got {reduction!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise LossOptionError("implementation",
+                              f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}")
+    if not _is_count(k):
+        raise LossOptionError("k", f"k (rollouts per token) must be a positive integer, got {k!r}")
     if objective == "otr" and baseline == "loo" and k < 2:
-        raise ValueError("baseline='loo' needs k >= 2: with one rollout there are no other rewards to average")
+        raise LossOptionError("baseline", "baseline='loo' needs k >= 2: with one rollout there are no other rewards "
+                                          "to average")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise LossOptionError("temperature", f"temperature must be a finite number > 0, got {temperature!r}")
     if not (math.isfinite(beta) and beta < 1):
-        raise ValueError(f"beta (reward of a non-target token) must be finite and < 1, got {beta!r}")
+        raise LossOptionError("beta", f"beta (reward of a non-target token) must be finite and < 1 (the target's "
+                                      f"reward is 1), got {beta!r}")
     if not (math.isfinite(sft_weight) and sft_weight >= 0):
-        raise ValueError(f"sft_weight must be finite and >= 0, got {sft_weight!r}")
+        raise LossOptionError("sft_weight", f"sft_weight must be finite and >= 0, got {sft_weight!r}")
+    if chunk_size is not None and not _is_count(chunk_size):
+        raise LossOptionError("chunk_size", f"chunk_size must be a positive number of rows, got {chunk_size!r}")
     return LossOptions(
         objective=objective,
         k=int(k),
@@ -79,7 +116,18 @@ def make_options(
         sft_weight=float(sft_weight),
         ignore_index=int(ignore_index),
         reduction=reduction,
+        chunk_size=int(chunk_size) if chunk_size is not None else None,
+        implementation=implementation,
     )
+
+
+def options_from(options: LossOptions | None, knobs: dict) -> LossOptions:
+    """The loss functions' settings: a ready ``LossOptions``, or the keyword knobs of :func:`make_options`."""
+    if options is None:
+        return make_options(**knobs)
+    if knobs:
+        raise TypeError(f"pass the loss settings either as options= or as keywords, not both (got {sorted(knobs)})")
+    return options
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,7 +14,7 @@ from otr_cli.losses.objectives import (
     accumulation_dtype,
     check_inputs,
     draw_rollouts,
-    make_options,
+    options_from,
     rollout_advantages,
     rollout_rewards,
     rollout_weights,
@@ -27,31 +27,15 @@ def reference_token_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
+    options: LossOptions | None = None,
     *,
-    objective: str,
-    k: int = 256,
-    temperature: float = 1.0,
-    beta: float = 0.0,
-    baseline: str = "none",
-    sft_weight: float = 0.0,
     weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    chunk_size: int | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    **knobs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Same contract as :func:`otr_cli.losses.fused_token_loss`; ``chunk_size`` is accepted and ignored."""
-    del chunk_size  # the reference always works on the whole batch at once
-    options = make_options(
-        objective,
-        k=k,
-        temperature=temperature,
-        beta=beta,
-        baseline=baseline,
-        sft_weight=sft_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
+    """Same contract as :func:`otr_cli.losses.fused_token_loss`; ``chunk_size`` is accepted and ignored
+    (the reference always works on the whole batch at once)."""
+    options = options_from(options, knobs)
     hidden, labels, weights = check_inputs(hidden, weight, labels, weights, options.ignore_index)
     rows = (labels != options.ignore_index).nonzero().squeeze(1)
     count = rows.numel()

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from otr_cli.config import TrainConfig
+from otr_cli.config import PhaseConfig, TrainConfig, loss_options
 from otr_cli.data import DataBundle, build_datasets, collate_batch
 from otr_cli.models import load_tokenizer
 from otr_cli.train import preemption
@@ -29,7 +29,7 @@ from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.signals import WeakSignalMonitor
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
-from otr_cli.train.token_loss_model import ObjectiveSettings, sampling_generator
+from otr_cli.train.token_loss_model import sampling_generator
 
 log = logging.getLogger("otr.train")
 
@@ -134,7 +134,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg
         phase = phase_at(self.phases, self.step)
-        settings = phase.settings
+        options = phase.options
         micro_indices = self.plan.rank_micro_batches(self.step, self.dist.rank)
         micro_examples = [[self.data.train[i] for i in indices] for indices in micro_indices]
         local_tokens = sum(ex.num_supervised for examples in micro_examples for ex in examples)
@@ -152,7 +152,7 @@ class Trainer:
             weights = loss_weights(batch, cfg.loss.reduction, int(global_tokens), int(global_sequences), replicas)
             generator = sampling_generator(cfg.seed, self.step, micro_step, self.dist.rank, self.device)
             loss, stats = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      weights.to(self.device), settings, generator)
+                                      weights.to(self.device), options, generator)
             self.engine.backward(loss)
             if micro_step == len(micro_examples) - 1:
                 grad_norm = self._grad_norm_before_step()
@@ -172,7 +172,7 @@ class Trainer:
         record: dict[str, Any] = {
             "step": self.step,
             "epoch": round(self.plan.epoch_at(self.step), 4),
-            "objective": settings.objective,
+            "objective": options.objective,
             "phase": phase.index,
             "loss": loss_global,
             "lr": lr,
@@ -181,9 +181,9 @@ class Trainer:
             "supervised_tokens": int(count_global),
         }
         for key, total in zip(STAT_KEYS, reduced[3:]):
-            if key in ("ce", "p_target", "entropy") or settings.objective in ("otr", "otr_exact"):
+            if key in ("ce", "p_target", "entropy") or options.objective in ("otr", "otr_exact"):
                 record[key] = total / max(count_global, 1.0)
-        if settings.objective != "otr":
+        if options.objective != "otr":
             record.pop("no_match_frac", None)
         return record
 
@@ -252,15 +252,14 @@ class Trainer:
         if not examples:
             return None
         self.engine.eval()
-        settings = ObjectiveSettings(objective="sft", chunk_size=self.cfg.loss.chunk_size,
-                                     implementation=self.cfg.loss.implementation)
+        options = loss_options(self.cfg.loss, PhaseConfig(objective="sft"))
         size = self.cfg.trainer.micro_batch_size
         mine = list(range(self.dist.rank * size, len(examples), size * self.dist.world_size))
         ce_sum, count = 0.0, 0.0
         for start in mine:
             batch = {k: v.to(self.device) for k, v in collate_batch(examples[start:start + size], self.pad_id).items()}
             weights = loss_weights(batch, "token", 1, 1, 1)
-            _, stats = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], weights, settings)
+            _, stats = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], weights, options)
             ce_sum += float(stats["ce"]) * float(stats["count"])
             count += float(stats["count"])
         self.engine.train()
@@ -296,8 +295,8 @@ class Trainer:
                 ending = self._phase_ending_now()
                 if ending is not None:
                     checkpoint = self.checkpoint_now()
-                    name = ("after SFT warm-up" if ending.settings.objective == "sft" and ending.index == 0
-                            else f"after phase {ending.index + 1}, {ending.settings.objective}")
+                    name = ("after SFT warm-up" if ending.options.objective == "sft" and ending.index == 0
+                            else f"after phase {ending.index + 1}, {ending.options.objective}")
                     self.phase_evals[f"{name} (step {self.step})"] = _evaluate(
                         cfg, str(checkpoint), self.run_dir.root / "eval" / f"phase-{ending.index + 1}",
                         self.dist, self.tokenizer)

@@ -14,43 +14,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from otr_cli.config import ConfigError, LossConfig
-from otr_cli.train.token_loss_model import ObjectiveSettings
-
-# Phase fields that default to the loss group's value when a phase leaves them unset.
-INHERITED = ("k", "temperature", "beta", "baseline", "sft_weight")
+from otr_cli.config import LossConfig, PhaseConfig, check_phases_cover, loss_options
+from otr_cli.losses import LossOptions
 
 
 @dataclass(frozen=True)
 class Phase:
-    """Steps [start, end) of the run (optimizer steps, 0-based) trained with `settings`."""
+    """Steps [start, end) of the run (optimizer steps, 0-based) trained with the loss `options`."""
 
     index: int
     start: int
     end: int
-    settings: ObjectiveSettings
+    options: LossOptions
 
     @property
     def label(self) -> str:
-        return f"{self.settings.objective} (steps {self.start + 1}-{self.end})"
+        return f"{self.options.objective} (steps {self.start + 1}-{self.end})"
 
 
 def build_schedule(loss: LossConfig, total_steps: int) -> list[Phase]:
     """The phases of a run of `total_steps` optimizer steps; raises ConfigError if they do not fit."""
-    specs = _phase_specs(loss)
+    check_phases_cover(loss, total_steps)
     phases: list[Phase] = []
     start = 0
-    for index, spec in enumerate(specs):
-        last = index == len(specs) - 1
-        steps = spec["steps"]
-        end = total_steps if steps == -1 else min(start + steps, total_steps)
-        if last and steps != -1 and start + steps < total_steps:
-            raise ConfigError(
-                f"loss.phases cover {start + steps} optimizer steps but the run has {total_steps}; "
-                f"give the last phase steps: -1 (until the end) or lower trainer.max_steps")
+    for index, spec in enumerate(schedule_phases(loss)):
+        end = total_steps if spec.steps == -1 else min(start + spec.steps, total_steps)
         if start >= total_steps:
             break  # later phases are never reached in this run
-        phases.append(Phase(index, start, end, _settings(loss, spec)))
+        phases.append(Phase(index, start, end, loss_options(loss, spec, f"loss.phases[{index}]")))
         start = end
     return phases
 
@@ -63,9 +54,9 @@ def phase_at(phases: list[Phase], step: int) -> Phase:
     return phases[-1]
 
 
-def objective_at(phases: list[Phase], step: int) -> ObjectiveSettings:
+def objective_at(phases: list[Phase], step: int) -> LossOptions:
     """Loss settings for optimizer step `step` (0-based: the step about to be taken)."""
-    return phase_at(phases, step).settings
+    return phase_at(phases, step).options
 
 
 def phase_boundaries(phases: list[Phase]) -> dict[int, Phase]:
@@ -73,20 +64,10 @@ def phase_boundaries(phases: list[Phase]) -> dict[int, Phase]:
     return {phase.end: phase for phase in phases[:-1]}
 
 
-def _phase_specs(loss: LossConfig) -> list[dict]:
+def schedule_phases(loss: LossConfig) -> list[PhaseConfig]:
+    """The schedule as phases, whichever of the three spellings wrote it."""
     if loss.phases:
-        return [{"steps": phase.steps, "objective": phase.objective,
-                 **{key: getattr(phase, key) for key in INHERITED}} for phase in loss.phases]
-    unset = dict.fromkeys(INHERITED)
+        return list(loss.phases)
     if loss.sft_warmup_steps > 0:
-        return [{"steps": loss.sft_warmup_steps, "objective": "sft", **unset},
-                {"steps": -1, "objective": loss.objective, **unset}]
-    return [{"steps": -1, "objective": loss.objective, **unset}]
-
-
-def _settings(loss: LossConfig, spec: dict) -> ObjectiveSettings:
-    values = {key: getattr(loss, key) if spec[key] is None else spec[key] for key in INHERITED}
-    if spec["objective"] == "sft":
-        values["sft_weight"] = 0.0  # plain SFT: the CE mix would count the same term twice
-    return ObjectiveSettings(objective=spec["objective"], chunk_size=loss.chunk_size,
-                             implementation=loss.implementation, **values)
+        return [PhaseConfig(objective="sft", steps=loss.sft_warmup_steps), PhaseConfig(objective=loss.objective)]
+    return [PhaseConfig(objective=loss.objective)]

@@ -8,28 +8,13 @@ holds more than one chunk of logits.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from otr_cli.data import IGNORE_INDEX
-from otr_cli.losses import fused_token_loss, reference_token_loss
-
-
-@dataclass(frozen=True)
-class ObjectiveSettings:
-    """Arguments of the token loss for one micro-step (everything but the tensors)."""
-
-    objective: str
-    k: int = 256
-    temperature: float = 1.0
-    beta: float = 0.0
-    baseline: str = "none"
-    sft_weight: float = 0.0
-    chunk_size: Optional[int] = None
-    implementation: str = "fused"
+from otr_cli.losses import LossOptions, fused_token_loss, reference_token_loss
 
 
 def sampling_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -63,7 +48,7 @@ class TokenLossLM(nn.Module):
             deepspeed.zero.register_external_parameter(self, head.weight)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                row_weights: torch.Tensor, settings: ObjectiveSettings,
+                row_weights: torch.Tensor, options: LossOptions,
                 generator: Optional[torch.Generator] = None):
         """Loss of one micro-batch.
 
@@ -81,13 +66,8 @@ class TokenLossLM(nn.Module):
         supervised_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised]
         supervised_targets = target_tokens[supervised]
         supervised_weights = row_weights[:, 1:].reshape(-1)[supervised]
-        loss_fn = fused_token_loss if settings.implementation == "fused" else reference_token_loss
+        loss_fn = fused_token_loss if options.implementation == "fused" else reference_token_loss
         # Without grad mode (validation) the kernel must not build the [V, H] weight gradient.
         head_weight = head.weight if torch.is_grad_enabled() else head.weight.detach()
-        return loss_fn(
-            supervised_hidden, head_weight, supervised_targets,
-            objective=settings.objective, k=settings.k, temperature=settings.temperature,
-            beta=settings.beta, baseline=settings.baseline, sft_weight=settings.sft_weight,
-            weights=supervised_weights.to(torch.promote_types(supervised_hidden.dtype, torch.float32)), generator=generator,
-            chunk_size=settings.chunk_size, ignore_index=IGNORE_INDEX, reduction="sum",
-        )
+        weights = supervised_weights.to(torch.promote_types(supervised_hidden.dtype, torch.float32))
+        return loss_fn(supervised_hidden, head_weight, supervised_targets, options, weights=weights, generator=generator)
