@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import SHARED_DATA, read_jsonl, run_cli
-from otr_cli.cli import recipes_dir
+from otr_cli.app import recipes_dir
 from otr_cli.eval.app import rewrite_model_override
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, subprocess_env
-from otr_cli import cli
+from otr_cli import app, cli
 
 # Build outputs, caches and virtual environments are no part of what `pip install .` sees in a clone.
 COPY_IGNORED = {".git", "outputs", "multirun", "runs", "build", "dist", "__pycache__", ".pytest_cache", ".cache"}
@@ -85,14 +85,14 @@ def test_the_sdist_carries_the_recipes_and_builds_a_complete_wheel(tmp_path):
 
 
 def test_a_checkout_uses_its_own_recipes_and_says_which_otr_it_is(capsys):
-    assert cli.recipes_dir() == REPO / "recipes"
+    assert app.recipes_dir() == REPO / "recipes"
     assert cli.main(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == f"otr {cli.otr_version()} (recipes: {REPO / 'recipes'})"
+    assert capsys.readouterr().out.strip() == f"otr {app.otr_version()} (recipes: {REPO / 'recipes'})"
 
 
 def test_missing_recipes_are_a_clear_error_saying_what_to_do(monkeypatch, tmp_path, capsys):
     (tmp_path / "otr_cli").mkdir()
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "otr_cli" / "cli.py"))
+    monkeypatch.setattr(app, "__file__", str(tmp_path / "otr_cli" / "app.py"))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "dry_run=true"])
     message = " ".join(capsys.readouterr().err.split())
@@ -106,10 +106,10 @@ def test_train_help_and_dry_run_name_the_version_and_the_recipes(capsys):
         cli.main(["train", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert f"otr train: fine-tune a model from a recipe (otr {cli.otr_version()})" in help_text
+    assert f"otr train: fine-tune a model from a recipe (otr {app.otr_version()})" in help_text
     assert f"Recipes: {REPO / 'recipes'}" in help_text
     cli.main(["train", "dry_run=true"])
-    assert capsys.readouterr().out.startswith(cli.version_line())
+    assert capsys.readouterr().out.startswith(app.version_line())
 
 
 def _user_recipes(root: Path) -> Path:
@@ -165,10 +165,10 @@ def test_a_same_named_user_recipe_is_flagged_once_per_job_not_once_per_rank(tmp_
     user = _user_recipes(tmp_path / "my_recipes")
     overrides = [f"hydra.searchpath=[file://{user}]"]
     monkeypatch.setenv(rank_variable, "1")
-    assert cli.warn_shadowed_user_configs(overrides) == [user / "recipe" / "smollm2_demo.yaml"]
+    assert app.warn_shadowed_user_configs(overrides) == [user / "recipe" / "smollm2_demo.yaml"]
     assert "warning" not in capsys.readouterr().err
     monkeypatch.setenv(rank_variable, "0")
-    cli.warn_shadowed_user_configs(overrides)
+    app.warn_shadowed_user_configs(overrides)
     assert capsys.readouterr().err.count("warning") == 1
 
 
@@ -178,16 +178,16 @@ def test_an_installed_wheel_runs_from_any_directory_with_its_packaged_recipes(bu
     elsewhere.mkdir()
     otr = [str(venv / "bin" / "otr")]  # the console script pip generated, as users run it
     # The wheel's copy is what runs, not the checkout (nor the test environment's editable install).
-    where = _run_installed([venv / "bin" / "python", "-c", "import otr_cli.cli as c; print(c.recipes_dir())"],
+    where = _run_installed([venv / "bin" / "python", "-c", "import otr_cli.app as c; print(c.recipes_dir())"],
                            elsewhere)
     packaged = Path(where.stdout.strip())
     assert packaged.parts[-2:] == ("otr_cli", "recipes") and packaged.is_relative_to(venv), packaged
 
     assert _run_installed(otr + ["--version"], elsewhere).stdout.strip() == \
-        f"otr {cli.otr_version()} (recipes: {packaged})"
+        f"otr {app.otr_version()} (recipes: {packaged})"
     assert f"Recipes: {packaged}" in _run_installed(otr + ["train", "--help"], elsewhere).stdout
     dry_run = _run_installed(otr + ["train", "recipe=smollm2_demo", "dry_run=true"], elsewhere).stdout
-    assert dry_run.startswith(f"otr {cli.otr_version()} (recipes: {packaged})") and "name: smollm2_demo" in dry_run
+    assert dry_run.startswith(f"otr {app.otr_version()} (recipes: {packaged})") and "name: smollm2_demo" in dry_run
     user = _user_recipes(elsewhere / "my_recipes")
     (user / "recipe" / "smollm2_demo.yaml").unlink()
     mine = _run_installed(otr + ["train", f"hydra.searchpath=[file://{user}]", "recipe=demo_long", "dry_run=true"],

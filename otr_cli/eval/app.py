@@ -55,7 +55,7 @@ def eval_task(cfg) -> Optional[dict]:
     """Body of `otr eval` (called by Hydra with the composed config)."""
     from omegaconf import OmegaConf
 
-    from otr_cli.cli import configure_logging
+    from otr_cli.app import configure_logging
     from otr_cli.config import ConfigError
     from otr_cli.errors import UserError, fail
     from otr_cli.eval.runner import evaluate_model

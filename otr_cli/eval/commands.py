@@ -16,7 +16,7 @@ def grade_entry(args: list[str]) -> int:
 
 def eval_entry(args: list[str]) -> int:
     """`otr eval [overrides]` runs Hydra; `otr eval compare DIR_A DIR_B ...` compares finished evals."""
-    from otr_cli.cli import _run_hydra, recipes_dir
+    from otr_cli.app import recipes_dir, run_hydra
     from otr_cli.errors import fail
     from otr_cli.eval.app import CONFIG_NAME, eval_task, register_eval_schema, rewrite_model_override
 
@@ -29,4 +29,4 @@ def eval_entry(args: list[str]) -> int:
         except UserError as err:
             fail(str(err))
     register_eval_schema()
-    return _run_hydra(eval_task, CONFIG_NAME, "eval", rewrite_model_override(args, recipes_dir()))
+    return run_hydra(eval_task, CONFIG_NAME, "eval", rewrite_model_override(args, recipes_dir()))

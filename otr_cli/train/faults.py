@@ -65,7 +65,7 @@ def stop_all_ranks_on_error(run_state: Optional[Path], user_errors: tuple[type[B
             record_failure(run_state, rank, message)
         if world == 1:
             raise
-        # The log format names the rank ("[rank 1] ..."); see otr_cli.cli.configure_logging.
+        # The log format names the rank ("[rank 1] ..."); see otr_cli.app.configure_logging.
         log.error("failed; stopping all %d ranks: %s", world, message)
         if not isinstance(err, user_errors):
             # Straight to stderr, every line tagged: the ranks' output is interleaved in one log.

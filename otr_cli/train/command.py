@@ -1,0 +1,80 @@
+"""`otr train`: the Hydra task that validates the config, then dry-runs or trains (wired in otr_cli/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+from otr_cli.app import configure_logging, run_hydra, sources_line
+from otr_cli.errors import UserError, fail
+
+
+def train_entry(args: list[str]) -> int:
+    """`otr train [overrides]`."""
+    return run_hydra(train_task, "train", "train", args)
+
+
+def train_task(cfg) -> Optional[dict]:
+    """Body of `otr train` (called by Hydra with the composed config)."""
+    from omegaconf import OmegaConf
+
+    from otr_cli.config import validate
+
+    try:
+        typed = validate(cfg)
+        if typed.dry_run:
+            print_dry_run(typed, OmegaConf.to_yaml(cfg))
+            return None
+        return _train(typed)
+    except UserError as err:
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            raise  # a sweep point on SLURM: Hydra hands the error back to the submitting `otr train -m`
+        fail(str(err))
+
+
+def _train(typed) -> dict:
+    """A training run that stops cleanly on preemption signals and takes every rank down on an error."""
+    from otr_cli.train import faults, preemption
+    from otr_cli.train.distributed import populate_env_from_launcher
+    from otr_cli.train.loop import resolve_output_dir, run_training
+
+    populate_env_from_launcher()  # first: under srun the rank comes from SLURM, and log lines name it
+    configure_logging()
+    run_state = resolve_output_dir(typed) / "run_state.json"
+    with preemption.watching():
+        try:
+            with faults.stop_all_ranks_on_error(run_state, (UserError,)):
+                return run_training(typed)
+        except preemption.Preempted as stop:
+            # Still inside watching(): requeuing makes SLURM send this job a SIGTERM, which must not kill it
+            # before it has said what it did.
+            status = preemption.after_preemption(stop, int(os.environ["RANK"]), typed.launcher.max_requeues)
+    sys.exit(status)
+
+
+def print_dry_run(typed, resolved_yaml: str) -> None:
+    """Config, DeepSpeed JSON and batch arithmetic, without touching weights or data."""
+    import torch
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    from otr_cli.train.distributed import world_size_from_env
+    from otr_cli.train.ds_config import BatchArithmetic, build_deepspeed_config
+
+    console = Console()
+    world_size = world_size_from_env()
+    on_gpu = torch.cuda.is_available()
+    console.print(sources_line(), highlight=False, soft_wrap=True)
+    console.rule("resolved config")
+    console.print(Syntax(resolved_yaml, "yaml", theme="ansi_dark"))
+    console.rule(f"DeepSpeed config (world size {world_size}, {'GPU' if on_gpu else 'CPU'})")
+    console.print_json(json.dumps(build_deepspeed_config(typed, world_size=world_size, on_gpu=on_gpu)))
+    console.rule("batch")
+    arithmetic = BatchArithmetic(typed.trainer.micro_batch_size, typed.trainer.grad_accum, world_size)
+    console.print(arithmetic.describe(), highlight=False)
+    steps = (f"{typed.trainer.max_steps} optimizer steps" if typed.trainer.max_steps > 0
+             else f"{typed.trainer.epochs} epoch(s); steps are derived from the data size at start-up")
+    console.print(f"training length: {steps}", highlight=False)
+    console.print("dry run: nothing was loaded or written.", highlight=False)
