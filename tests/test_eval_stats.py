@@ -40,3 +40,18 @@ def test_pass_at_k_matches_its_definition():
     assert pass_at_k(10, 10, 5) == 1.0
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+
+
+def test_paired_comparison_aligns_on_shared_problems_and_reports_every_figure():
+    from otr_cli.eval.stats import paired_comparison, shared_outcomes
+
+    reference = {"p1": True, "p2": False, "p3": False, "p4": True, "only_ref": True}
+    other = {"p1": True, "p2": True, "p3": True, "p4": False, "only_other": False}
+    a, b = shared_outcomes(reference, other)
+    assert (a, b) == ([True, False, False, True], [True, True, True, False])
+    result = paired_comparison(a, b)
+    assert (result["n"], result["reference_accuracy"], result["accuracy"]) == (4, 0.5, 0.75)
+    assert result["delta"] == pytest.approx(0.25)
+    assert (result["reference_only"], result["other_only"]) == (1, 2)
+    assert result["mcnemar_p"] == pytest.approx(1.0)
+    assert result["delta_ci95"][0] <= 0.25 <= result["delta_ci95"][1]

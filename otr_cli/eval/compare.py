@@ -13,7 +13,7 @@ from typing import Any
 
 from otr_cli.atomic import write_json_atomic
 from otr_cli.errors import UserError
-from otr_cli.eval.stats import mcnemar_exact, paired_bootstrap_ci, wilson_interval
+from otr_cli.eval.stats import paired_comparison, shared_outcomes
 
 COMPARE_USAGE = "usage: otr eval compare DIR_A DIR_B [DIR_C ...] [output=compare.png]"
 
@@ -62,17 +62,12 @@ def compare_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for other in runs[1:]:
             if name not in other["outcomes"]:
                 continue
-            shared = sorted(set(base["outcomes"][name]) & set(other["outcomes"][name]))
-            a = [base["outcomes"][name][i] for i in shared]
-            b = [other["outcomes"][name][i] for i in shared]
-            n = len(shared)
-            acc_a, acc_b = (sum(a) / n, sum(b) / n) if n else (0.0, 0.0)
-            test = mcnemar_exact(a, b)
-            rows.append({"benchmark": name, "baseline": base["label"], "run": other["label"], "n": n,
-                         "baseline_value": acc_a, "value": acc_b, "delta": acc_b - acc_a,
-                         "baseline_ci95": list(wilson_interval(sum(a), n)), "ci95": list(wilson_interval(sum(b), n)),
-                         "delta_ci95": list(paired_bootstrap_ci(a, b)), "mcnemar_p": test["p_value"],
-                         "baseline_only": test["a_only"], "run_only": test["b_only"]})
+            test = paired_comparison(*shared_outcomes(base["outcomes"][name], other["outcomes"][name]))
+            rows.append({"benchmark": name, "baseline": base["label"], "run": other["label"], "n": test["n"],
+                         "baseline_value": test["reference_accuracy"], "value": test["accuracy"],
+                         "delta": test["delta"], "baseline_ci95": test["reference_ci95"], "ci95": test["ci95"],
+                         "delta_ci95": test["delta_ci95"], "mcnemar_p": test["mcnemar_p"],
+                         "baseline_only": test["reference_only"], "run_only": test["other_only"]})
     if not rows:
         raise CompareError("the directories share no benchmark; nothing to compare")
     return rows

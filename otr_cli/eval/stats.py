@@ -48,6 +48,29 @@ def paired_bootstrap_ci(a: Sequence[bool], b: Sequence[bool], resamples: int = 2
     return (stats[int(0.025 * resamples)], stats[min(resamples - 1, int(0.975 * resamples))])
 
 
+def shared_outcomes(reference: dict, other: dict) -> tuple[list[bool], list[bool]]:
+    """Outcomes ({problem id: correct}) of two evaluations on the problems both have, in id order."""
+    shared = sorted(set(reference) & set(other))
+    return [bool(reference[i]) for i in shared], [bool(other[i]) for i in shared]
+
+
+def paired_comparison(reference: Sequence[bool], other: Sequence[bool]) -> dict:
+    """The paired test every comparison in otr reports (eval compare, side by side, the study).
+
+    reference, other: outcomes on the same problems, in the same order. Returns n, both
+    accuracies with Wilson 95% intervals, delta = other - reference with a paired bootstrap 95%
+    interval, McNemar's exact p-value and the discordant counts (reference_only, other_only).
+    """
+    n = len(reference)
+    correct_ref, correct_other = sum(reference), sum(other)
+    test = mcnemar_exact(reference, other)
+    return {"n": n, "reference_accuracy": correct_ref / n if n else 0.0,
+            "accuracy": correct_other / n if n else 0.0, "delta": (correct_other - correct_ref) / n if n else 0.0,
+            "reference_ci95": list(wilson_interval(correct_ref, n)), "ci95": list(wilson_interval(correct_other, n)),
+            "delta_ci95": list(paired_bootstrap_ci(reference, other)), "mcnemar_p": test["p_value"],
+            "reference_only": test["a_only"], "other_only": test["b_only"]}
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c passed (Chen et al., 2021)."""
     if n - c < k:

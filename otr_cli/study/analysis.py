@@ -16,7 +16,7 @@ import statistics
 from typing import Any, Optional
 
 from otr_cli.config import LossConfig
-from otr_cli.eval.stats import mcnemar_exact, paired_bootstrap_ci, wilson_interval
+from otr_cli.eval.stats import paired_comparison, shared_outcomes, wilson_interval
 from otr_cli.study.methods import ABLATION_GRID, METHODS, OTR_DEFAULTS
 from otr_cli.train.signals import WeakSignalMonitor
 
@@ -77,9 +77,9 @@ def paired_outcomes(reference: list[dict], other: list[dict], benchmark: str
     seeds = sorted(set(ref) & set(oth), key=lambda s: s or 0)
     a, b = [], []
     for seed in seeds:
-        for problem in sorted(set(ref[seed]) & set(oth[seed])):
-            a.append(bool(ref[seed][problem]))
-            b.append(bool(oth[seed][problem]))
+        seed_a, seed_b = shared_outcomes(ref[seed], oth[seed])
+        a += seed_a
+        b += seed_b
     return seeds, a, b
 
 
@@ -88,11 +88,10 @@ def paired_test(reference: list[dict], other: list[dict], benchmark: str) -> Opt
     seeds, a, b = paired_outcomes(reference, other, benchmark)
     if not a:
         return None
-    test = mcnemar_exact(a, b)
-    return {"benchmark": benchmark, "seeds": seeds, "pairs": len(a), "reference_accuracy": sum(a) / len(a),
-            "accuracy": sum(b) / len(b), "delta": (sum(b) - sum(a)) / len(a),
-            "delta_ci95": paired_bootstrap_ci(a, b), "mcnemar_p": test["p_value"],
-            "reference_only": test["a_only"], "method_only": test["b_only"]}
+    test = paired_comparison(a, b)
+    return {"benchmark": benchmark, "seeds": seeds, "pairs": test["n"], "reference_accuracy": test["reference_accuracy"],
+            "accuracy": test["accuracy"], "delta": test["delta"], "delta_ci95": tuple(test["delta_ci95"]),
+            "mcnemar_p": test["mcnemar_p"], "reference_only": test["reference_only"], "method_only": test["other_only"]}
 
 
 def differences_vs(results: list[dict], study: str, reference: str = "sft") -> list[dict[str, Any]]:
