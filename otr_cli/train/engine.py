@@ -40,14 +40,25 @@ def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
 
 
 @dataclass
-class Engine:
-    engine: Any  # deepspeed.DeepSpeedEngine
+class TrainingEngine:
+    """What ``build_engine`` makes: the DeepSpeed engine, the LM inside it, and how it was configured.
+
+    deepspeed: the ``deepspeed.DeepSpeedEngine`` wrapping ``TokenLossLM(lm)`` (forward returns
+    (loss, stats)); lm: the Hugging Face model (peft-wrapped with LoRA); ds_config: the DeepSpeed
+    JSON it was built from; precision: "fp32" | "bf16" | "fp16".
+    """
+
+    deepspeed: Any
     lm: torch.nn.Module
     ds_config: dict[str, Any]
     precision: str
 
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config["zero_optimization"]["stage"])
 
-def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> Engine:
+
+def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> TrainingEngine:
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
@@ -75,20 +86,20 @@ def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> Engine:
         # Alone there is nothing to average, but stage 0 would still copy every gradient into a
         # flat all-reduce buffer each step: a model-sized allocation for nothing.
         engine.enable_backward_allreduce = False
-    return Engine(engine=engine, lm=lm, ds_config=ds_config, precision=precision)
+    return TrainingEngine(deepspeed=engine, lm=lm, ds_config=ds_config, precision=precision)
 
 
-def export_hf_model(handle: Engine, target_dir, tokenizer, is_main: bool) -> None:
+def export_hf_model(engine: TrainingEngine, target_dir, tokenizer, is_main: bool) -> None:
     """Write a Hugging Face model (safetensors) + tokenizer that ``from_pretrained`` loads.
 
     Under ZeRO-3 the parameters are partitioned: every rank joins the gather and rank 0
     writes the consolidated state dict. LoRA runs write the merged model.
     """
-    engine, lm = handle.engine, handle.lm
+    lm = engine.lm
     state_dict = None
-    if handle.ds_config["zero_optimization"]["stage"] == 3:
+    if engine.zero_stage == 3:
         # Collective: all ranks must call it.
-        full = engine._zero3_consolidated_16bit_state_dict()
+        full = engine.deepspeed._zero3_consolidated_16bit_state_dict()
         if is_main:
             state_dict = {key.removeprefix("lm."): value for key, value in full.items()}
     if not is_main:

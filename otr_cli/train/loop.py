@@ -24,7 +24,7 @@ from otr_cli.train.batches import StepPlan, loss_weights
 from otr_cli.atomic import write_json_atomic, write_text_atomic
 from otr_cli.train.checkpoints import DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
-from otr_cli.train.engine import Engine, build_engine, export_hf_model
+from otr_cli.train.engine import TrainingEngine, build_engine, export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.signals import WeakSignalMonitor
@@ -78,14 +78,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo, run_dir: RunDirectory, data: DataBundle, tokenizer,
-                 handle: Engine, total_steps: int, plan: StepPlan):
+                 engine: TrainingEngine, total_steps: int, plan: StepPlan):
         self.cfg = cfg
         self.dist = dist_info
         self.run_dir = run_dir
         self.data = data
         self.tokenizer = tokenizer
-        self.handle = handle
-        self.engine = handle.engine
+        self.engine = engine
         self.total_steps = total_steps
         self.plan = plan
         self.phases: list[Phase] = build_schedule(cfg.loss, total_steps)
@@ -94,7 +93,7 @@ class Trainer:
         # The step of the newest checkpoint this process wrote (None: none yet).
         self.saved_at: Optional[int] = None
         self.step = 0
-        self.device = self.engine.device
+        self.device = self.engine.deepspeed.device
         self.metrics = MetricsLog(run_dir.root / "metrics.jsonl", enabled=dist_info.is_main,
                                   tensorboard_dir=run_dir.root / "tensorboard")
         self.pad_id = tokenizer.pad_token_id
@@ -103,7 +102,7 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def resume_from(self, checkpoint: Path) -> None:
-        _, client_state = self.engine.load_checkpoint(str(checkpoint), tag=DS_TAG, load_optimizer_states=True,
+        _, client_state = self.engine.deepspeed.load_checkpoint(str(checkpoint), tag=DS_TAG, load_optimizer_states=True,
                                                       load_lr_scheduler_states=True)
         state = read_trainer_state(checkpoint)
         self.step = int(state["step"])
@@ -114,8 +113,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         def write(tmp_dir: Path) -> None:
-            self.engine.save_checkpoint(str(tmp_dir), tag=DS_TAG, client_state={"rng": rng_states()})
-            export_hf_model(self.handle, tmp_dir, self.tokenizer, self.dist.is_main)
+            self.engine.deepspeed.save_checkpoint(str(tmp_dir), tag=DS_TAG, client_state={"rng": rng_states()})
+            export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main)
             if self.dist.is_main:
                 write_json_atomic(tmp_dir / "trainer_state.json", {
                     "step": self.step, "epoch": self.plan.epoch_at(self.step), "total_steps": self.total_steps,
@@ -141,7 +140,7 @@ class Trainer:
         local_sequences = sum(1 for examples in micro_examples for ex in examples if ex.num_supervised > 0)
         global_tokens, global_sequences = all_reduce_sum([local_tokens, local_sequences], self.device)
         replicas = cfg.trainer.grad_accum * self.dist.world_size
-        lr = self.engine.get_lr()[0]
+        lr = self.engine.deepspeed.get_lr()[0]
 
         loss_sum = 0.0
         stat_sums = dict.fromkeys(STAT_KEYS, 0.0)
@@ -151,12 +150,12 @@ class Trainer:
             batch = {k: v.to(self.device) for k, v in collate_batch(examples, self.pad_id).items()}
             weights = loss_weights(batch, cfg.loss.reduction, int(global_tokens), int(global_sequences), replicas)
             generator = sampling_generator(cfg.seed, self.step, micro_step, self.dist.rank, self.device)
-            loss, stats = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"],
+            loss, stats = self.engine.deepspeed(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                       weights.to(self.device), options, generator)
-            self.engine.backward(loss)
+            self.engine.deepspeed.backward(loss)
             if micro_step == len(micro_examples) - 1:
                 grad_norm = self._grad_norm_before_step()
-            self.engine.step()
+            self.engine.deepspeed.step()
             loss_sum += float(loss.detach()) / replicas
             micro_count = float(stats["count"])
             count += micro_count
@@ -176,7 +175,7 @@ class Trainer:
             "phase": phase.index,
             "loss": loss_global,
             "lr": lr,
-            "grad_norm": grad_norm if grad_norm is not None else _as_float(self.engine.get_global_grad_norm()),
+            "grad_norm": grad_norm if grad_norm is not None else _as_float(self.engine.deepspeed.get_global_grad_norm()),
             "tokens": int(tokens_global),
             "supervised_tokens": int(count_global),
         }
@@ -187,58 +186,48 @@ class Trainer:
             record.pop("no_match_frac", None)
         return record
 
-    def _phase_ending_now(self) -> Optional[Phase]:
-        """The phase that has just ended when the run evaluates phase ends (eval.after_warmup)."""
-        if not (self.cfg.eval.benchmarks and self.cfg.eval.after_warmup):
-            return None
-        return self.phase_ends.get(self.step)
+    def evaluate_current_model(self, eval_cfg, out_dir: Path) -> dict[str, Any]:
+        """The benchmarks on the model of the current step: the one evaluation path inside training.
 
-    def _periodic_eval_due(self) -> bool:
-        every = self.cfg.eval.every_steps
-        return bool(self.cfg.eval.benchmarks) and every > 0 and self.step % every == 0 and self.step < self.total_steps
-
-    def evaluate_in_training(self) -> dict[str, Any]:
-        """eval.every_steps: the benchmarks on the first eval.every_steps_limit problems, now.
-
-        The model in memory generates, except under ZeRO-3 (its parameters are partitioned), where
-        a consolidated copy is exported first and removed afterwards. Random generator states are
-        put back afterwards, so a run with periodic evals trains exactly like one without.
+        The weights come from this step's checkpoint when one was just written (its Hugging Face
+        export), else under ZeRO-3 from a temporary consolidated export (the parameters are
+        partitioned; removed afterwards), else from the model in memory. Rank 0 generates while the
+        others wait at the barrier. Random generator states are put back afterwards, so a run that
+        evaluates trains exactly like one that does not.
         """
-        import dataclasses
         import shutil
 
-        eval_cfg = dataclasses.replace(self.cfg.eval, limit=min(self.cfg.eval.limit or 10**9,
-                                                                self.cfg.eval.every_steps_limit))
-        out_dir = self.run_dir.root / "eval" / f"step-{self.step}"
         states = rng_states()
-        zero3 = self.handle.ds_config["zero_optimization"]["stage"] == 3
+        model_dir = self.run_dir.latest_checkpoint() if self.saved_at == self.step else None
+        temporary = None
+        if model_dir is None and self.engine.zero_stage == 3:
+            temporary = model_dir = out_dir / "model"
+            export_hf_model(self.engine, temporary, self.tokenizer, self.dist.is_main)  # a collective
         result: dict[str, Any] = {}
-        if zero3:
-            export_dir = out_dir / "model"
-            export_hf_model(self.handle, export_dir, self.tokenizer, self.dist.is_main)
         if self.dist.is_main:
             from otr_cli.eval.runner import evaluate_model
 
-            if zero3:
-                result = evaluate_model(str(export_dir), eval_cfg, self.cfg.data, out_dir, tokenizer=self.tokenizer)
-                shutil.rmtree(export_dir, ignore_errors=True)
+            if model_dir is not None:
+                result = evaluate_model(str(model_dir), eval_cfg, self.cfg.data, out_dir, tokenizer=self.tokenizer)
             else:
-                lm = self.handle.lm
+                lm = self.engine.lm
                 lm.eval()
                 try:
                     result = evaluate_model(f"{self.run_dir.root}@step-{self.step}", eval_cfg, self.cfg.data,
                                             out_dir, tokenizer=self.tokenizer, model_cfg=self.cfg.model, model=lm)
                 finally:
                     lm.train()
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
         barrier()
         restore_rng_states(states)
         return result
 
     def _grad_norm_before_step(self) -> Optional[float]:
         """Pre-clipping gradient norm. ZeRO 1-3 report it after the step; stage 0 does not."""
-        if self.handle.ds_config["zero_optimization"]["stage"] != 0:
+        if self.engine.zero_stage != 0:
             return None
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.engine.deepspeed.module.parameters() if p.grad is not None]
         if not grads:  # bf16 keeps fp32 gradients inside its optimizer: ask DeepSpeed
             return None
         # Gradients are already averaged over ranks at this point (stage 0 all-reduces in backward).
@@ -251,7 +240,7 @@ class Trainer:
         examples = self.data.validation
         if not examples:
             return None
-        self.engine.eval()
+        self.engine.deepspeed.eval()
         options = loss_options(self.cfg.loss, PhaseConfig(objective="sft"))
         size = self.cfg.trainer.micro_batch_size
         mine = list(range(self.dist.rank * size, len(examples), size * self.dist.world_size))
@@ -259,60 +248,93 @@ class Trainer:
         for start in mine:
             batch = {k: v.to(self.device) for k, v in collate_batch(examples[start:start + size], self.pad_id).items()}
             weights = loss_weights(batch, "token", 1, 1, 1)
-            _, stats = self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], weights, options)
+            _, stats = self.engine.deepspeed(batch["input_ids"], batch["attention_mask"], batch["labels"], weights, options)
             ce_sum += float(stats["ce"]) * float(stats["count"])
             count += float(stats["count"])
-        self.engine.train()
+        self.engine.deepspeed.train()
         ce_total, count_total = all_reduce_sum([ce_sum, count], self.device)
         return ce_total / max(count_total, 1.0)
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        self.engine.train()
-        progress = TrainProgress(self.total_steps, self.step, enabled=self.dist.is_main and cfg.trainer.progress)
-        signal_monitor = WeakSignalMonitor.from_config(cfg.loss)
+        """Steps until total_steps, then the final checkpoint, validation and final/; returns the metrics."""
+        self.engine.deepspeed.train()
+        progress = TrainProgress(self.total_steps, self.step, enabled=self.dist.is_main and self.cfg.trainer.progress)
+        signal_monitor = WeakSignalMonitor.from_config(self.cfg.loss)
         with progress:
             while self.step < self.total_steps:
-                started = time.perf_counter()
-                record = self.train_step()
-                record["step_time_s"] = time.perf_counter() - started
-                record["tokens_per_s"] = record["tokens"] / max(record["step_time_s"], 1e-9)
-                if cfg.trainer.eval_steps and self.step % cfg.trainer.eval_steps == 0:
-                    val = self.validation_ce()
-                    if val is not None:
-                        record["val_ce"] = val
-                if self.step % cfg.trainer.log_steps == 0 or self.step == self.total_steps:
-                    self.metrics.write(record)
-                progress.update(record)
-                if self.dist.is_main:
-                    warning = signal_monitor.observe(record)
-                    if warning:
-                        log.warning(warning)
-                        self.metrics.write({"step": self.step, "warning": warning})
-                if cfg.trainer.save_steps and self.step % cfg.trainer.save_steps == 0:
-                    self.save_checkpoint()
-                ending = self._phase_ending_now()
-                if ending is not None:
-                    checkpoint = self.checkpoint_now()
-                    name = ("after SFT warm-up" if ending.options.objective == "sft" and ending.index == 0
-                            else f"after phase {ending.index + 1}, {ending.options.objective}")
-                    self.phase_evals[f"{name} (step {self.step})"] = _evaluate(
-                        cfg, str(checkpoint), self.run_dir.root / "eval" / f"phase-{ending.index + 1}",
-                        self.dist, self.tokenizer)
-                if self._periodic_eval_due():
-                    scores = self.evaluate_in_training()
-                    if self.dist.is_main:
-                        eval_record = {"step": self.step, **{f"eval/{name}": r["value"] for name, r in scores.items()}}
-                        self.metrics.write(eval_record)
-                        progress.note("eval at step %d: %s" % (self.step, ", ".join(
-                            f"{name} {r['value']:.1%}" for name, r in scores.items())))
-                if preemption.stop_requested(self.device):
-                    # A stop signal on any rank: all save at this step boundary and leave (preemption.py).
-                    last = self.checkpoint_now()
-                    self.run_dir.mark("preempted", step=self.step, total_steps=self.total_steps)
-                    self.metrics.close()
-                    raise preemption.Preempted(self.step, last)
+                record = self._timed_step()
+                self._maybe_validate(record)
+                self._log(record, progress, signal_monitor)
+                self._maybe_save()
+                self._maybe_evaluate(progress)
+                self._maybe_stop()
+        return self._finish()
+
+    def _timed_step(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        record = self.train_step()
+        record["step_time_s"] = time.perf_counter() - started
+        record["tokens_per_s"] = record["tokens"] / max(record["step_time_s"], 1e-9)
+        return record
+
+    def _maybe_validate(self, record: dict[str, Any]) -> None:
+        """trainer.eval_steps: validation CE every N steps (every rank takes part)."""
+        every = self.cfg.trainer.eval_steps
+        if every and self.step % every == 0:
+            val = self.validation_ce()
+            if val is not None:
+                record["val_ce"] = val
+
+    def _log(self, record: dict[str, Any], progress: TrainProgress, signal_monitor: WeakSignalMonitor) -> None:
+        if self.step % self.cfg.trainer.log_steps == 0 or self.step == self.total_steps:
+            self.metrics.write(record)
+        progress.update(record)
+        if self.dist.is_main:
+            warning = signal_monitor.observe(record)
+            if warning:
+                log.warning(warning)
+                self.metrics.write({"step": self.step, "warning": warning})
+
+    def _maybe_save(self) -> None:
+        every = self.cfg.trainer.save_steps
+        if every and self.step % every == 0:
+            self.save_checkpoint()
+
+    def _maybe_evaluate(self, progress: TrainProgress) -> None:
+        """Benchmarks at phase ends (eval.after_warmup, on a checkpoint of that step) and every
+        eval.every_steps (on eval.every_steps_limit problems), both through evaluate_current_model."""
+        eval_cfg = self.cfg.eval
+        if not eval_cfg.benchmarks:
+            return
+        ending = self.phase_ends.get(self.step) if eval_cfg.after_warmup else None
+        if ending is not None:
+            self.checkpoint_now()  # phase ends are kept: a later run can start from them
+            objective = ending.options.objective
+            name = ("after SFT warm-up" if objective == "sft" and ending.index == 0
+                    else f"after phase {ending.index + 1}, {objective}")
+            out_dir = self.run_dir.root / "eval" / f"phase-{ending.index + 1}"
+            self.phase_evals[f"{name} (step {self.step})"] = self.evaluate_current_model(eval_cfg, out_dir)
+        every = eval_cfg.every_steps
+        if every > 0 and self.step % every == 0 and self.step < self.total_steps:
+            import dataclasses
+
+            subset = dataclasses.replace(eval_cfg, limit=min(eval_cfg.limit or 10**9, eval_cfg.every_steps_limit))
+            scores = self.evaluate_current_model(subset, self.run_dir.root / "eval" / f"step-{self.step}")
+            if self.dist.is_main:
+                self.metrics.write({"step": self.step, **{f"eval/{name}": r["value"] for name, r in scores.items()}})
+                progress.note("eval at step %d: %s" % (self.step, ", ".join(
+                    f"{name} {r['value']:.1%}" for name, r in scores.items())))
+
+    def _maybe_stop(self) -> None:
+        """A stop signal on any rank: all save at this step boundary and leave (preemption.py)."""
+        if preemption.stop_requested(self.device):
+            last = self.checkpoint_now()
+            self.run_dir.mark("preempted", step=self.step, total_steps=self.total_steps)
+            self.metrics.close()
+            raise preemption.Preempted(self.step, last)
+
+    def _finish(self) -> list[dict[str, Any]]:
         last = self.checkpoint_now()
         records = read_metrics(self.run_dir.root / "metrics.jsonl") if self.dist.is_main else []
         val = self.validation_ce()
@@ -371,8 +393,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.eval.benchmarks and cfg.eval.before_training:
         before = _evaluate(cfg, cfg.model.name_or_path, output_dir / "eval" / "before", dist_info, tokenizer)
 
-    handle = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size)
-    trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, handle, total_steps, plan)
+    engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size)
+    trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, engine, total_steps, plan)
     checkpoint = resolve_resume(run_dir, cfg.trainer.resume)
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
@@ -386,7 +408,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     periodic = {r["step"]: {k[len("eval/"):]: v for k, v in r.items() if k.startswith("eval/")}
                 for r in records if any(k.startswith("eval/") for k in r)}
     # Free the engine's memory before generating with the final model.
-    del trainer, handle
+    del trainer, engine
     if cfg.eval.benchmarks:
         evals[f"final (step {total_steps})"] = _evaluate(cfg, str(run_dir.final), output_dir / "eval" / "final",
                                                         dist_info, tokenizer)
