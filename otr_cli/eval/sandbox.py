@@ -69,15 +69,15 @@ class SandboxLimits:
 class Isolation:
     """How runs are isolated on this machine.
 
-    name: "namespaces" (root: unshare net+pid+mount, run as nobody), "user_namespaces" (non-root
-        unshare with --map-root-user), or "rlimits" (resource limits and an in-process network
-        guard only).
+    name: "namespaces" (root: unshare net+pid+mount; the program keeps uid 0 but holds no
+        capabilities and sees every mount read-only, see ``_unshare_prefix``), "user_namespaces"
+        (non-root unshare with --map-root-user), or "rlimits" (resource limits and an in-process
+        network guard only). In every mode the program runs as the user otr runs as.
     prefix: the command that wraps the harness (empty for rlimits).
     """
 
     name: str
     prefix: tuple[str, ...]
-    drop_to: Optional[tuple[int, int]]  # uid, gid to switch to (None: keep the caller's)
     private_tmp: bool
     read_only_fs: bool = False
 
@@ -160,9 +160,9 @@ def detect_isolation(requested: str = "auto") -> Isolation:
     candidates = []
     if shutil.which("unshare") and shutil.which("setpriv") and shutil.which("findmnt"):
         if is_root:
-            candidates.append(Isolation("namespaces", _unshare_prefix(), None, True))
-        candidates.append(Isolation("user_namespaces", _unshare_prefix("--user", "--map-root-user"), None, True))
-    candidates.append(Isolation("rlimits", RLIMITS_PREFIX, None, False))
+            candidates.append(Isolation("namespaces", _unshare_prefix(), True))
+        candidates.append(Isolation("user_namespaces", _unshare_prefix("--user", "--map-root-user"), True))
+    candidates.append(Isolation("rlimits", RLIMITS_PREFIX, False))
     for candidate in candidates:
         if requested not in ("auto", candidate.name):
             continue
@@ -244,13 +244,10 @@ def run_program(program: str, call: str, limits: SandboxLimits = SandboxLimits()
     isolation = isolation or detect_isolation()
     nonce = secrets.token_hex(16)
     spec = {"program": program, "call": call, "nonce": nonce, "private_tmp": isolation.private_tmp,
-            "drop_to": isolation.drop_to,
             "limits": {"memory_bytes": limits.memory_mb * 2**20, "cpu_seconds": max(1, int(limits.cpu_s)),
                        "output_bytes": limits.output_bytes, "max_processes": limits.max_processes,
                        "open_files": limits.open_files}}
     workdir = Path(tempfile.mkdtemp(prefix="otr-sandbox-"))
-    if isolation.drop_to:
-        os.chown(workdir, *isolation.drop_to)  # the working directory for the rlimits mode
     started = time.monotonic()
     try:
         with (workdir / ".stdout").open("wb") as out, (workdir / ".stderr").open("wb") as err:

@@ -1,11 +1,10 @@
-"""Runs inside the sandbox process (never imported by otr itself): limits, privilege drop, then the program.
+"""Runs inside the sandbox process (never imported by otr itself): limits, then the program.
 
 Protocol: one JSON object on stdin with keys
     program (str): the source to execute (prompt + completion + tests, say),
     call (str): a statement run after the program, e.g. "check(add)",
     nonce (str): written to stdout only after `call` returned,
     limits (dict): memory_bytes, cpu_seconds, output_bytes, max_processes, open_files,
-    drop_to (list[int, int] | null): uid and gid to switch to when started as root,
     private_tmp (bool): /tmp is a fresh tmpfs, so work in a directory made there.
 The nonce is read from stdin and kept in this function's locals, never in the program's source,
 so a program that exits early (os._exit(0), sys.exit(0), a signal) cannot fake a pass.
@@ -66,12 +65,6 @@ def main() -> None:
     _limit(resource.RLIMIT_NOFILE, limits["open_files"])
     if spec.get("private_tmp"):
         os.chdir(tempfile.mkdtemp(prefix="otr-", dir="/tmp"))
-    if spec.get("drop_to") and os.geteuid() == 0:
-        uid, gid = spec["drop_to"]
-        os.chown(os.getcwd(), uid, gid)
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
     # RLIMIT_NPROC counts every task of the real user, so allow what the user already runs plus ours.
     _limit(resource.RLIMIT_NPROC, _tasks_of(os.getuid()) + limits["max_processes"])
     os.environ["HOME"] = os.getcwd()

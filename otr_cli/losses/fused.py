@@ -27,6 +27,7 @@ from otr_cli.losses.objectives import (
     rollout_advantages,
     rollout_rewards,
     rollout_weights,
+    stat_names,
     summarise_stats,
     unreachable,
 )
@@ -94,6 +95,25 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.T
     return torch.mul(a, b, out=scratch).sum(dim=1, keepdim=True)
 
 
+@dataclass
+class _BlockSoftmax:
+    """One block's softmax pieces, shared by the objectives' gradient writers.
+
+    exp_shifted: [b, V], exp(z - max z), held in the logits buffer the writer turns into G.
+    shifted: [b, V], z - max z. sum_exp, log_sum_exp, log_p_target: [b, 1]. target_col: [b, 1]
+    int64. scratch: "rollout", "product" -> [b, V] buffers of the accumulation dtype (rollout is
+    None where no rollout policy other than p is needed).
+    """
+
+    exp_shifted: torch.Tensor
+    shifted: torch.Tensor
+    sum_exp: torch.Tensor
+    log_sum_exp: torch.Tensor
+    log_p_target: torch.Tensor
+    target_col: torch.Tensor
+    scratch: dict[str, torch.Tensor | None]
+
+
 def _block_logit_gradient(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -126,22 +146,24 @@ def _block_logit_gradient(
         logits.mul_(1.0 / sum_exp).scatter_add_(1, target_col, torch.full_like(ce, -1.0))  # p - onehot(y)
         coef = (1.0 + sft_weight) * torch.ones_like(ce) if options.objective == "sft" else p_target + sft_weight
         value = coef * ce
-    elif options.objective == "otr":
-        value = _otr_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, options, generator, stats)
-        value = value + sft_weight * ce
-        coef = None
     else:
-        value = _otr_exact_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, log_p_target, options, stats)
-        value = value + sft_weight * ce
+        block = _BlockSoftmax(exp_shifted, shifted, sum_exp, log_sum_exp, log_p_target, target_col, scratch)
+        if options.objective == "otr":
+            value = _otr_block(block, options, generator, stats) + sft_weight * ce
+        else:
+            value = _otr_exact_block(block, options, stats) + sft_weight * ce
         coef = None
     return value.squeeze(1), (coef.squeeze(1) if coef is not None else None), {k: v.squeeze(1) for k, v in stats.items()}
 
 
-def _otr_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, options, generator, stats):
-    """Monte Carlo OTR on a block: sample, score, and write G = (abar + λ) p - (1/K) Σ A_k e_{a_k} - λ e_y.
-
-    logits holds exp(z - max) on entry ([b, V]); returns the surrogate value [b, 1].
+def _otr_block(block: _BlockSoftmax, options: LossOptions, generator: torch.Generator | None,
+               stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Monte Carlo OTR on a block: sample, score, and write G = (abar + λ) p - (1/K) Σ A_k e_{a_k} - λ e_y
+    into ``block.exp_shifted``; adds the rollout statistics ([b, 1] each) to ``stats``. Returns the
+    surrogate value [b, 1].
     """
+    logits, shifted, scratch = block.exp_shifted, block.shifted, block.scratch
+    log_sum_exp, sum_exp, target_col = block.log_sum_exp, block.sum_exp, block.target_col
     k = options.k
     # With temperature 1 the rollout weights are the logits buffer's own exp(z - max).
     if options.temperature == 1.0:
@@ -168,13 +190,15 @@ def _otr_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, optio
     return (advantages * log_p_samples).sum(dim=1, keepdim=True)  # advantages already carry -1/K
 
 
-def _otr_exact_block(logits, shifted, scratch, log_sum_exp, sum_exp, target_col, log_p_target, options, stats):
-    """Expected OTR on a block (no sampling); writes G into logits (exp(z - max) on entry).
+def _otr_exact_block(block: _BlockSoftmax, options: LossOptions, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Expected OTR on a block (no sampling); writes G into ``block.exp_shifted``.
 
     baseline none: G = [(1-β) q_y + β + λ] p - β q - [(1-β) q_y + λ] e_y
     baseline mean/loo: G = λ p + (1-β) q_y q - [(1-β) q_y + λ] e_y
     Returns the surrogate value [b, 1].
     """
+    logits, shifted, scratch = block.exp_shifted, block.shifted, block.scratch
+    log_sum_exp, sum_exp, target_col, log_p_target = block.log_sum_exp, block.sum_exp, block.target_col, block.log_p_target
     beta, sft_weight = options.beta, options.sft_weight
     same_policy = options.temperature == 1.0  # q = p, and q's weights are logits' own entries
     q_weights = logits if same_policy else rollout_weights(shifted, options.temperature, out=scratch["rollout"])
@@ -292,17 +316,8 @@ def fused_loss_and_grads(
         grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
     merged = {name: torch.cat(parts) for name, parts in row_stats.items()}
     if count == 0:
-        merged = {name: torch.zeros(0, device=device) for name in _stat_names(options)}
+        merged = {name: torch.zeros(0, device=device) for name in stat_names(options.objective)}
     return KernelResult(loss, grad_hidden, grad_weight, summarise_stats(merged, count, device))
-
-
-def _stat_names(options: LossOptions) -> tuple[str, ...]:
-    names = ("ce", "p_target", "entropy")
-    if options.objective == "otr":
-        return names + ("match_rate", "reward_mean", "no_match_frac", "unreachable_frac")
-    if options.objective == "otr_exact":
-        return names + ("match_rate", "reward_mean", "unreachable_frac")
-    return names
 
 
 class FusedTokenLossFunction(torch.autograd.Function):

@@ -198,8 +198,21 @@ def rollout_advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
     return centred.mul_(k / (k - 1))
 
 
+# Per-position statistics the kernels return (means over supervised positions): every objective's,
+# then those of the rollout policy (no_match_frac only where rollouts are drawn, i.e. otr).
 STAT_NAMES = ("ce", "p_target", "entropy")
 ROLLOUT_STAT_NAMES = ("match_rate", "reward_mean", "no_match_frac", "unreachable_frac")
+
+
+def stat_names(objective: str) -> tuple[str, ...]:
+    """The statistics an objective's loss returns (besides ``count``)."""
+    if objective == "otr":
+        return STAT_NAMES + ROLLOUT_STAT_NAMES
+    if objective == "otr_exact":
+        return STAT_NAMES + tuple(name for name in ROLLOUT_STAT_NAMES if name != "no_match_frac")
+    return STAT_NAMES
+
+
 # A target the rollout policy draws with probability under this is "unreachable": OTR's gradient
 # towards it is weighted by q(y), so the model will not learn it whatever K is (docs/loss.md).
 UNREACHABLE_Q = 1e-3

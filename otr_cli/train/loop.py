@@ -16,25 +16,27 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from otr_cli.atomic import write_json_atomic, write_text_atomic
 from otr_cli.config import PhaseConfig, TrainConfig, loss_options
 from otr_cli.data import DataBundle, build_datasets, collate_batch
+from otr_cli.losses.objectives import ROLLOUT_STAT_NAMES, STAT_NAMES, stat_names
 from otr_cli.models import load_tokenizer
 from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights
-from otr_cli.atomic import write_json_atomic, write_text_atomic
 from otr_cli.train.checkpoints import DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine, export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.progress import TrainProgress, print_summary
-from otr_cli.train.signals import WeakSignalMonitor
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
+from otr_cli.train.signals import WeakSignalMonitor
 from otr_cli.train.token_loss_model import sampling_generator
 
 log = logging.getLogger("otr.train")
 
-# Order of the statistics all-reduced each step (sums; divided by `count` afterwards).
-STAT_KEYS = ("ce", "p_target", "entropy", "match_rate", "reward_mean", "no_match_frac", "unreachable_frac")
+# Order of the statistics all-reduced each step (sums; divided by `count` afterwards): every rank sends
+# all of them, whatever its phase's objective, so the all-reduce has one shape.
+STAT_KEYS = STAT_NAMES + ROLLOUT_STAT_NAMES
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:
@@ -179,11 +181,10 @@ class Trainer:
             "tokens": int(tokens_global),
             "supervised_tokens": int(count_global),
         }
+        reported = stat_names(options.objective)
         for key, total in zip(STAT_KEYS, reduced[3:]):
-            if key in ("ce", "p_target", "entropy") or options.objective in ("otr", "otr_exact"):
+            if key in reported:
                 record[key] = total / max(count_global, 1.0)
-        if options.objective != "otr":
-            record.pop("no_match_frac", None)
         return record
 
     def evaluate_current_model(self, eval_cfg, out_dir: Path) -> dict[str, Any]:
