@@ -354,11 +354,7 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
         _positive("trainer.epochs", trainer.epochs)
     if trainer.save_total_limit is not None:
         _positive("trainer.save_total_limit", trainer.save_total_limit)
-    _choice("data.truncation", data.truncation, TRUNCATIONS)
-    _choice("data.format", data.format, DATA_FORMATS)
-    _positive("data.max_length", data.max_length)
-    if data.validation_size < 0:
-        raise ConfigError(f"data.validation_size={data.validation_size} must be >= 0")
+    validate_data(data)
     _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     validate_launcher(cfg.launcher)
     return cfg
@@ -372,6 +368,27 @@ def check_phases_cover(loss: LossConfig, total_steps: int) -> None:
     if covered < total_steps:
         raise ConfigError(f"loss.phases cover {covered} optimizer steps but the run has {total_steps}; "
                           f"give the last phase steps: -1 (until the end) or lower trainer.max_steps")
+
+
+def validate_data(data: DataConfig) -> None:
+    """Every check of the data group that needs no data: run at start-up and again by build_datasets.
+
+    What depends on the records (a hold-out larger than the set, nothing left after truncation)
+    is checked where they are read (otr_cli/data/pipeline.py).
+    """
+    _choice("data.truncation", data.truncation, TRUNCATIONS)
+    _choice("data.format", data.format, DATA_FORMATS)
+    if data.max_length < 2:  # one input token and one target at least
+        raise ConfigError(f"data.max_length={data.max_length} must be at least 2")
+    if data.validation_size < 0 or (data.validation_size >= 1 and data.validation_size != int(data.validation_size)):
+        raise ConfigError(f"data.validation_size={data.validation_size} must be a fraction below 1 or a whole count "
+                          f"(0: none)")
+    if data.validation_split and data.validation_size > 0:
+        raise ConfigError(f"data.validation_split={data.validation_split!r} and data.validation_size="
+                          f"{data.validation_size} both ask for a validation set; set data.validation_size=0 "
+                          f"or data.validation_split=null")
+    if data.max_examples is not None and data.max_examples < 1:
+        raise ConfigError(f"data.max_examples={data.max_examples} must be >= 1 (or null for all)")
 
 
 def _validate_phases(loss: LossConfig) -> None:

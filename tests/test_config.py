@@ -76,6 +76,11 @@ def test_out_of_range_value_names_the_key_and_allowed_values(capsys):
     ("trainer.max_steps=0", "trainer.max_steps"),
     ("data.truncation=cut", "data.truncation"),
     ("loss.unreachable_threshold=1.5", "loss.unreachable_threshold"),
+    # The data group's checks run at start-up, with the same limits build_datasets applies.
+    ("data.max_length=1", "data.max_length=1 must be at least 2"),
+    ("data.validation_size=2.5", "data.validation_size=2.5 must be a fraction below 1 or a whole count"),
+    ("data.max_examples=0", "data.max_examples"),
+    ("loss.chunk_size=0", "loss.chunk_size"),
 ])
 def test_validate_rejects_bad_values(override, message):
     from omegaconf import OmegaConf

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from otr_cli.config import DataConfig, SyntheticArithConfig
+from otr_cli.config import ConfigError, DataConfig, SyntheticArithConfig
 from otr_cli.data import IGNORE_INDEX, DataError, build_datasets, encode_conversation, to_messages
 
 GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -142,7 +142,7 @@ def test_validation_split_reads_another_split_of_a_directory_or_a_file(tokenizer
     from_file = build_datasets(DataConfig(source=str(tmp_path / "train.jsonl"),
                                           validation_split=str(tmp_path / "test.jsonl")), tokenizer, seed=0)
     assert len(from_file.validation) == 2
-    with pytest.raises(DataError, match="set data.validation_size=0 or data.validation_split=null"):
+    with pytest.raises(ConfigError, match="set data.validation_size=0 or data.validation_split=null"):
         build_datasets(DataConfig(source=str(tmp_path), validation_split="test", validation_size=0.5), tokenizer, 0)
 
 

@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from otr_cli.config import validate_data
 from otr_cli.data.chat import encode_conversation, resolve_chat_template
 from otr_cli.data.errors import DataError
 from otr_cli.data.examples import DataBundle, DataReport, TokenizedExample
@@ -88,8 +89,6 @@ def _holdout_size(validation_size: float, available: int) -> int:
     """data.validation_size as a record count: a fraction when < 1, else a count."""
     if validation_size < 1:
         return max(1, round(validation_size * available))
-    if validation_size != int(validation_size):
-        raise DataError(f"data.validation_size={validation_size} must be a fraction below 1 or a whole count")
     return int(validation_size)
 
 
@@ -108,10 +107,6 @@ def _nothing_left_error(split: str, records: RecordSet, counts: _SplitCounts, da
 def _validation_records(data_cfg: Any, train_records: RecordSet) -> tuple[Optional[RecordSet], list[int], list[int]]:
     """(validation record set or None, validation indices, training indices into train_records)."""
     train_order = list(range(len(train_records)))
-    if data_cfg.validation_split and data_cfg.validation_size > 0:
-        raise DataError(f"data.validation_split={data_cfg.validation_split!r} and data.validation_size="
-                        f"{data_cfg.validation_size} both ask for a validation set; set data.validation_size=0 "
-                        f"or data.validation_split=null")
     if data_cfg.validation_split:
         records = read_split(data_cfg, data_cfg.validation_split)
         return records, list(range(len(records))), train_order
@@ -139,10 +134,7 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
     seed: shuffles the training order (data.shuffle); the validation hold-out does not depend on it.
     Raises DataError for bad records, templates or settings, and when no example is left.
     """
-    if data_cfg.truncation not in ("truncate", "drop"):
-        raise DataError(f"data.truncation={data_cfg.truncation!r} must be truncate or drop")
-    if data_cfg.max_length < 2:
-        raise DataError(f"data.max_length={data_cfg.max_length} must be at least 2")
+    validate_data(data_cfg)
     template = resolve_chat_template(tokenizer, data_cfg.chat_template)
     train_records = read_split(data_cfg, data_cfg.split)
     if len(train_records) == 0:
@@ -151,8 +143,6 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
 
     if data_cfg.shuffle:
         random.Random(seed).shuffle(train_order)
-    if data_cfg.max_examples is not None and data_cfg.max_examples < 1:
-        raise DataError(f"data.max_examples={data_cfg.max_examples} must be >= 1 (or null for all)")
     train, counts, record_format = _encode_split(train_records, train_order, data_cfg, tokenizer, template,
                                                  data_cfg.max_examples)
     if not train:
