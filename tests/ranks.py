@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, subprocess_env
+from helpers import REPO, subprocess_env
 
 
 def start_ranks(args: list[str], log_dir: Path, world: int = 2, extra_env: dict[str, str] | None = None,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
-from conftest import run_cli, tiny_overrides
+from helpers import run_cli, tiny_overrides
 
 
+@pytest.mark.slow
 def test_smollm2_compare_runs_both_arms_and_prints_them_side_by_side(tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(tiny_model_dir, tmp_path / "unused")

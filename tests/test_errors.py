@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env, tiny_overrides
+from helpers import REPO, subprocess_env, tiny_overrides
 from otr_cli.cli import main
 from otr_cli.config import ConfigError
 from otr_cli.data import DataError
@@ -51,6 +51,7 @@ def test_train_non_utf8_data_is_a_user_error_naming_the_file_and_the_byte(tmp_pa
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_train_unexpected_error_is_a_traceback_with_exit_1(tiny_model_dir, tmp_path):
     # A fresh process: the run's fault handler ends it, as on a cluster.
     program = ("import sys\nfrom otr_cli.train import loop\nfrom otr_cli.cli import main\n"

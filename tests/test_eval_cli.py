@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA, read_jsonl, run_cli
+from helpers import SHARED_DATA, read_jsonl, run_cli
 from otr_cli.app import recipes_dir
 from otr_cli.eval.app import rewrite_model_override
 
@@ -15,6 +15,7 @@ def test_model_equals_path_means_name_or_path_but_group_options_stay():
                                                      "model=smollm2_135m_instruct", "eval.limit=2"]
 
 
+@pytest.mark.slow
 def test_otr_eval_on_a_model_directory_writes_eval_outputs(tiny_model_dir, tmp_path):
     result = run_cli(["eval", f"model={tiny_model_dir}", "eval.benchmarks=[svamp,mmlu_stem]", "eval.limit=2",
                       "eval.max_new_tokens=4", f"eval.data_dir={SHARED_DATA}", f"run.output_dir={tmp_path}"])
@@ -24,11 +25,13 @@ def test_otr_eval_on_a_model_directory_writes_eval_outputs(tiny_model_dir, tmp_p
     assert "svamp" in result.stdout and "95% CI" in result.stdout
 
 
+@pytest.mark.slow
 def test_otr_eval_unknown_benchmark_is_a_clear_error(tmp_path):
     result = run_cli(["eval", "eval.benchmarks=[gsm9k]", f"run.output_dir={tmp_path}"], check=False)
     assert result.returncode == 2 and "unknown benchmark 'gsm9k'" in " ".join(result.stderr.split())
 
 
+@pytest.mark.slow
 def test_otr_eval_unknown_key_suggests_the_right_one(tmp_path):
     result = run_cli(["eval", "eval.limt=3"], check=False)
     assert result.returncode == 2 and "eval.limit" in result.stderr

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from otr_cli.eval.compare import CompareError, compare_runs, find_eval_dir, load_run
 
 
@@ -34,6 +34,7 @@ def test_training_run_directories_are_found_through_eval_final(tmp_path):
     assert find_eval_dir(tmp_path / "run") == tmp_path / "run" / "eval" / "final"
 
 
+@pytest.mark.slow
 def test_compare_command_prints_table_and_writes_png_and_json(tmp_path):
     make_eval_dir(tmp_path / "a", {"gsm8k": [True, False] * 10, "svamp": [False] * 20})
     make_eval_dir(tmp_path / "b", {"gsm8k": [True] * 20, "svamp": [True, False] * 10})
@@ -44,6 +45,7 @@ def test_compare_command_prints_table_and_writes_png_and_json(tmp_path):
     assert len(json.loads(chart.with_suffix(".json").read_text())["comparisons"]) == 2
 
 
+@pytest.mark.slow
 def test_compare_without_results_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     make_eval_dir(tmp_path / "b", {"gsm8k": [True]})
@@ -51,6 +53,7 @@ def test_compare_without_results_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "no results.json" in " ".join(result.stderr.split())
 
 
+@pytest.mark.slow
 def test_compare_needs_two_directories_and_a_shared_benchmark(tmp_path):
     make_eval_dir(tmp_path / "a", {"gsm8k": [True]})
     make_eval_dir(tmp_path / "b", {"svamp": [True]})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA, read_jsonl
+from helpers import SHARED_DATA, read_jsonl
 from otr_cli.config import ConfigError, DataConfig, EvalConfig
 from otr_cli.eval import runner
 from otr_cli.eval.benchmarks import BenchmarkError, load_benchmark

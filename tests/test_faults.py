@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import REPO, tiny_overrides
+from helpers import REPO, tiny_overrides
 from ranks import start_ranks, wait_all
 
 COMMON = ["loss=sft", "trainer.micro_batch_size=2", "trainer.max_steps=4"]
@@ -59,6 +59,7 @@ def test_a_hung_rank_times_out_the_others_instead_of_hanging_them(tiny_model_dir
     assert json.loads((out / "run_state.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_refused_start_does_not_mark_the_run_that_owns_the_directory(tiny_model_dir, tmp_path, capsys):
     from otr_cli.cli import main
 

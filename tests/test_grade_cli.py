@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import read_jsonl, run_cli
+from helpers import read_jsonl, run_cli
 from otr_cli.eval.predictions import GradeInputError, parse_grade_args, read_predictions
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from otr_cli.eval.code_grader import build_program, extract_code, grade_code_many
 
 HUMANEVAL = SHARED_DATA / "humaneval" / "HumanEval.jsonl.gz"
@@ -18,6 +18,7 @@ def problems() -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
+@pytest.mark.slow
 def test_all_canonical_humaneval_solutions_pass(problems):
     samples = [dict(p, completion=p["canonical_solution"]) for p in problems]
     results = grade_code_many(samples, workers=2)
@@ -35,6 +36,7 @@ def _broken(problem: dict, how: int) -> str:
     return "    while True:\n        pass\n"
 
 
+@pytest.mark.slow
 def test_broken_humaneval_solutions_fail(problems):
     from otr_cli.eval.sandbox import SandboxLimits
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from helpers import REPO, subprocess_env
 from otr_cli import app, cli
 
 # Build outputs, caches and virtual environments are no part of what `pip install .` sees in a clone.
@@ -164,6 +164,7 @@ def test_a_same_named_user_recipe_is_flagged_once_per_job_not_once_per_rank(tmp_
                                                                          rank_variable):
     user = _user_recipes(tmp_path / "my_recipes")
     overrides = [f"hydra.searchpath=[file://{user}]"]
+    monkeypatch.delenv("RANK", raising=False)  # an in-process run earlier in this session may have set it
     monkeypatch.setenv(rank_variable, "1")
     assert app.warn_shadowed_user_configs(overrides) == [user / "recipe" / "smollm2_demo.yaml"]
     assert "warning" not in capsys.readouterr().err

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import read_jsonl, run_cli, start_cli, tiny_overrides
+from helpers import read_jsonl, run_cli, start_cli, tiny_overrides
 from otr_cli.cli import main
 from otr_cli.train import preemption
 from ranks import start_ranks, wait_all

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 from otr_cli.study import analysis
 from otr_cli.study import report as reproduce_report
@@ -56,6 +56,7 @@ def study(tiny_model_dir, tmp_path_factory):
     return {"root": root, "code": code, "stdout": out.getvalue(), "model": tiny_model_dir}
 
 
+@pytest.mark.slow
 def test_runs_land_in_the_cache_with_their_result_files(study):
     assert study["code"] == 0, study["stdout"]
     cache = study["root"] / "cache" / "tiny" / "A"

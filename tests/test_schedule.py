@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import read_jsonl, tiny_overrides
+from helpers import read_jsonl, tiny_overrides
 from otr_cli.cli import main
 from otr_cli.config import ConfigError, LossConfig, PhaseConfig
 from otr_cli.train.schedule import build_schedule, objective_at, phase_boundaries
@@ -82,6 +82,7 @@ def _train(tiny_model_dir, out, *extra):
 PHASES = "loss.phases=[{objective:sft,steps:2},{objective:otr,steps:-1,k:8,beta:-0.1}]"
 
 
+@pytest.mark.slow
 def test_schedule_switches_objective_at_the_right_step_and_logs_the_phase(tiny_model_dir, tmp_path):
     records = _train(tiny_model_dir, tmp_path / "run", PHASES, "trainer.max_steps=4")
     assert [(r["step"], r["objective"], r["phase"]) for r in records] == [
@@ -89,6 +90,7 @@ def test_schedule_switches_objective_at_the_right_step_and_logs_the_phase(tiny_m
     assert "match_rate" not in records[1] and "match_rate" in records[2]
 
 
+@pytest.mark.slow
 def test_resume_inside_the_schedule_lands_in_the_right_phase_at_the_right_step(tiny_model_dir, tmp_path):
     common = [PHASES, "trainer.max_steps=5", "trainer.save_steps=1", "trainer.save_total_limit=null"]
     reference = _train(tiny_model_dir, tmp_path / "ref", *common)
@@ -110,6 +112,7 @@ def _with_eval(tiny_model_dir, out, *extra):
                         "eval.before_training=false", "eval.after_warmup=false", *extra]
 
 
+@pytest.mark.slow
 def test_eval_every_steps_scores_a_subset_during_training_without_changing_the_training(tiny_model_dir, tmp_path):
     common = ["loss=otr", "loss.k=8", "trainer.max_steps=4"]
     plain = _train(tiny_model_dir, tmp_path / "plain", *common)
@@ -131,6 +134,7 @@ def test_eval_every_steps_scores_a_subset_during_training_without_changing_the_t
         assert left["loss"] == pytest.approx(right["loss"], rel=1e-6), left["step"]
 
 
+@pytest.mark.slow
 def test_eval_every_steps_under_zero3_exports_a_temporary_model(tiny_model_dir, tmp_path):
     out = tmp_path / "z3"
     main(["train", *_with_eval(tiny_model_dir, out, "loss=sft", "trainer.max_steps=2", "deepspeed.zero_stage=3",
@@ -140,6 +144,7 @@ def test_eval_every_steps_under_zero3_exports_a_temporary_model(tiny_model_dir, 
     assert not (out / "eval" / "step-1" / "model").exists()
 
 
+@pytest.mark.slow
 def test_after_warmup_evaluates_the_end_of_each_phase_but_the_last(tiny_model_dir, tmp_path):
     out = tmp_path / "phases"
     main(["train", *_with_eval(tiny_model_dir, out, PHASES, "trainer.max_steps=3", "eval.after_warmup=true")])

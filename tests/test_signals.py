@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_cli, tiny_overrides
+from helpers import read_jsonl, run_cli, tiny_overrides
 from otr_cli.train.signals import WeakSignalMonitor
 
 
@@ -69,6 +69,7 @@ def test_unreachable_rule_off_at_threshold_one_and_one_warning_per_run():
     assert len(messages) == 1 and "match rate 0.00%" in messages[0] and both.fired_rule == "match_rate"
 
 
+@pytest.mark.slow
 def test_a_run_without_signal_warns_once_in_the_log_and_metrics_and_again_in_the_summary(tiny_model_dir, tmp_path):
     # A random model puts ~1/49152 on each target: K=8 samples almost never match.
     out = tmp_path / "weak"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, subprocess_env, tiny_overrides
+from helpers import read_jsonl, subprocess_env, tiny_overrides
 from otr_cli.cli import main
 from slurm_cluster import SlurmCluster, slurm_available
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from otr_cli.cli import main
 from otr_cli.sweep.summary import summarize
 
@@ -120,6 +120,7 @@ def test_unknown_sweep_subcommand_is_a_clear_error(capsys):
     assert "unknown sweep command 'summarise'" in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_a_sweep_sequentially_with_a_run_dir_per_point(tiny_model_dir, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(tiny_model_dir, sweep, "loss=sft", "trainer.max_steps=2")

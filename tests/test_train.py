@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_jsonl, run_cli, start_cli, tiny_overrides
+from helpers import read_jsonl, run_cli, start_cli, tiny_overrides
 from otr_cli.cli import main
+
+# Every test here trains the tiny model end to end (seconds each); `make test-fast` skips them.
+pytestmark = pytest.mark.slow
 
 
 def train(tiny_model_dir, out, *extra):

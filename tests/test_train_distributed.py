@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, read_jsonl, subprocess_env, tiny_overrides
+from helpers import REPO, read_jsonl, subprocess_env, tiny_overrides
 from otr_cli.cli import main
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import read_jsonl, run_cli
+from helpers import read_jsonl, run_cli
 
 
 @pytest.mark.slow

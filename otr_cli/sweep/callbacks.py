@@ -18,6 +18,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from otr_cli.config import ConfigError, validate_launcher
+from otr_cli.errors import fail
+
 # How long to look for submitit's folder of the submitted job before giving up (sbatch is quick).
 ANNOUNCE_TIMEOUT_S = 600
 
@@ -37,8 +40,6 @@ def _announce_job_id(submitit_dir: Path) -> None:
 
 class CheckLauncher(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from otr_cli.config import ConfigError, validate_launcher
-        from otr_cli.errors import fail
 
         try:
             validate_launcher(OmegaConf.to_object(config.launcher))

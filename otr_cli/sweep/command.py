@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from otr_cli.errors import UserError, fail
 from otr_cli.sweep.summary import SweepSummary, best_setting, format_value, summarize, write_csv
 
 USAGE = "otr sweep summary SWEEP_DIR [--metric NAME] [--mode max|min] [--out DIR]"
@@ -97,7 +98,6 @@ def summary_command(args: list[str]) -> int:
 
 def sweep_entry(args: list[str]) -> int:
     """`otr sweep SUBCOMMAND ...` (wired in otr_cli/cli.py); user errors exit 2 with one message."""
-    from otr_cli.errors import UserError, fail
 
     if not args or args[0] in ("-h", "--help"):
         print(f"usage: {USAGE}")

@@ -17,12 +17,15 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from otr_cli.atomic import write_json_atomic
+from otr_cli.eval.compare import compare_runs, load_run, plot_comparison
+from otr_cli.sweep.summary import format_value, load_point, point_order, swept_keys
+
 log = logging.getLogger("otr.train")
 
 
 def finished_runs(sweep_dir: Path) -> list[Path]:
     """Run directories (sorted by Hydra job number when the names are numbers) holding summary.json."""
-    from otr_cli.sweep.summary import point_order
 
     return sorted((path.parent for path in sweep_dir.glob("*/summary.json")), key=point_order)
 
@@ -30,7 +33,6 @@ def finished_runs(sweep_dir: Path) -> list[Path]:
 def run_labels(run_dirs: list[Path]) -> list[str]:
     """What distinguishes each run: the config keys whose values differ between the runs (the
     objective first, since that is what a comparison is usually about)."""
-    from otr_cli.sweep.summary import format_value, load_point, swept_keys
 
     points = [load_point(d) for d in run_dirs]
     keys = sorted(swept_keys(points, run_dirs[0].parent), key=lambda k: not k.endswith(".objective"))
@@ -42,7 +44,6 @@ def side_by_side(run_dirs: list[Path]) -> tuple[dict[str, Any], list[dict[str, A
     """({"runs": [label...], "rows": [{"point", "benchmark", "cells": [accuracy or None per run]}],
     "paired": [rows of otr_cli.eval.compare.compare_runs for the final models]}, the final models'
     evaluations as otr_cli.eval.compare.load_run reads them, labelled)."""
-    from otr_cli.eval.compare import compare_runs, load_run
 
     summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
     labels = run_labels(run_dirs)
@@ -101,11 +102,9 @@ class PrintSideBySide(Callback):
             return
         result, final_runs = side_by_side(run_dirs)
         print_side_by_side(result)
-        from otr_cli.atomic import write_json_atomic
 
         write_json_atomic(sweep_dir / "side_by_side.json", result)
         if result["paired"]:
-            from otr_cli.eval.compare import plot_comparison
 
             plot_comparison(final_runs, result["paired"], sweep_dir / "side_by_side.png")
         print(f"side by side: {sweep_dir / 'side_by_side.json'}")
