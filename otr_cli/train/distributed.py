@@ -28,14 +28,67 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist such as 'gpu[003-005,9]' or 'a,b'."""
-    head = nodelist.split(",")[0]
-    if "[" in nodelist:
-        prefix, rest = nodelist.split("[", 1)
-        first = rest.split(",")[0].split("-")[0].rstrip("]")
-        return prefix + first
-    return head
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets: 'a[1,2],b' -> ['a[1,2]', 'b']."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def _expand_ranges(ranges: str) -> list[str]:
+    """'01-03,7' -> ['01', '02', '03', '7']; zero padding follows the range's first bound."""
+    values = []
+    for item in ranges.split(","):
+        low, _, high = item.partition("-")
+        if not high:
+            values.append(low)
+            continue
+        width = len(low) if low.startswith("0") else 0
+        values += [str(n).zfill(width) for n in range(int(low), int(high) + 1)]
+    return values
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Every host of a SLURM host list, in order, as ``scontrol show hostnames`` prints them.
+
+    Forms: 'a,b', 'gpu[01-04]', 'gpu[1,3-5]', 'a[1-2],b[3]', and several bracket groups in one name
+    ('rack[1-2]-n[08-10]', the leftmost varying slowest).
+    """
+    hosts: list[str] = []
+    for name in _split_top_level(nodelist.strip()):
+        expansions = [""]
+        rest = name
+        while "[" in rest:
+            prefix, _, tail = rest.partition("[")
+            ranges, _, rest = tail.partition("]")
+            expansions = [done + prefix + value for done in expansions for value in _expand_ranges(ranges)]
+        hosts += [done + rest for done in expansions if done + rest]
+    return hosts
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The job's first host, where rank 0 runs: from `scontrol show hostnames` where it works, else parsed."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        try:
+            # A local parse, no controller involved; but with a broken SLURM_CONF scontrol retries for a
+            # minute, so give up early and parse.
+            shown = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                   timeout=5, check=True).stdout.split()
+            if shown:
+                return shown[0]
+        except (OSError, subprocess.SubprocessError):
+            pass  # no SLURM configuration on this machine: parse it ourselves
+    hosts = expand_hostlist(nodelist)
+    return hosts[0] if hosts else "127.0.0.1"
 
 
 def populate_env_from_launcher() -> None:
@@ -49,7 +102,7 @@ def populate_env_from_launcher() -> None:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
         # Every task of a job must agree on the port without talking: derive it from the job id.
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
     if "RANK" not in env:
