@@ -35,3 +35,24 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A randomly initialised model of the Qwen3 architecture (qwen8b_math's), with SmolLM2's tokenizer.
+
+    Untied embeddings, q/k norms and grouped-query attention as in Qwen3-8B, at a few MB: the scale path's
+    rehearsal runs its code paths (ZeRO-3 partitioning of separate embedding and LM-head weights) on CPU ranks.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-qwen3")
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
