@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -64,6 +65,20 @@ class StepPlan:
         micro = [indices[i: i + self.micro_batch_size] for i in range(0, len(indices), self.micro_batch_size)]
         return micro[rank:: self.world_size]
 
+
+
+def padded_shard_starts(num_examples: int, batch_size: int, rank: int, world_size: int) -> list[Optional[int]]:
+    """This rank's batch start offsets over a fixed set of `num_examples`, padded with None to a common length.
+
+    Batches are dealt round-robin (rank r takes batches r, r + W, ...); every rank gets
+    ceil(batches / W) entries, None where it has no batch of its own in the last round. Callers
+    run a forward pass for every entry (a filler batch for None) so that under ZeRO-3, where each
+    forward is a collective, no rank waits for a forward pass another rank never makes.
+    """
+    num_batches = math.ceil(num_examples / batch_size)
+    rounds = math.ceil(num_batches / world_size)
+    batch_indices = (rank + k * world_size for k in range(rounds))
+    return [index * batch_size if index < num_batches else None for index in batch_indices]
 
 def loss_weights(batch: dict[str, torch.Tensor], reduction: str, global_tokens: int, global_sequences: int,
                  replicas: int) -> torch.Tensor:

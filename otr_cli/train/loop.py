@@ -22,7 +22,7 @@ from otr_cli.data import DataBundle, build_datasets, collate_batch
 from otr_cli.losses.objectives import ROLLOUT_STAT_NAMES, STAT_NAMES, stat_names
 from otr_cli.models import load_tokenizer
 from otr_cli.train import preemption
-from otr_cli.train.batches import StepPlan, loss_weights
+from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
 from otr_cli.train.checkpoints import DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine, export_hf_model
@@ -237,21 +237,28 @@ class Trainer:
     # -- validation ----------------------------------------------------------------------------
     @torch.no_grad()
     def validation_ce(self) -> Optional[float]:
-        """Mean cross-entropy per supervised token over the validation set (all ranks share it)."""
+        """Mean cross-entropy per supervised token over the validation set (all ranks share it).
+
+        Every rank runs the same number of forward passes: under ZeRO-3 each one is a collective
+        (parameter all-gathers), so a rank with one batch more would wait forever. Ranks without a
+        batch of their own in the last round run a filler batch whose loss is not counted.
+        """
         examples = self.data.validation
         if not examples:
             return None
         self.engine.deepspeed.eval()
         options = loss_options(self.cfg.loss, PhaseConfig(objective="sft"))
         size = self.cfg.trainer.micro_batch_size
-        mine = list(range(self.dist.rank * size, len(examples), size * self.dist.world_size))
         ce_sum, count = 0.0, 0.0
-        for start in mine:
-            batch = {k: v.to(self.device) for k, v in collate_batch(examples[start:start + size], self.pad_id).items()}
+        for start in padded_shard_starts(len(examples), size, self.dist.rank, self.dist.world_size):
+            filler = start is None
+            chunk = examples[0:size] if filler else examples[start:start + size]
+            batch = {k: v.to(self.device) for k, v in collate_batch(chunk, self.pad_id).items()}
             weights = loss_weights(batch, "token", 1, 1, 1)
             _, stats = self.engine.deepspeed(batch["input_ids"], batch["attention_mask"], batch["labels"], weights, options)
-            ce_sum += float(stats["ce"]) * float(stats["count"])
-            count += float(stats["count"])
+            if not filler:
+                ce_sum += float(stats["ce"]) * float(stats["count"])
+                count += float(stats["count"])
         self.engine.deepspeed.train()
         ce_total, count_total = all_reduce_sum([ce_sum, count], self.device)
         return ce_total / max(count_total, 1.0)
