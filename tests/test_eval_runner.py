@@ -51,7 +51,7 @@ def test_interrupted_eval_resumes_without_regenerating_finished_samples(tiny_mod
     original_generate = runner.generate_hf
 
     def spy(model, tokenizer, prompts, settings, **kwargs):
-        generated.extend(prompts)
+        generated.extend(prompts[i] for batch in kwargs["batches"] for i in batch)
         return original_generate(model, tokenizer, prompts, settings, **kwargs)
 
     monkeypatch.setattr(runner, "generate_hf", spy)
@@ -79,8 +79,8 @@ def test_changed_generation_settings_do_not_reuse_the_cache(tiny_model_dir, tmp_
     runner.evaluate_model(str(tiny_model_dir), cfg(limit=2), DataConfig(), out)
     generated = []
     original_generate = runner.generate_hf
-    monkeypatch.setattr(runner, "generate_hf", lambda m, t, prompts, s, **k: generated.extend(prompts)
-                        or original_generate(m, t, prompts, s, **k))
+    monkeypatch.setattr(runner, "generate_hf", lambda m, t, prompts, s, **k: generated.extend(
+        prompts[i] for batch in k["batches"] for i in batch) or original_generate(m, t, prompts, s, **k))
     runner.evaluate_model(str(tiny_model_dir), cfg(limit=2, max_new_tokens=7), DataConfig(), out)
     assert len(generated) == 2
 
@@ -187,3 +187,27 @@ def test_unreachable_hub_says_how_to_evaluate_offline(monkeypatch):
     with pytest.raises(BenchmarkError, match=r"cannot load openai_humaneval from the hub.*eval.data_dir=DIR holding "
                                              r"humaneval/HumanEval.jsonl.gz"):
         load_benchmark("humaneval", cfg(data_dir=None), DataConfig())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_evaluation_in_any_number_of_ranks_equals_one_process(tiny_model_dir, tmp_path, world):
+    from otr_cli.eval.sharding import EvalShard
+
+    settings = cfg(benchmarks=["gsm8k", "svamp"], limit=5)
+    single = runner.evaluate_model(str(tiny_model_dir), settings, DataConfig(), tmp_path / "single")
+    out = tmp_path / "sharded"
+    # The ranks in sequence, rank 0 last: it merges after the (here empty) barrier.
+    for rank in reversed(range(world)):
+        result = runner.evaluate_model(str(tiny_model_dir), settings, DataConfig(), out, shard=EvalShard(rank, world))
+        assert result == ({} if rank else single)
+    for name in ("gsm8k", "svamp"):
+        assert read_jsonl(out / f"{name}.jsonl") == read_jsonl(tmp_path / "single" / f"{name}.jsonl")
+    assert not (out / "shards").exists()
+    assert len(list(out.glob("generation_cache*.jsonl"))) == min(world, 3)  # 3 batches of 2: one per rank at most
+
+
+def test_a_missing_rank_shard_is_a_clear_error(tiny_model_dir, tmp_path):
+    from otr_cli.eval.sharding import EvalShard
+
+    with pytest.raises(RuntimeError, match=r"gsm8k\.rank1-of-2\.jsonl is missing: rank 1 did not finish gsm8k"):
+        runner.evaluate_model(str(tiny_model_dir), cfg(), DataConfig(), tmp_path, shard=EvalShard(0, 2))

@@ -40,26 +40,43 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 OnBatch = Callable[[list[int], list[list[str]]], None]
 
 
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices sorted by token length (stable) and cut into batches of `batch_size`.
+
+    The one batch plan of an evaluation: a run sharded over ranks deals these batches out and a
+    resumed run generates the batches it lacks, so both produce exactly the batches (hence the
+    padding and the completions) of one uninterrupted process.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """Token count of each rendered prompt (no special tokens added: the template has them)."""
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+
+
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[str], settings: GenerationSettings, *, batch_size: int,
-                on_batch: Optional[OnBatch] = None) -> list[list[str]]:
+                on_batch: Optional[OnBatch] = None, batches: Optional[list[list[int]]] = None) -> list[list[str]]:
     """Completions for chat-rendered `prompts`: a list (per prompt) of `num_samples` strings, input order.
 
     Prompts are sorted by token length so a batch pads little; padding is on the left so every
-    row's next token sits at the same position. Sampling draws from a generator seeded per batch
-    from (settings.seed, first prompt index), so a resumed run samples the same way.
+    row's next token sits at the same position. `batches` (lists of prompt indices) replaces the
+    length-sorted plan of all prompts: prompts in no batch get no completion (an empty list).
+    Sampling draws from a generator seeded per batch from (settings.seed, first prompt index),
+    so a resumed or sharded run samples the same way.
     """
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    if batches is None:
+        batches = length_sorted_batches(prompt_lengths(tokenizer, prompts), batch_size)
     completions: list[list[str]] = [[] for _ in prompts]
     sample_kwargs = ({"do_sample": False} if settings.greedy else
                      {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p})
     try:
-        for start in range(0, len(order), batch_size):
-            indices = order[start:start + batch_size]
+        for indices in batches:
             encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
             if not settings.greedy:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 
 def model_fingerprint(model_path: str, revision: Optional[str] = None) -> str:
@@ -38,19 +38,27 @@ def cache_key(fingerprint: str, prompt: str, settings: dict) -> str:
 
 
 class GenerationCache:
-    """Append-only store: key -> list of completions. `path=None` keeps nothing (cache disabled)."""
+    """Append-only store: key -> list of completions. `path=None` keeps nothing (cache disabled).
 
-    def __init__(self, path: Optional[Path]):
+    `read_also`: other cache files whose completions are reused (other ranks' caches of a sharded
+    evaluation); only `path` is written.
+    """
+
+    def __init__(self, path: Optional[Path], read_also: Iterable[Path] = ()):
         self.path = path
         self.entries: dict[str, list[str]] = {}
-        if path is not None and path.is_file():
-            with path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    try:
-                        entry = json.loads(line)
-                        self.entries[entry["key"]] = list(entry["completions"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line cut short by an interruption
+        for source in dict.fromkeys([*read_also, *([path] if path is not None else [])]):
+            if source.is_file():
+                self._read(source)
+
+    def _read(self, source: Path) -> None:
+        with source.open(encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = list(entry["completions"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by an interruption
 
     def get(self, key: str) -> Optional[list[str]]:
         return self.entries.get(key)

@@ -10,6 +10,7 @@ Files written under `out_dir` (all atomically):
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -22,10 +23,12 @@ from otr_cli.eval.benchmarks import (BENCHMARK_NAMES, BenchmarkError, Problem, f
                                      prompt_style)
 from otr_cli.eval.choice_grader import grade_choice
 from otr_cli.eval.code_grader import grade_code_many
-from otr_cli.eval.generation import GenerationSettings, generate_hf, generate_vllm
+from otr_cli.eval.generation import (GenerationSettings, generate_hf, generate_vllm, length_sorted_batches,
+                                     prompt_lengths)
 from otr_cli.eval.generation_cache import GenerationCache, cache_key, model_fingerprint
 from otr_cli.eval.math_grader import grade_math
 from otr_cli.eval.prompts import render_prompts
+from otr_cli.eval.sharding import SHARD_DIR, EvalShard, cache_files, merge_shards, write_shard
 from otr_cli.eval.sandbox import SandboxLimits
 from otr_cli.eval.stats import pass_at_k, wilson_interval
 
@@ -79,26 +82,37 @@ class _LazyModel:
         return self.model
 
 
-def _generate(prompts: list[str], keys: list[str], cache: GenerationCache, lazy: _LazyModel, tokenizer,
-              settings: GenerationSettings, batch_size: int, name: str) -> list[list[str]]:
-    """Completions for every prompt, generating only those the cache lacks."""
-    missing = [i for i, key in enumerate(keys) if cache.get(key) is None]
+def _generate(prompts: list[str], keys: list[str], batches: list[list[int]], cache: GenerationCache,
+              lazy: _LazyModel, tokenizer, settings: GenerationSettings, name: str) -> list[Optional[list[str]]]:
+    """Completions of the prompts in `batches` (None for the others), generating only what the cache lacks.
+
+    A batch is all cached or all missing after an interruption (completions are cached per batch), so
+    a resumed evaluation generates exactly the batches an uninterrupted one would have.
+    """
+    wanted = [i for batch in batches for i in batch]
+    missing_batches = [[i for i in batch if cache.get(keys[i]) is None] for batch in batches]
+    missing_batches = [batch for batch in missing_batches if batch]
+    missing = sum(len(batch) for batch in missing_batches)
     if missing:
-        log.info("%s: generating %d of %d prompts (%d cached)", name, len(missing), len(prompts),
-                 len(prompts) - len(missing))
+        log.info("%s: generating %d of %d prompts (%d cached)", name, missing, len(wanted), len(wanted) - missing)
         started, done = time.time(), [0]
 
         def on_batch(indices: list[int], batch: list[list[str]]) -> None:
-            cache.put_many([(keys[missing[i]], samples) for i, samples in zip(indices, batch)])
+            cache.put_many([(keys[i], samples) for i, samples in zip(indices, batch)])
             done[0] += len(indices)
-            log.info("%s: %d/%d generated (%.0f s)", name, done[0], len(missing), time.time() - started)
+            log.info("%s: %d/%d generated (%.0f s)", name, done[0], missing, time.time() - started)
 
-        subset = [prompts[i] for i in missing]
         if settings.backend == "vllm":
-            generate_vllm(lazy.model_path, subset, settings, on_batch)
+            subset = [i for batch in missing_batches for i in batch]
+            generate_vllm(lazy.model_path, [prompts[i] for i in subset], settings,
+                          lambda positions, batch: on_batch([subset[p] for p in positions], batch))
         else:
-            generate_hf(lazy.get(), tokenizer, subset, settings, batch_size=batch_size, on_batch=on_batch)
-    return [cache.get(key) for key in keys]
+            generate_hf(lazy.get(), tokenizer, prompts, settings, batch_size=max(map(len, missing_batches)),
+                        on_batch=on_batch, batches=missing_batches)
+    completions: list[Optional[list[str]]] = [None] * len(prompts)
+    for i in wanted:
+        completions[i] = cache.get(keys[i])
+    return completions
 
 
 def _grade(problems: list[Problem], completions: list[list[str]], eval_cfg: EvalConfig) -> list[list[dict]]:
@@ -154,12 +168,14 @@ def _scores(rows: list[dict], num_samples: int) -> dict[str, Any]:
 
 
 def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, out_dir: Path, tokenizer=None,
-                   *, model_cfg: Optional[ModelConfig] = None, model=None, print_table: bool = False
-                   ) -> dict[str, Any]:
+                   *, model_cfg: Optional[ModelConfig] = None, model=None, print_table: bool = False,
+                   shard: EvalShard = EvalShard()) -> dict[str, Any]:
     """Scores per benchmark: {name: {"accuracy", "correct", "n", "metric", "value", "ci95", ...}}.
 
     model_path: hub id, local directory, .gguf or "smollm2-135m-instruct"; model_cfg supplies
     dtype, revision and gguf_file (defaults otherwise); `model` skips loading when given.
+    With `shard` of several ranks every rank calls this: each generates and grades its share of
+    the problems (sharding.py), rank 0 writes the files and returns the scores, the others {}.
     """
     check_eval_config(eval_cfg)
     out_dir = Path(out_dir)
@@ -174,22 +190,41 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
         tokenizer = load_tokenizer(model_cfg.tokenizer or model_path, gguf_file=model_cfg.gguf_file,
                                    revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     settings = _settings(eval_cfg)
-    cache = GenerationCache(out_dir / CACHE_FILE if eval_cfg.cache else None)
+    cache = GenerationCache(shard.cache_file(out_dir) if eval_cfg.cache else None,
+                            read_also=cache_files(out_dir) if eval_cfg.cache else ())
     fingerprint = model_fingerprint(model_path, model_cfg.revision)
     lazy = _LazyModel(model_path, model_cfg, model)
-    results: dict[str, Any] = {}
+    rows_of: dict[str, list[dict]] = {}
     for name, problems in problem_sets.items():
         if not problems:
             raise BenchmarkError(f"benchmark {name!r} has no problems")
         prompts = render_prompts(problems, prompt_style(name, eval_cfg), tokenizer, data_cfg.system_prompt,
                                  data_cfg.chat_template, examples[name])
         keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
-        completions = _generate(prompts, keys, cache, lazy, tokenizer, settings, eval_cfg.batch_size, name)
-        rows = _rows(problems, prompts, completions, _grade(problems, completions, eval_cfg))
-        write_jsonl_atomic(out_dir / f"{name}.jsonl", rows)
-        results[name] = _scores(rows, eval_cfg.num_samples) | {"grader": problems[0].grader}
+        batches = shard.owned(length_sorted_batches(prompt_lengths(tokenizer, prompts), eval_cfg.batch_size))
+        mine = sorted(i for batch in batches for i in batch)
+        completions = _generate(prompts, keys, batches, cache, lazy, tokenizer, settings, name)
+        mine_completions = [completions[i] for i in mine]
+        rows = _rows([problems[i] for i in mine], [prompts[i] for i in mine], mine_completions,
+                     _grade([problems[i] for i in mine], mine_completions, eval_cfg))
+        if shard.world_size == 1:
+            rows_of[name] = rows
+            write_jsonl_atomic(out_dir / f"{name}.jsonl", rows)
+        else:
+            write_shard(shard, out_dir, name, [{"index": i, **row} for i, row in zip(mine, rows)])
+    if shard.world_size > 1:
+        shard.barrier()  # every rank's shards are written
+        if not shard.is_main:
+            return {}
+        for name, problems in problem_sets.items():
+            rows_of[name] = merge_shards(out_dir, name, shard.world_size, len(problems))
+            write_jsonl_atomic(out_dir / f"{name}.jsonl", rows_of[name])
+        shutil.rmtree(out_dir / SHARD_DIR, ignore_errors=True)
+    results: dict[str, Any] = {}
+    for name, problems in problem_sets.items():
+        results[name] = _scores(rows_of[name], eval_cfg.num_samples) | {"grader": problems[0].grader}
         log.info("eval %s on %s: %s = %.3f (%d problems)", model_path, name, results[name]["metric"],
-                 results[name]["value"], len(rows))
+                 results[name]["value"], len(rows_of[name]))
     write_json_atomic(out_dir / "summary.json", {name: {k: r[k] for k in ("metric", "value", "n", "ci95")}
                                                   for name, r in results.items()})
     write_json_atomic(out_dir / "results.json", {"model": model_path, "benchmarks": results})

@@ -188,41 +188,52 @@ class Trainer:
         return record
 
     def evaluate_current_model(self, eval_cfg, out_dir: Path) -> dict[str, Any]:
-        """The benchmarks on the model of the current step: the one evaluation path inside training.
+        """The benchmarks on the model of the current step, shared out over every rank.
 
-        The weights come from this step's checkpoint when one was just written (its Hugging Face
-        export), else under ZeRO-3 from a temporary consolidated export (the parameters are
-        partitioned; removed afterwards), else from the model in memory. Rank 0 generates while the
-        others wait at the barrier. Random generator states are put back afterwards, so a run that
-        evaluates trains exactly like one that does not.
+        Each rank generates and grades its share of the problems (eval/sharding.py) with a model
+        of its own, so no rank waits in a collective while others generate: under ZeRO 0-2 the
+        model in memory (every rank holds all of it), under ZeRO-3 a copy loaded from this step's
+        checkpoint export when one was just written, else from a temporary consolidated export
+        (the parameters are partitioned; removed afterwards). Rank 0 returns the scores, the
+        others {}. Random generator states are put back afterwards, so a run that evaluates
+        trains exactly like one that does not.
         """
         import shutil
+
+        from otr_cli.eval.runner import evaluate_model
 
         states = rng_states()
         model_dir = self.run_dir.latest_checkpoint() if self.saved_at == self.step else None
         temporary = None
-        if model_dir is None and self.engine.zero_stage == 3:
-            temporary = model_dir = out_dir / "model"
-            export_hf_model(self.engine, temporary, self.tokenizer, self.dist.is_main)  # a collective
-        result: dict[str, Any] = {}
-        if self.dist.is_main:
-            from otr_cli.eval.runner import evaluate_model
-
-            if model_dir is not None:
-                result = evaluate_model(str(model_dir), eval_cfg, self.cfg.data, out_dir, tokenizer=self.tokenizer)
-            else:
-                lm = self.engine.lm
-                lm.eval()
-                try:
-                    result = evaluate_model(f"{self.run_dir.root}@step-{self.step}", eval_cfg, self.cfg.data,
-                                            out_dir, tokenizer=self.tokenizer, model_cfg=self.cfg.model, model=lm)
-                finally:
-                    lm.train()
-            if temporary is not None:
-                shutil.rmtree(temporary, ignore_errors=True)
-        barrier()
+        model = None
+        if self.engine.zero_stage == 3:
+            if model_dir is None:
+                temporary = model_dir = out_dir / "model"
+                export_hf_model(self.engine, temporary, self.tokenizer, self.dist.is_main)  # a collective
+                barrier()  # rank 0 has written it
+        else:
+            model = self.engine.lm
+            model.eval()
+        # A checkpoint's export names the model (its files fingerprint the generation cache); the model
+        # in memory of a step without one gets a name of its own.
+        label = str(model_dir) if model_dir is not None else f"{self.run_dir.root}@step-{self.step}"
+        try:
+            model_cfg = self.cfg.model if model is not None else exported_model_cfg(self.cfg.model, label)
+            result = evaluate_model(label, eval_cfg, self.cfg.data, out_dir, tokenizer=self.tokenizer,
+                                    model_cfg=model_cfg, model=model, shard=self.eval_shard())
+        finally:
+            if model is not None:
+                model.train()
+        barrier()  # every rank is done with the temporary export
+        if temporary is not None and self.dist.is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
         restore_rng_states(states)
         return result
+
+    def eval_shard(self):
+        from otr_cli.eval.sharding import EvalShard
+
+        return EvalShard(self.dist.rank, self.dist.world_size, barrier)
 
     def _grad_norm_before_step(self) -> Optional[float]:
         """Pre-clipping gradient norm. ZeRO 1-3 report it after the step; stage 0 does not."""
@@ -355,6 +366,24 @@ class Trainer:
         return records
 
 
+def exported_model_cfg(model_cfg, directory: str):
+    """How to load a model otr exported (safetensors in `directory`): the base model's dtype and attention,
+    none of its GGUF file, revision or separate tokenizer."""
+    import dataclasses
+
+    return dataclasses.replace(model_cfg, name_or_path=directory, gguf_file=None, revision=None, tokenizer=None)
+
+
+def release_memory() -> None:
+    """Collect what the deleted engine held (its ZeRO hooks form reference cycles) and return the
+    cached GPU blocks, so the evaluation copy of the model finds the memory free."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _as_float(value) -> Optional[float]:
     if value is None:
         return None
@@ -415,8 +444,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     # From metrics.jsonl rather than the trainer, so evaluations made before a resume count too.
     periodic = {r["step"]: {k[len("eval/"):]: v for k, v in r.items() if k.startswith("eval/")}
                 for r in records if any(k.startswith("eval/") for k in r)}
-    # Free the engine's memory before generating with the final model.
+    # Free the engine's memory before every rank loads the final model to generate with it.
     del trainer, engine
+    release_memory()
     if cfg.eval.benchmarks:
         evals[f"final (step {total_steps})"] = _evaluate(cfg, str(run_dir.final), output_dir / "eval" / "final",
                                                         dist_info, tokenizer)
@@ -437,15 +467,17 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: TrainConfig, model: str, out_dir: Path, dist_info: DistInfo, tokenizer) -> Optional[dict]:
-    """Benchmarks on rank 0 (generation is cheap next to training; other ranks wait).
+    """Benchmarks of a saved model, shared out over every rank (each loads its own copy); the scores on
+    rank 0, {} on the others.
 
     A resumed run calls this again for its starting model: evaluate_model's generation cache in
     `out_dir` answers without loading the model.
     """
-    result = None
-    if dist_info.is_main:
-        from otr_cli.eval.runner import evaluate_model
+    from otr_cli.eval.runner import evaluate_model
+    from otr_cli.eval.sharding import EvalShard
 
-        result = evaluate_model(model, cfg.eval, cfg.data, out_dir, tokenizer=tokenizer)
+    model_cfg = cfg.model if model == cfg.model.name_or_path else exported_model_cfg(cfg.model, model)
+    result = evaluate_model(model, cfg.eval, cfg.data, out_dir, tokenizer=tokenizer, model_cfg=model_cfg,
+                            shard=EvalShard(dist_info.rank, dist_info.world_size, barrier))
     barrier()
     return result
