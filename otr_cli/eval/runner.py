@@ -25,7 +25,7 @@ from otr_cli.eval.code_grader import grade_code_many
 from otr_cli.eval.generation import GenerationSettings, generate_hf, generate_vllm
 from otr_cli.eval.generation_cache import GenerationCache, cache_key, model_fingerprint
 from otr_cli.eval.math_grader import grade_math
-from otr_cli.eval.prompts import render_prompts
+from otr_cli.eval.prompts import prompt_template_kwargs, render_prompts
 from otr_cli.eval.sandbox import SandboxLimits
 from otr_cli.eval.stats import pass_at_k, wilson_interval
 
@@ -162,6 +162,7 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
     dtype, revision and gguf_file (defaults otherwise); `model` skips loading when given.
     """
     check_eval_config(eval_cfg)
+    template_kwargs = prompt_template_kwargs(eval_cfg, data_cfg)
     out_dir = Path(out_dir)
     model_cfg = model_cfg or ModelConfig(name_or_path=model_path)
     # Every benchmark is loaded before the model, so a missing file fails in a second, not after minutes.
@@ -182,7 +183,7 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
         if not problems:
             raise BenchmarkError(f"benchmark {name!r} has no problems")
         prompts = render_prompts(problems, prompt_style(name, eval_cfg), tokenizer, data_cfg.system_prompt,
-                                 data_cfg.chat_template, examples[name])
+                                 data_cfg.chat_template, examples[name], template_kwargs)
         keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
         completions = _generate(prompts, keys, cache, lazy, tokenizer, settings, eval_cfg.batch_size, name)
         rows = _rows(problems, prompts, completions, _grade(problems, completions, eval_cfg))
