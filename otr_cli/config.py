@@ -8,6 +8,7 @@ the type system cannot express (ranges, allowed names, combinations) live in ``v
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -91,6 +92,8 @@ class DataConfig:
     system_prompt: Optional[str] = None
     # Jinja chat template overriding the tokenizer's (a template string or a path to a file).
     chat_template: Optional[str] = None
+    # Extra template variables for every rendering, e.g. {enable_thinking: false} (Qwen3's non-thinking mode).
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     max_length: int = 512
     truncation: str = "truncate"
     # Keep only the first N training examples after shuffling (None: all).
@@ -217,6 +220,10 @@ class EvalConfig:
     seed: int = 0
     # Worked examples from the benchmark's train split shown before each question (gsm8k only; 0: zero-shot).
     few_shot: int = 0
+    # Template variables for the prompts, e.g. {enable_thinking: false}, over data.chat_template_kwargs:
+    # prompts are rendered as the training text was unless a variable is set here. (A mapping, not
+    # null-for-inherit: OmegaConf cannot merge a command-line mapping into a null node.)
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
     # Reuse completions already generated for the same (model, prompt, settings).
     cache: bool = True
     # Code benchmarks: sandbox limits per sample and parallel sandboxes.
@@ -355,6 +362,8 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     if trainer.save_total_limit is not None:
         _positive("trainer.save_total_limit", trainer.save_total_limit)
     validate_data(data)
+    # Checked now, not at the first evaluation hours later.
+    check_chat_template_kwargs("eval.chat_template_kwargs", cfg.eval.chat_template_kwargs)
     _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     validate_launcher(cfg.launcher)
     return cfg
@@ -389,6 +398,33 @@ def validate_data(data: DataConfig) -> None:
                           f"or data.validation_split=null")
     if data.max_examples is not None and data.max_examples < 1:
         raise ConfigError(f"data.max_examples={data.max_examples} must be >= 1 (or null for all)")
+    check_chat_template_kwargs("data.chat_template_kwargs", data.chat_template_kwargs)
+
+
+# Arguments of tokenizer.apply_chat_template that otr sets (or that change what it returns): a template
+# variable of the same name would replace them or clash with them.
+RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "chat_template", "add_generation_prompt", "tokenize",
+                            "continue_final_message", "return_dict", "return_tensors", "return_assistant_tokens_mask")
+
+
+def check_chat_template_kwargs(key: str, value: Any) -> dict[str, Any]:
+    """`value` (data. or eval.chat_template_kwargs) as a plain dict of template variables.
+
+    Raises ConfigError naming `key` unless it is a mapping from variable names (strings) to values.
+    """
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    example = f"{key}='{{enable_thinking: false}}'"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}={value!r} must be a mapping of chat template variables to values, e.g. {example}")
+    for name in value:
+        if not isinstance(name, str):
+            raise ConfigError(f"{key} has the key {name!r} ({type(name).__name__}); template variable names are "
+                              f"strings, e.g. {example}")
+        if name in RESERVED_TEMPLATE_KWARGS:
+            raise ConfigError(f"{key}.{name} is an argument otr passes to apply_chat_template itself, not a template "
+                              f"variable; remove it")
+    return dict(value)
 
 
 def _validate_phases(loss: LossConfig) -> None:
@@ -448,7 +484,9 @@ def schema_keys(schema: type = TrainConfig, prefix: str = "") -> dict[str, type]
     return keys
 
 
-FREE_FORM_PREFIXES = ("deepspeed.extra.", "hydra.", "recipe")
+# Keys below these are the user's own (DeepSpeed JSON, template variables), not schema fields.
+FREE_FORM_PREFIXES = ("deepspeed.extra.", "hydra.", "recipe", "data.chat_template_kwargs.",
+                      "eval.chat_template_kwargs.")
 
 
 def check_override_keys(overrides: list[str], groups: tuple[str, ...]) -> None:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 
+from chat_templates import QWEN3_TEMPLATE
 from otr_cli.data import DataError, IGNORE_INDEX, collate_batch, encode_conversation, render_prompt
 from otr_cli.data.chat import BUILTIN_TEMPLATES, resolve_chat_template
 
@@ -14,6 +15,7 @@ SINGLE_TURN = [{"role": "user", "content": "What is 2 + 3?"},
 MULTI_TURN = [{"role": "system", "content": "You add numbers."},
               {"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"},
               {"role": "user", "content": "And 2 + 2?"}, {"role": "assistant", "content": "It is 4."}]
+NO_THINKING = {"enable_thinking": False}
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +110,22 @@ def test_tokenizer_without_chat_template_asks_for_data_chat_template(tokenizer):
     assert resolve_chat_template(bare, "chatml")
 
 
-def test_template_that_is_not_prefix_stable_is_refused(tokenizer):
+def test_template_that_is_not_prefix_stable_has_its_replies_located_in_the_full_rendering(tokenizer):
     # Writes the number of messages first, so a prefix of the conversation renders differently.
-    unstable = ("{{ messages | length }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                "{% if add_generation_prompt %}<assistant>{% endif %}")
-    with pytest.raises(DataError, match=r"^gsm8k\.jsonl:3: the chat template is not prefix-stable.*message 1"):
-        encode_conversation(SINGLE_TURN, tokenizer, unstable, where="gsm8k.jsonl:3")
+    unstable = ("{{ messages | length }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                "{{ eos_token if m['role'] == 'assistant' }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    example = encode_conversation(MULTI_TURN, tokenizer, unstable)
+    assert tokenizer.decode(example.input_ids).startswith("5<system>")
+    assert [tokenizer.decode(run) for run in _supervised_runs(example)] == ["2<|im_end|>", "It is 4.<|im_end|>"]
+
+
+def test_reply_the_template_does_not_write_is_a_clear_error(tokenizer):
+    # Upper-cases replies and is not prefix-stable: the reply's content is nowhere in the rendering.
+    shouting = ("{{ messages | length }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | upper }}"
+                "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    with pytest.raises(DataError, match=r"^gsm8k\.jsonl:3: the chat template is not prefix-stable and the content "
+                                        r"of assistant message 1 does not appear.*data.chat_template"):
+        encode_conversation(SINGLE_TURN, tokenizer, shouting, where="gsm8k.jsonl:3")
 
 
 def test_template_errors_say_where(tokenizer):
@@ -146,3 +158,62 @@ def test_a_token_straddling_the_start_of_the_reply_is_supervised_not_lost(tokeni
     assert " Five" in [tokenizer.decode([token]) for token in example.input_ids]
     [reply] = [tokenizer.decode(run) for run in _supervised_runs(example)]
     assert reply == " Five.<|im_end|>"
+
+
+def _first_supervised_of_run(example, run_index):
+    """Position of the first token of the run_index-th supervised run."""
+    starts = [i for i, label in enumerate(example.labels)
+              if label != IGNORE_INDEX and (i == 0 or example.labels[i - 1] == IGNORE_INDEX)]
+    return starts[run_index]
+
+
+def test_qwen3_template_multi_turn_supervises_each_assistant_turn_as_rendered(tokenizer):
+    example = encode_conversation(MULTI_TURN, tokenizer, QWEN3_TEMPLATE, chat_template_kwargs=NO_THINKING)
+    # The text the model trains on: the earlier reply without a think block, the last with an empty one.
+    assert tokenizer.decode(example.input_ids) == (
+        "<|im_start|>system\nYou add numbers.<|im_end|>\n<|im_start|>user\n1 + 1?<|im_end|>\n"
+        "<|im_start|>assistant\n2<|im_end|>\n<|im_start|>user\nAnd 2 + 2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nIt is 4.<|im_end|>\n")
+    assert [tokenizer.decode(run) for run in _supervised_runs(example)] == ["2<|im_end|>", "It is 4.<|im_end|>"]
+    # Up to the last reply, the training text is exactly the prompt evaluation renders with the same kwargs.
+    last_reply = _first_supervised_of_run(example, 1)
+    assert tokenizer.decode(example.input_ids[:last_reply]) == render_prompt(
+        MULTI_TURN[:-1], tokenizer, QWEN3_TEMPLATE, chat_template_kwargs=NO_THINKING)
+
+
+def test_qwen3_template_in_thinking_mode_supervises_the_think_block_the_model_writes(tokenizer):
+    # Without enable_thinking=false the generation prompt stops at '<|im_start|>assistant\n': the model
+    # writes the think block itself, so the last reply's (empty) think block is supervised with it.
+    example = encode_conversation(MULTI_TURN, tokenizer, QWEN3_TEMPLATE)
+    assert [tokenizer.decode(run) for run in _supervised_runs(example)] == [
+        "2<|im_end|>", "<think>\n\n</think>\n\nIt is 4.<|im_end|>"]
+
+
+def test_qwen3_template_drops_earlier_reasoning_and_supervises_each_reply_as_rendered(tokenizer):
+    reasoned = [{"role": "user", "content": "1 + 1?"},
+                {"role": "assistant", "content": "<think>\nOne more than 1.\n</think>\n\n2"},
+                {"role": "user", "content": "And 2 + 2?"},
+                {"role": "assistant", "content": "<think>\nTwice 2.\n</think>\n\nIt is 4."}]
+    example = encode_conversation(reasoned, tokenizer, QWEN3_TEMPLATE)
+    text = tokenizer.decode(example.input_ids)
+    assert "One more than 1." not in text and "Twice 2." in text
+    assert [tokenizer.decode(run) for run in _supervised_runs(example)] == [
+        "2<|im_end|>", "<think>\nTwice 2.\n</think>\n\nIt is 4.<|im_end|>"]
+
+
+def test_qwen3_template_single_turn_without_thinking_supervises_the_reply_after_the_empty_think_block(tokenizer):
+    example = encode_conversation(SINGLE_TURN, tokenizer, QWEN3_TEMPLATE, chat_template_kwargs=NO_THINKING)
+    first = _first_supervised_of_run(example, 0)
+    assert tokenizer.decode(example.input_ids[:first]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert [tokenizer.decode(run) for run in _supervised_runs(example)] == [SINGLE_TURN[1]["content"] + "<|im_end|>"]
+
+
+def test_chat_template_kwargs_reach_the_template(tokenizer):
+    greeting = ("{% for m in messages %}{{ m['content'] }}{{ eos_token if m['role'] == 'assistant' }}\n{% endfor %}"
+                "{% if add_generation_prompt %}{{ greeting | default('(none)') }}: {% endif %}")
+    assert render_prompt(SINGLE_TURN[:1], tokenizer, greeting).endswith("(none): ")
+    assert render_prompt(SINGLE_TURN[:1], tokenizer, greeting, chat_template_kwargs={"greeting": "Bot"}
+                         ).endswith("Bot: ")
+    assert render_prompt(SINGLE_TURN[:1], tokenizer, QWEN3_TEMPLATE, chat_template_kwargs=NO_THINKING
+                         ).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert render_prompt(SINGLE_TURN[:1], tokenizer, QWEN3_TEMPLATE).endswith("<|im_start|>assistant\n")

@@ -7,7 +7,7 @@ Public interface (what training and evaluation import)::
     load_records(source_or_data_cfg, split) -> list[dict]
     to_messages(record, data_cfg) -> list[{"role", "content"}]
     prompt_messages(messages) -> the messages before the last assistant reply
-    render_prompt(messages, tokenizer, chat_template=None) -> str
+    render_prompt(messages, tokenizer, chat_template=None, chat_template_kwargs=None) -> str
     generate_split(synthetic_cfg, split) / parse_final_answer(text)   (synthetic_arith)
 
 See docs/data.md for the user-facing description.

@@ -9,17 +9,28 @@ newline after the end-of-turn token) has label -100.
 How the spans are found, for any template: for the assistant message i,
 ``render(messages[:i], add_generation_prompt=True)`` ends where the reply starts and
 ``render(messages[:i + 1])`` ends where the turn ends; the reply span is the text between them
-with trailing whitespace removed. This needs a *prefix-stable* template (rendering a prefix of
-the conversation gives a prefix of the full rendering); templates that are not are refused.
-Characters map to tokens through the fast tokenizer's offset mapping. Labels are never derived
-from token ids: SmolLM2's pad token is its end-of-turn token, so ``input_ids == pad_token_id``
-would hide exactly the tokens that teach the model to stop.
+with trailing whitespace removed. That needs the turn to be *prefix-stable* (both renderings are
+prefixes of the full rendering), as every turn of SmolLM2's or ChatML's template is.
+
+Templates with a thinking mode are not: Qwen3's writes an earlier reply without its reasoning and
+without a think block, but the same reply as the last message (or after the generation prompt
+with enable_thinking=false) with one. For such a turn the reply is located in the full rendering,
+the text the model trains on: its content (as is, trimmed, or without the reasoning up to
+``</think>``) followed by what the template writes to close the turn (``<|im_end|>``), the
+occurrence nearest to where the full rendering stops agreeing with the generation prompt, after
+the previous reply. A reply found nowhere is an error that names the message.
+
+Template variables (``chat_template_kwargs``, e.g. ``{"enable_thinking": False}``) reach every
+rendering. Characters map to tokens through the fast tokenizer's offset mapping. Labels are never
+derived from token ids: SmolLM2's pad token is its end-of-turn token, so ``input_ids ==
+pad_token_id`` would hide exactly the tokens that teach the model to stop.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from otr_cli.data.errors import DataError
 from otr_cli.data.examples import IGNORE_INDEX, TokenizedExample
@@ -62,11 +73,15 @@ def resolve_chat_template(tokenizer: Any, chat_template: Optional[str] = None) -
 
 
 def render(messages: list[dict], tokenizer: Any, template: Optional[str], *, add_generation_prompt: bool,
-           where: str = "conversation") -> str:
-    """The conversation as text (special tokens included), rendered by the chat template."""
+           where: str = "conversation", chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> str:
+    """The conversation as text (special tokens included), rendered by the chat template.
+
+    chat_template_kwargs: extra template variables (data.chat_template_kwargs), e.g. enable_thinking.
+    """
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt,
+                                             **dict(chat_template_kwargs or {}))
     except DataError:
         raise
     except Exception as exc:  # jinja errors and template-raised exceptions ("roles must alternate")
@@ -76,39 +91,88 @@ def render(messages: list[dict], tokenizer: Any, template: Optional[str], *, add
     return text
 
 
-def render_prompt(messages: list[dict], tokenizer: Any, chat_template: Optional[str] = None) -> str:
+def render_prompt(messages: list[dict], tokenizer: Any, chat_template: Optional[str] = None,
+                  chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> str:
     """Prompt text for generation: `messages` rendered with the generation prompt appended.
 
     Tokenize the result with ``add_special_tokens=False``: the template already wrote them.
     """
     template = resolve_chat_template(tokenizer, chat_template)
-    return render(messages, tokenizer, template, add_generation_prompt=True)
+    return render(messages, tokenizer, template, add_generation_prompt=True,
+                  chat_template_kwargs=chat_template_kwargs)
 
 
-def assistant_spans(messages: list[dict], tokenizer: Any, template: Optional[str],
-                    where: str = "conversation") -> tuple[str, list[tuple[int, int]]]:
+def _reply_forms(content: Any) -> list[str]:
+    """How a template may write an assistant message's content, most literal first.
+
+    As is; trimmed (templates that ``| trim``); without the reasoning up to the last ``</think>``
+    (templates that drop earlier turns' thinking: Qwen3, DeepSeek-R1), newlines or all whitespace
+    around it removed.
+    """
+    if not isinstance(content, str):
+        return []
+    forms = [content, content.strip()]
+    if "</think>" in content:
+        answer = content.split("</think>")[-1]
+        forms += [answer.lstrip("\n"), answer.strip()]
+    return [form for form in dict.fromkeys(forms) if form]
+
+
+def _locate_reply(full: str, before: str, through: str, message: dict, index: int, search_from: int,
+                  where: str) -> tuple[int, int]:
+    """The [start, end) span of assistant message `index` in `full` for a turn that is not prefix-stable.
+
+    before: the conversation up to the reply with the generation prompt; through: up to and
+    including the reply, where the reply is the last message. The span is the reply's content as
+    `full` writes it plus what closes the turn (the text `through` writes after the content,
+    trailing whitespace excluded: ``<|im_end|>``). Of its occurrences after `search_from` (the end
+    of the previous reply), the last one starting where `full` still agrees with `before` wins (the
+    reply starts right after the header the two share), else the first one after that point.
+    """
+    agree = len(os.path.commonprefix([before, full]))
+    closing = through.rstrip()
+    for reply in _reply_forms(message.get("content")):
+        at = closing.rfind(reply)
+        if at == -1:
+            continue
+        target = reply + closing[at + len(reply):]
+        start = full.rfind(target, search_from, max(search_from, agree) + len(target))
+        if start == -1:
+            start = full.find(target, max(search_from, agree))
+        if start != -1:
+            return start, start + len(target)
+    raise DataError(
+        f"{where}: the chat template is not prefix-stable and the content of assistant message {index} does not "
+        f"appear in the full rendering after the previous reply (neither as is, trimmed, nor without its "
+        f"reasoning up to '</think>'), so the tokens to supervise cannot be located. Set data.chat_template to a "
+        f"template that writes each reply's content unchanged (e.g. data.chat_template=chatml)"
+    )
+
+
+def assistant_spans(messages: list[dict], tokenizer: Any, template: Optional[str], where: str = "conversation",
+                    chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> tuple[str, list[tuple[int, int]]]:
     """The full rendering and the [start, end) character span of every assistant reply in it.
 
     A span starts after the generation prompt and ends after the end-of-turn marker (trailing
-    whitespace excluded). Raises DataError when the template is not prefix-stable.
+    whitespace excluded). Turns that are not prefix-stable are located in the full rendering
+    (``_locate_reply``); raises DataError when a reply cannot be found there.
     """
-    full = render(messages, tokenizer, template, add_generation_prompt=False, where=where)
+    def render_part(part: list[dict], add_generation_prompt: bool) -> str:
+        return render(part, tokenizer, template, add_generation_prompt=add_generation_prompt, where=where,
+                      chat_template_kwargs=chat_template_kwargs)
+
+    full = render_part(messages, False)
     spans: list[tuple[int, int]] = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(messages[:index], tokenizer, template, add_generation_prompt=True, where=where)
+        before = render_part(messages[:index], True)
         # The last message's prefix is the whole conversation: skip one render (a third of the cost).
         last = index == len(messages) - 1
-        through = full if last else render(messages[: index + 1], tokenizer, template,
-                                           add_generation_prompt=False, where=where)
+        through = full if last else render_part(messages[: index + 1], False)
         if not (through.startswith(before) and full.startswith(through)):
-            raise DataError(
-                f"{where}: the chat template is not prefix-stable, so the assistant reply (message {index}) cannot "
-                f"be located: rendering the conversation up to that reply is not a prefix of the full rendering. "
-                f"Set data.chat_template to a template whose rendering of a conversation prefix is a prefix of "
-                f"the whole (e.g. data.chat_template=chatml)"
-            )
+            spans.append(_locate_reply(full, before, through, message, index, spans[-1][1] if spans else 0, where))
+            continue
         end = len(through.rstrip())
         if end <= len(before):
             raise DataError(f"{where}: the chat template rendered assistant message {index} as nothing")
@@ -116,15 +180,15 @@ def assistant_spans(messages: list[dict], tokenizer: Any, template: Optional[str
     return full, spans
 
 
-def encode_conversation(messages: list[dict], tokenizer: Any, template: Optional[str],
-                        where: str = "conversation") -> TokenizedExample:
+def encode_conversation(messages: list[dict], tokenizer: Any, template: Optional[str], where: str = "conversation",
+                        chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> TokenizedExample:
     """Tokens of the rendered conversation; labels supervise the assistant spans only.
 
     A token is supervised when its characters overlap an assistant span. A token that straddles
     the start of a reply (a SentencePiece "▁word" whose offset includes the space the prompt
     ends with) is part of what the model must write, so it is supervised rather than lost.
     """
-    text, spans = assistant_spans(messages, tokenizer, template, where)
+    text, spans = assistant_spans(messages, tokenizer, template, where, chat_template_kwargs)
     try:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as exc:

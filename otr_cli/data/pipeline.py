@@ -8,7 +8,8 @@ Order of operations, chosen so that runs are comparable:
    independent of ``seed``, so a seed sweep evaluates every run on the same validation set.
 2. Shuffle the training records with ``seed`` (data.shuffle), then encode them in that order
    until data.max_examples are kept; the rest are never tokenized (``report.unused``).
-3. Each record: format -> messages -> render -> assistant-only labels -> length policy
+3. Each record: format -> messages -> render (data.chat_template, data.chat_template_kwargs)
+   -> assistant-only labels -> length policy
    (data.truncation=truncate keeps the first data.max_length tokens, drop drops the example)
    -> dropped if no supervised token is left.
 """
@@ -20,7 +21,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from otr_cli.config import validate_data
+from otr_cli.config import check_chat_template_kwargs, validate_data
 from otr_cli.data.chat import encode_conversation, resolve_chat_template
 from otr_cli.data.errors import DataError
 from otr_cli.data.examples import DataBundle, DataReport, TokenizedExample
@@ -58,7 +59,8 @@ def _fit_length(example: TokenizedExample, max_length: int, truncation: str,
 
 
 def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer: Any, template: Optional[str],
-                  limit: Optional[int]) -> tuple[list[TokenizedExample], _SplitCounts, str]:
+                  template_kwargs: dict[str, Any], limit: Optional[int]
+                  ) -> tuple[list[TokenizedExample], _SplitCounts, str]:
     """Encode records[order[...]] until `limit` are kept; returns examples, counts, format name."""
     counts = _SplitCounts()
     examples: list[TokenizedExample] = []
@@ -70,7 +72,7 @@ def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer
         where = records.where(index)
         # One format for the whole split: a record lacking a field is an error, not another format.
         messages = to_messages(records[index], data_cfg, record_format=record_format, where=where)
-        example = _fit_length(encode_conversation(messages, tokenizer, template, where),
+        example = _fit_length(encode_conversation(messages, tokenizer, template, where, template_kwargs),
                               data_cfg.max_length, data_cfg.truncation, counts)
         if example is None:
             continue
@@ -136,6 +138,7 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
     """
     validate_data(data_cfg)
     template = resolve_chat_template(tokenizer, data_cfg.chat_template)
+    template_kwargs = check_chat_template_kwargs("data.chat_template_kwargs", data_cfg.chat_template_kwargs)
     train_records = read_split(data_cfg, data_cfg.split)
     if len(train_records) == 0:
         raise DataError(f"{train_records.description} has no records (data.source / data.split)")
@@ -144,7 +147,7 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
     if data_cfg.shuffle:
         random.Random(seed).shuffle(train_order)
     train, counts, record_format = _encode_split(train_records, train_order, data_cfg, tokenizer, template,
-                                                 data_cfg.max_examples)
+                                                 template_kwargs, data_cfg.max_examples)
     if not train:
         raise _nothing_left_error("training", train_records, counts, data_cfg)
 
@@ -159,7 +162,7 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
     validation: list[TokenizedExample] = []
     if validation_records is not None:
         validation, val_counts, _ = _encode_split(validation_records, validation_order, data_cfg, tokenizer,
-                                                  template, None)
+                                                  template, template_kwargs, None)
         if not validation and validation_order:
             raise _nothing_left_error("validation", validation_records, val_counts, data_cfg)
         report.validation_source = validation_records.description

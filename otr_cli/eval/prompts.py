@@ -6,12 +6,15 @@ Styles:
     code       -- the function signature and docstring, asking for the completed function in a code block.
     plain      -- the question as is (synthetic_arith: the format the model was trained on).
 Few-shot (eval.few_shot, gsm8k): worked examples as earlier user/assistant turns, answers boxed.
+Template variables (``prompt_template_kwargs``): data.chat_template_kwargs with eval.chat_template_kwargs
+over it, so a model trained in Qwen3's non-thinking mode is asked in it too unless eval says otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+from otr_cli.config import check_chat_template_kwargs
 from otr_cli.eval.benchmarks import Problem
 from otr_cli.eval.choice_grader import LETTERS
 
@@ -48,10 +51,22 @@ def chat_messages(problem: Problem, style: str, system_prompt: Optional[str] = N
     return messages + [{"role": "user", "content": user_message(problem, style)}]
 
 
+def prompt_template_kwargs(eval_cfg: Any, data_cfg: Any) -> dict[str, Any]:
+    """The chat template variables of evaluation prompts: data.chat_template_kwargs (the training
+    text's), each replaced or joined by eval.chat_template_kwargs.
+
+    Raises ConfigError naming the key when either is not a mapping with string keys.
+    """
+    return (check_chat_template_kwargs("data.chat_template_kwargs", data_cfg.chat_template_kwargs)
+            | check_chat_template_kwargs("eval.chat_template_kwargs", eval_cfg.chat_template_kwargs))
+
+
 def render_prompts(problems: list[Problem], style: str, tokenizer: Any, system_prompt: Optional[str] = None,
-                   chat_template: Optional[str] = None, examples: Sequence[tuple[str, str]] = ()) -> list[str]:
+                   chat_template: Optional[str] = None, examples: Sequence[tuple[str, str]] = (),
+                   chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> list[str]:
     """Chat-rendered prompt texts (generation prompt appended), one per problem."""
     from otr_cli.data import render_prompt
 
-    return [render_prompt(chat_messages(p, style, system_prompt, examples), tokenizer, chat_template)
+    return [render_prompt(chat_messages(p, style, system_prompt, examples), tokenizer, chat_template,
+                          chat_template_kwargs)
             for p in problems]

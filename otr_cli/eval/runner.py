@@ -27,7 +27,7 @@ from otr_cli.eval.generation import (GenerationSettings, generate_hf, generate_v
                                      prompt_lengths)
 from otr_cli.eval.generation_cache import GenerationCache, cache_key, model_fingerprint
 from otr_cli.eval.math_grader import grade_math
-from otr_cli.eval.prompts import render_prompts
+from otr_cli.eval.prompts import prompt_template_kwargs, render_prompts
 from otr_cli.eval.sharding import SHARD_DIR, EvalShard, cache_files, merge_shards, write_shard
 from otr_cli.eval.sandbox import SandboxLimits
 from otr_cli.eval.stats import pass_at_k, wilson_interval
@@ -178,6 +178,7 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
     the problems (sharding.py), rank 0 writes the files and returns the scores, the others {}.
     """
     check_eval_config(eval_cfg)
+    template_kwargs = prompt_template_kwargs(eval_cfg, data_cfg)
     out_dir = Path(out_dir)
     model_cfg = model_cfg or ModelConfig(name_or_path=model_path)
     # Every benchmark is loaded before the model, so a missing file fails in a second, not after minutes.
@@ -199,7 +200,7 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
         if not problems:
             raise BenchmarkError(f"benchmark {name!r} has no problems")
         prompts = render_prompts(problems, prompt_style(name, eval_cfg), tokenizer, data_cfg.system_prompt,
-                                 data_cfg.chat_template, examples[name])
+                                 data_cfg.chat_template, examples[name], template_kwargs)
         keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
         batches = shard.owned(length_sorted_batches(prompt_lengths(tokenizer, prompts), eval_cfg.batch_size))
         mine = sorted(i for batch in batches for i in batch)
