@@ -96,3 +96,34 @@ def test_bad_optimizer_choices_name_the_key(changes, message):
         setattr(cfg.deepspeed, key, value)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+def test_init_distributed_drives_the_only_visible_gpu_when_local_rank_is_3(monkeypatch):
+    # A cluster that shows each task only its own GPU: device count 1, LOCAL_RANK 3. torch.cuda.set_device(3)
+    # raises "invalid device ordinal" there; the fake below does the same.
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from otr_cli.train.distributed import init_distributed
+
+    chosen = []
+
+    def set_device(index):
+        if index >= torch.cuda.device_count():
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        chosen.append(index)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: None)
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 8)
+    for key, value in {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "3",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    info = init_distributed()
+    assert chosen == [0]
+    assert (info.rank, info.world_size, info.local_rank) == (3, 8, 3)

@@ -68,7 +68,7 @@ def estimate_checkpoint(size: ModelSize, *, dtype_bytes: int, zero_stage: int, w
     if zero_stage == 3:
         if frozen:  # else the module's files hold only placeholders of the partitioned weights
             shard = frozen * dtype_bytes // world_size
-            estimate.add("DeepSpeed model states (frozen weights' shards)", shard, shard, "every rank")
+            estimate.add("DeepSpeed model states (frozen weights' shards)", shard, shard, "every rank, 1/world each")
     else:
         # Stage 2 also stores the frozen weights beside the module's (DeepSpeed's frozen_param_fragments).
         extra_frozen = frozen if zero_stage == 2 else 0
