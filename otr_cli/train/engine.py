@@ -11,6 +11,7 @@ import torch
 from otr_cli.config import TrainConfig
 from otr_cli.models import apply_lora, default_dtype, load_model
 from otr_cli.train.ds_config import build_deepspeed_config, resolve_precision
+from otr_cli.train.optimizer import build_torch_adamw, deepspeed_builds_optimizer
 from otr_cli.train.token_loss_model import TokenLossLM
 
 
@@ -76,9 +77,11 @@ def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> Trainin
     wrapper = TokenLossLM(lm, zero_stage=cfg.deepspeed.zero_stage)
     ds_config = build_deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu)
     schedule = lr_lambda(cfg.optim.scheduler, warmup_steps_for(cfg, total_steps), total_steps, cfg.optim.min_lr_ratio)
+    trainable = [p for p in wrapper.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=wrapper,
-        model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
+        model_parameters=trainable,
+        optimizer=None if deepspeed_builds_optimizer(cfg.deepspeed) else build_torch_adamw(trainable, cfg.optim, on_gpu),
         config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )

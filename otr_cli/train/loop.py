@@ -28,6 +28,7 @@ from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine, export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.progress import TrainProgress, print_summary
+from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
 from otr_cli.train.token_loss_model import sampling_generator
@@ -128,7 +129,9 @@ class Trainer:
                     "global_batch": self.plan.global_batch, "seed": self.cfg.seed,
                 })
 
-        checkpoint = self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit)
+        checkpoint = timed_save(lambda: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit),
+                                step=self.step, signal_delay_s=self.cfg.launcher.signal_delay_s,
+                                is_main=self.dist.is_main, write_metrics=self.metrics.write)
         self.saved_at = self.step
         return checkpoint
 
