@@ -25,7 +25,8 @@ from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
 from otr_cli.train.checkpoints import DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
-from otr_cli.train.engine import TrainingEngine, build_engine, export_hf_model
+from otr_cli.train.engine import TrainingEngine, build_engine
+from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.save_timing import timed_save
