@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from helpers import SHARED_DATA, read_jsonl, run_cli, tiny_overrides
+from helpers import SHARED_DATA, read_jsonl, run_cli, subprocess_env, tiny_overrides
 from ranks import start_ranks, wait_all
 
 pytestmark = pytest.mark.slow
@@ -141,3 +143,34 @@ def test_kill_9_of_both_ranks_during_an_evaluation_and_resume_ends_like_the_unin
     assert not (out / "final").exists(), "the run finished before it was killed"
     run_ranks(args, tmp_path / "resume-logs")
     same_run(uninterrupted, out)
+
+
+@pytest.mark.slurm
+def test_two_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterrupted_run(
+        uninterrupted, slurm, tiny_qwen3_model_dir, tmp_path):
+    from test_slurm import job_logs, submitted_job_ids
+
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in scale_path(tiny_qwen3_model_dir, sweep) if not o.startswith("run.output_dir=")]
+    command = [sys.executable, "-m", "otr_cli.cli", "train", "-m", *overrides, "launcher=slurm",
+               f"hydra.sweep.dir={sweep}", "launcher.tasks_per_node=2"]
+    metrics = sweep / "0" / "metrics.jsonl"
+    with (tmp_path / "submit.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env() | slurm.env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not (metrics.is_file() and any("loss" in r for r in read_jsonl(metrics))):
+                assert process.poll() is None and time.time() < deadline, \
+                    f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{job_logs(tmp_path)}"
+                time.sleep(0.1)
+            [job] = submitted_job_ids(sweep)
+            # What SLURM sends before the time limit (--signal=USR1@N), to both tasks of the job step.
+            subprocess.run(["scancel", "--signal=USR1", job], env=subprocess_env() | slurm.env, check=True)
+            process.wait(timeout=400)
+        finally:
+            process.kill()
+    logs = job_logs(tmp_path)
+    assert process.returncode == 0, f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{logs}"
+    assert "Preempted at step" in logs and "requeued" in logs and "Resumed from" in logs, logs
+    same_run(uninterrupted, sweep / "0")
