@@ -170,7 +170,8 @@ def test_two_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterr
             process.wait(timeout=400)
         finally:
             process.kill()
-    logs = job_logs(tmp_path)
-    assert process.returncode == 0, f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{logs}"
-    assert "Preempted at step" in logs and "requeued" in logs and "Resumed from" in logs, logs
+    assert process.returncode == 0, f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{job_logs(tmp_path)}"
+    logs = "".join(path.read_text() for path in tmp_path.rglob(".submitit/*/*_log.*"))  # whole, not tails
+    for line in ("Preempted at step", "requeued", "Resumed from"):
+        assert line in logs, f"no {line!r} in the job's logs:\n{job_logs(tmp_path)}"
     same_run(uninterrupted, sweep / "0")
