@@ -39,6 +39,8 @@ class DataReport:
     dropped_no_supervised``; ``truncated`` counts examples cut to ``max_length`` (they are among
     the kept unless truncation left them with no supervised token). Token counts are over the
     kept training examples; ``supervised_tokens`` counts positions with a label (loss tokens).
+    ``kept`` includes the ``zero_weight_examples``: weights take an example out of the loss, never
+    out of the data order.
     """
 
     source: str = ""
