@@ -18,6 +18,7 @@ TensorBoard discards what was logged after the checkpoint it resumed from.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -180,8 +181,8 @@ class MlflowTracker:
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 TRACKER_TYPES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
@@ -207,6 +208,8 @@ class Trackers:
             ids = json.loads(ids_path.read_text()) if self.start_step > 0 and ids_path.is_file() else {}
             self._open = [TRACKER_TYPES[name](self.run_root, self.identity, self.start_step, ids)
                           for name in self.names]
+            # A run that dies with an error never reaches close(): say so in the trackers that keep a status.
+            atexit.register(self._close_failed)
             if ids:
                 write_json_atomic(ids_path, ids)
         return self._open
@@ -220,6 +223,13 @@ class Trackers:
     def close(self) -> None:
         for tracker in self._open or []:
             tracker.close()
+        self._open = []
+        atexit.unregister(self._close_failed)
+
+    def _close_failed(self) -> None:
+        for tracker in self._open or []:
+            if isinstance(tracker, MlflowTracker):
+                tracker.close(status="FAILED")
         self._open = []
 
 
