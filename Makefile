@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.otr-installed
 
-.PHONY: install demo test test-fast bench lint clean study wheel-check
+.PHONY: install demo test test-fast rehearsal bench lint clean study wheel-check
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# The scale path in miniature on 2 CPU ranks (docs/distributed.md); part of `make test`.
+rehearsal: install
+	$(BIN)/python -m pytest -q -ra tests/test_rehearsal.py tests/test_lora_export.py tests/test_zero3_init.py
 
 bench: install
 	$(BIN)/python scripts/bench_loss.py --device cpu

@@ -24,6 +24,8 @@ SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRUNCATIONS = ("truncate", "drop")
 DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer")
+# deepspeed.optimizer: who builds AdamW (otr_cli/train/optimizer.py).
+DS_OPTIMIZERS = ("torch", "deepspeed")
 # trainer.report_to: tracker -> (module to import, how to install it). "auto": tensorboard when installed.
 TRACKER_PACKAGES = {
     "tensorboard": ("tensorboard", "pip install 'otr-cli[tensorboard]'  (or: pip install tensorboard)"),
@@ -175,6 +177,9 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_param: bool = False
     precision: str = "auto"
+    # "torch": torch.optim.AdamW (fused on GPU), nothing to compile; "deepspeed": DeepSpeed's FusedAdam, which
+    # compiles with nvcc at start-up. ZeRO-Offload (offload_optimizer) always uses DeepSpeedCPUAdam.
+    optimizer: str = "torch"
     # Extra keys merged into the generated DeepSpeed JSON (advanced).
     extra: Any = field(default_factory=dict)
 
@@ -362,6 +367,10 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
         raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
     if ds.offload_optimizer and ds.zero_stage < 1:
         raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage>=1")
+    _choice("deepspeed.optimizer", ds.optimizer, DS_OPTIMIZERS)
+    if ds.optimizer == "torch" and not ds.offload_optimizer and "optimizer" in (ds.extra or {}):
+        raise ConfigError("deepspeed.extra.optimizer declares DeepSpeed's optimizer, but deepspeed.optimizer=torch "
+                          "passes torch's AdamW in: set deepspeed.optimizer=deepspeed to use the extra block")
     _positive("trainer.micro_batch_size", trainer.micro_batch_size)
     _positive("trainer.grad_accum", trainer.grad_accum)
     _positive("trainer.log_steps", trainer.log_steps)

@@ -7,6 +7,7 @@ model is rebuilt once as a plain model and cached as safetensors; later loads ta
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -158,8 +159,13 @@ def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None, revision:
 
 def load_model(name_or_path: str, *, gguf_file: Optional[str] = None, revision: Optional[str] = None,
                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               attn_implementation: Optional[str] = None):
-    """A trainable, saveable ``PreTrainedModel`` (GGUF files are rebuilt as plain models)."""
+               attn_implementation: Optional[str] = None, zero3_config: Optional[dict] = None):
+    """A trainable, saveable ``PreTrainedModel`` (GGUF files are rebuilt as plain models).
+
+    zero3_config: the DeepSpeed config of a ZeRO-3 run, to load the model partitioned (see
+    ``partitioned_loading``); a collective then, which every rank must join. GGUF files are
+    rebuilt whole and left for ``deepspeed.initialize`` to partition.
+    """
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(name_or_path, gguf_file)
@@ -169,7 +175,33 @@ def load_model(name_or_path: str, *, gguf_file: Optional[str] = None, revision: 
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    with partitioned_loading(zero3_config):
+        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+
+
+@contextlib.contextmanager
+def partitioned_loading(zero3_config: Optional[dict]):
+    """Inside, ``from_pretrained`` builds the model already partitioned over the ranks (ZeRO-3).
+
+    transformers' DeepSpeed integration builds the model under ``deepspeed.zero.Init`` (each rank
+    keeps 1/world of every parameter from the start), then rank 0 reads the checkpoint and each
+    parameter is gathered, filled and re-partitioned module by module. So no rank ever holds the
+    whole model, and host memory does not grow with the number of ranks on a node.
+
+    transformers holds the config through a weak reference, kept alive here and dropped on exit:
+    later loads (evaluation copies on rank 0 alone) must stay plain, not collectives.
+    """
+    if zero3_config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(zero3_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del alive
 
 
 def apply_lora(model, lora_cfg):

@@ -56,3 +56,19 @@ def tiny_qwen3_model_dir(tmp_path_factory, tokenizer) -> Path:
     Qwen3ForCausalLM(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A one-node SLURM cluster on loopback for this session (tests/slurm_cluster.py); skips without SLURM."""
+    from slurm_cluster import SlurmCluster, slurm_available
+
+    reason = slurm_available()
+    if reason:
+        pytest.skip(f"no SLURM here: {reason}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -53,3 +53,19 @@ def test_real_model_end_to_end_on_gsm8k_and_svamp(tmp_path):
         assert all(isinstance(r["correct"], bool) for r in rows)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["model"] == "smollm2-135m-instruct" and results["benchmarks"]["gsm8k"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_otr_eval_under_torchrun_shares_the_problems_and_equals_one_process(tiny_model_dir, tmp_path):
+    from ranks import start_ranks, wait_all
+
+    common = ["eval", f"model={tiny_model_dir}", "eval.benchmarks=[gsm8k]", "eval.limit=5", "eval.batch_size=2",
+              "eval.max_new_tokens=8", f"eval.data_dir={SHARED_DATA}"]
+    run_cli([*common, f"run.output_dir={tmp_path / 'one'}"])
+    processes = start_ranks([*common, f"run.output_dir={tmp_path / 'two'}"], tmp_path, world=2)
+    codes = wait_all(processes, timeout=300)
+    assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:] + (tmp_path / "rank1.log").read_text()[-3000:]
+    # 3 batches: 2 on rank 0, 1 on rank 1; the files are those of one process.
+    assert len(read_jsonl(tmp_path / "two" / "eval" / "generation_cache.rank1.jsonl")) == 2
+    assert read_jsonl(tmp_path / "two" / "eval" / "gsm8k.jsonl") == read_jsonl(tmp_path / "one" / "eval" / "gsm8k.jsonl")
+    assert "95% CI" in (tmp_path / "rank0.log").read_text() and "95% CI" not in (tmp_path / "rank1.log").read_text()

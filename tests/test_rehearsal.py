@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from helpers import SHARED_DATA, read_jsonl, run_cli, tiny_overrides
+from helpers import SHARED_DATA, read_jsonl, run_cli, subprocess_env, tiny_overrides
 from ranks import start_ranks, wait_all
 
 pytestmark = pytest.mark.slow
@@ -53,31 +57,54 @@ def test_uneven_validation_set_under_zero3_finishes_and_equals_one_process(tiny_
     assert two == pytest.approx(one, rel=1e-5)
 
 
-def with_eval(model_dir, out, *extra: str) -> list[str]:
-    """tiny_overrides with an evaluation of 7 GSM8K problems in batches of 2: 4 batches, dealt 2 and 2
-    over 2 ranks, the last one short."""
+def scale_path(model_dir, out, *extra: str) -> list[str]:
+    """One run of the whole path in miniature: OTR under ZeRO-3 releasing its parameters, an uneven
+    validation set (5 in batches of 2), checkpoints every 2 steps, and benchmarks every 2 steps and at
+    the end on 7 GSM8K problems in batches of 2 (4 batches, dealt 2 and 2, the last one short)."""
     overrides = [o for o in tiny_overrides(model_dir, out) if o != "eval=none"]
-    return overrides + ["eval=quick", "eval.benchmarks=[gsm8k]", f"eval.data_dir={SHARED_DATA}", "eval.limit=7", "eval.batch_size=2",
-                        "eval.max_new_tokens=12", "eval.before_training=false", "eval.after_warmup=false", *extra]
+    return overrides + ["loss=otr", "loss.k=8", "deepspeed=zero3", *RELEASE_PARAMETERS, *SHORT_TIMEOUT,
+                        "trainer.micro_batch_size=2", "trainer.max_steps=4", "trainer.save_steps=2",
+                        "data.synthetic.num_validation=5", "trainer.eval_steps=2",
+                        "eval=quick", "eval.benchmarks=[gsm8k]", f"eval.data_dir={SHARED_DATA}", "eval.limit=7",
+                        "eval.batch_size=2", "eval.max_new_tokens=12", "eval.before_training=false",
+                        "eval.after_warmup=false", "eval.every_steps=2", "eval.every_steps_limit=7", *extra]
 
 
-def test_evaluation_is_sharded_over_the_ranks_and_equals_one_process(tiny_qwen3_model_dir, tmp_path):
-    two = tmp_path / "two"
-    run_ranks(["train", *with_eval(tiny_qwen3_model_dir, two, "loss=sft", "deepspeed=zero3", "trainer.max_steps=2",
-                                   "trainer.micro_batch_size=2", "eval.every_steps=1", "eval.every_steps_limit=7",
-                                   *RELEASE_PARAMETERS, *SHORT_TIMEOUT)], tmp_path / "logs")
-    # Each rank generated its own 2 batches (4 prompts on rank 0, 3 on rank 1), at step 1 (from a temporary
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_qwen3_model_dir, tmp_path_factory):
+    """The scale path run once on 2 ranks without interruption: the reference of the tests below."""
+    out = tmp_path_factory.mktemp("rehearsal") / "uninterrupted"
+    run_ranks(["train", *scale_path(tiny_qwen3_model_dir, out)], out.parent / "logs")
+    return out
+
+
+def same_run(reference, resumed) -> None:
+    """Two runs of the scale path logged the same steps, losses, validation and benchmark scores."""
+    left, right = read_jsonl(reference / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [sorted(r) for r in left] == [sorted(r) for r in right]
+    for a, b in zip(left, right):
+        for key in ("loss", "ce", "match_rate", "val_ce", "eval/gsm8k"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    assert read_jsonl(reference / "eval" / "final" / "gsm8k.jsonl") == read_jsonl(resumed / "eval" / "final" / "gsm8k.jsonl")
+
+
+def test_evaluation_is_sharded_over_the_ranks_and_equals_one_process(uninterrupted, tmp_path):
+    two = uninterrupted
+    # Each rank generated its own 2 batches (4 prompts on rank 0, 3 on rank 1), at step 2 (from a temporary
     # export: ZeRO-3 holds a slice of each parameter) and at the end (from the final model).
-    for evaluation in ("step-1", "final"):
+    for evaluation in ("step-2", "final"):
         directory = two / "eval" / evaluation
         assert len(read_jsonl(directory / "generation_cache.jsonl")) == 4
         assert len(read_jsonl(directory / "generation_cache.rank1.jsonl")) == 3
         assert not (directory / "model").exists() and not (directory / "shards").exists()
-    assert any("eval/gsm8k" in r for r in read_jsonl(two / "metrics.jsonl"))
+    assert [r["step"] for r in read_jsonl(two / "metrics.jsonl") if "eval/gsm8k" in r] == [2]
+    assert [r["step"] for r in read_jsonl(two / "metrics.jsonl") if "val_ce" in r] == [2, 4, 4]
 
     # The same problems with one process on the final model: the same batches, so the same completions.
-    run_cli(["eval", f"model={two / 'final'}", "eval=quick", "eval.benchmarks=[gsm8k]", f"eval.data_dir={SHARED_DATA}", "eval.limit=7",
-             "eval.batch_size=2", "eval.max_new_tokens=12", f"run.output_dir={tmp_path / 'one'}"])
+    evaluate = ["eval", f"model={two / 'final'}", "eval=quick", "eval.benchmarks=[gsm8k]", f"eval.data_dir={SHARED_DATA}",
+                "eval.limit=7", "eval.batch_size=2", "eval.max_new_tokens=12"]
+    run_cli([*evaluate, f"run.output_dir={tmp_path / 'one'}"])
     sharded = read_jsonl(two / "eval" / "final" / "gsm8k.jsonl")
     single = read_jsonl(tmp_path / "one" / "eval" / "gsm8k.jsonl")
     assert [r["id"] for r in sharded] == [r["id"] for r in single]
@@ -90,8 +117,60 @@ def test_evaluation_is_sharded_over_the_ranks_and_equals_one_process(tiny_qwen3_
     resumed.mkdir(parents=True)
     for cache in (two / "eval" / "final").glob("generation_cache*.jsonl"):
         shutil.copy(cache, resumed / cache.name)
-    result = run_cli(["eval", f"model={two / 'final'}", "eval=quick", "eval.benchmarks=[gsm8k]",
-                      f"eval.data_dir={SHARED_DATA}", "eval.limit=7", "eval.batch_size=2", "eval.max_new_tokens=12",
-                      f"run.output_dir={tmp_path / 'resumed'}"])
+    result = run_cli([*evaluate, f"run.output_dir={tmp_path / 'resumed'}"])
     assert "generating" not in result.stdout + result.stderr
     assert read_jsonl(resumed / "gsm8k.jsonl") == single
+
+
+def test_kill_9_of_both_ranks_during_an_evaluation_and_resume_ends_like_the_uninterrupted_run(uninterrupted, tiny_qwen3_model_dir,
+                                                                        tmp_path):
+    out = tmp_path / "killed"
+    args = ["train", *scale_path(tiny_qwen3_model_dir, out)]
+    (tmp_path / "logs").mkdir()
+    processes = start_ranks(args, tmp_path / "logs")
+    try:
+        deadline = time.time() + 300
+        # Killed in the evaluation after the step-2 checkpoint, once rank 0 has cached its first batch: the
+        # resumed run must finish that evaluation (from the cache) before it trains on.
+        while not (out / "eval" / "step-2" / "generation_cache.jsonl").is_file():
+            assert all(p.poll() is None for p in processes) and time.time() < deadline, \
+                (tmp_path / "logs" / "rank0.log").read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert not (out / "final").exists(), "the run finished before it was killed"
+    run_ranks(args, tmp_path / "resume-logs")
+    same_run(uninterrupted, out)
+
+
+@pytest.mark.slurm
+def test_two_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterrupted_run(
+        uninterrupted, slurm, tiny_qwen3_model_dir, tmp_path):
+    from test_slurm import job_logs, submitted_job_ids
+
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in scale_path(tiny_qwen3_model_dir, sweep) if not o.startswith("run.output_dir=")]
+    command = [sys.executable, "-m", "otr_cli.cli", "train", "-m", *overrides, "launcher=slurm",
+               f"hydra.sweep.dir={sweep}", "launcher.tasks_per_node=2"]
+    metrics = sweep / "0" / "metrics.jsonl"
+    with (tmp_path / "submit.log").open("w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env() | slurm.env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not (metrics.is_file() and any("loss" in r for r in read_jsonl(metrics))):
+                assert process.poll() is None and time.time() < deadline, \
+                    f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{job_logs(tmp_path)}"
+                time.sleep(0.1)
+            [job] = submitted_job_ids(sweep)
+            # What SLURM sends before the time limit (--signal=USR1@N), to both tasks of the job step.
+            subprocess.run(["scancel", "--signal=USR1", job], env=subprocess_env() | slurm.env, check=True)
+            process.wait(timeout=400)
+        finally:
+            process.kill()
+    logs = job_logs(tmp_path)
+    assert process.returncode == 0, f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{logs}"
+    assert "Preempted at step" in logs and "requeued" in logs and "Resumed from" in logs, logs
+    same_run(uninterrupted, sweep / "0")

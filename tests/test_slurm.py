@@ -16,22 +16,9 @@ import pytest
 
 from helpers import read_jsonl, subprocess_env, tiny_overrides
 from otr_cli.cli import main
-from slurm_cluster import SlurmCluster, slurm_available
+from slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    reason = slurm_available()
-    if reason:
-        pytest.skip(f"no SLURM here: {reason}")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def sweep_overrides(model_dir: Path, sweep_dir: Path, *extra: str) -> list[str]:

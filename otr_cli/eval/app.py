@@ -59,6 +59,7 @@ def eval_task(cfg) -> Optional[dict]:
     from otr_cli.config import ConfigError
     from otr_cli.errors import UserError, fail
     from otr_cli.eval.runner import evaluate_model
+    from otr_cli.eval.sharding import shard_from_environment
 
     try:
         typed: EvalRunConfig = OmegaConf.to_object(cfg)
@@ -66,8 +67,9 @@ def eval_task(cfg) -> Optional[dict]:
             raise ConfigError("eval.benchmarks is empty; e.g. eval.benchmarks=[gsm8k,svamp] or eval=math")
         configure_logging()
         out = output_dir(typed) / "eval"
+        shard = shard_from_environment()
         return evaluate_model(typed.model.name_or_path, typed.eval, typed.data, out, model_cfg=typed.model,
-                              print_table=True)
+                              print_table=shard.is_main, shard=shard)
     except UserError as err:
         fail(str(err))
     return None

@@ -50,6 +50,27 @@ class EvalShard:
         return out_dir / SHARD_DIR / f"{benchmark}.rank{self.rank}-of-{self.world_size}.jsonl"
 
 
+def shard_from_environment(timeout_min: float = 30.0) -> EvalShard:
+    """`otr eval` started by torchrun or the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK set): join the
+    ranks into a process group (NCCL on GPU, gloo on CPU) used for one barrier. One process otherwise."""
+    import os
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return EvalShard()
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        # A task that sees only its own GPU has device count 1 whatever its local rank.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=timeout_min))
+    return EvalShard(dist.get_rank(), dist.get_world_size(), dist.barrier)
+
+
 def cache_files(out_dir: Path) -> list[Path]:
     """Every rank's generation cache in `out_dir`: a resumed evaluation reuses completions whatever the
     number of ranks that made them."""

@@ -2,6 +2,7 @@
 
     <output_dir>/checkpoints/step-N/   ds/ (DeepSpeed shards: model, optimizer, scheduler)
                                        model.safetensors, config.json, tokenizer files
+                                       adapter/ (LoRA runs: the adapter alone, for peft)
                                        trainer_state.json
     <output_dir>/final/                the last model, Hugging Face format
     <output_dir>/run_state.json        {"status": "running" | "finished", ...}
@@ -136,7 +137,7 @@ class RunDirectory:
         tmp = self.root / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source_checkpoint, tmp, ignore=shutil.ignore_patterns(DS_TAG, "trainer_state.json", "latest",
-                                                                               "zero_to_fp32.py"))
+                                                                               "zero_to_fp32.py", "zero_to_torch.py"))
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(tmp, self.final)

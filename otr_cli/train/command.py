@@ -77,4 +77,26 @@ def print_dry_run(typed, resolved_yaml: str) -> None:
     steps = (f"{typed.trainer.max_steps} optimizer steps" if typed.trainer.max_steps > 0
              else f"{typed.trainer.epochs} epoch(s); steps are derived from the data size at start-up")
     console.print(f"training length: {steps}", highlight=False)
+    print_checkpoint_estimate(console, typed, on_gpu, world_size)
     console.print("dry run: nothing was loaded or written.", highlight=False)
+
+
+def print_checkpoint_estimate(console, typed, on_gpu: bool, world_size: int) -> None:
+    """The size of one checkpoint, from the model's config.json (no weights); a run on GPUs if the launcher asks for them."""
+    from otr_cli.train.checkpoint_size import describe_estimate, estimate_for_run
+
+    gpu_run = on_gpu or bool(typed.launcher.gpus_per_node)
+    if typed.launcher.name == "slurm" and "WORLD_SIZE" not in os.environ:
+        world_size = typed.launcher.nodes * typed.launcher.tasks_per_node
+    console.rule(f"checkpoint size (world size {world_size}, ZeRO-{typed.deepspeed.zero_stage}, "
+                 f"{'GPU' if gpu_run else 'CPU'})")
+    try:
+        estimate = estimate_for_run(typed, gpu_run, world_size)
+    except Exception as err:  # a hub id offline, a config transformers cannot read: the rest of the dry run stands
+        console.print(f"not estimated: {type(err).__name__}: {err}", highlight=False, soft_wrap=True)
+        return
+    for line in describe_estimate(estimate, typed.trainer.save_total_limit):
+        console.print(line, highlight=False, soft_wrap=True)
+    half = typed.launcher.signal_delay_s / 2
+    console.print(f"saving must finish within half of launcher.signal_delay_s ({half:g} s) to be safe before a time "
+                  f"limit; each save's time is logged (docs/checkpoints.md).", highlight=False, soft_wrap=True)

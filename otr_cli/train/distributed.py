@@ -118,14 +118,17 @@ def init_distributed(timeout_min: float = 30.0) -> DistInfo:
     """
     import deepspeed
 
+    from otr_cli.train.placement import bind_cuda_device
+
     populate_env_from_launcher()
+    local_rank = int(os.environ["LOCAL_RANK"])  # the rank on this node, before bind_cuda_device may remap it
     on_gpu = torch.cuda.is_available()
     if on_gpu:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        bind_cuda_device()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                    timeout=timedelta(minutes=timeout_min))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def world_size_from_env() -> int:

@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from otr_cli.config import TrainConfig
+from otr_cli.train.optimizer import deepspeed_builds_optimizer
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,10 @@ def resolve_precision(requested: str, on_gpu: bool) -> str:
 def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The dict handed to ``deepspeed.initialize(config=...)``.
 
-    The optimizer is declared here so DeepSpeed picks the right implementation for the
-    placement (torch AdamW on CPU, its fused Adam on GPU, DeepSpeedCPUAdam with offload);
-    the learning-rate schedule is passed to ``initialize`` as a callable (see engine.py).
+    The optimizer is declared here only when DeepSpeed builds it (deepspeed.optimizer=deepspeed:
+    torch AdamW on CPU, its FusedAdam on GPU; DeepSpeedCPUAdam with offload); by default engine.py
+    passes torch's AdamW in (otr_cli/train/optimizer.py). The learning-rate schedule is passed to
+    ``initialize`` as a callable (see engine.py).
     """
     ds, optim, trainer = cfg.deepspeed, cfg.optim, cfg.trainer
     precision = resolve_precision(ds.precision, on_gpu)
@@ -66,13 +68,14 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> d
         "gradient_accumulation_steps": trainer.grad_accum,
         "train_batch_size": BatchArithmetic(trainer.micro_batch_size, trainer.grad_accum, world_size).global_batch,
         "gradient_clipping": optim.max_grad_norm,
-        "optimizer": adam,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if deepspeed_builds_optimizer(ds):
+        config["optimizer"] = adam
     extra = OmegaConf.to_container(ds.extra, resolve=True) if OmegaConf.is_config(ds.extra) else dict(ds.extra or {})
     return _deep_merge(config, extra)
 

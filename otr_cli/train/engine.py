@@ -11,6 +11,7 @@ import torch
 from otr_cli.config import TrainConfig
 from otr_cli.models import apply_lora, default_dtype, load_model
 from otr_cli.train.ds_config import build_deepspeed_config, resolve_precision
+from otr_cli.train.optimizer import build_torch_adamw, deepspeed_builds_optimizer
 from otr_cli.train.token_loss_model import TokenLossLM
 
 
@@ -65,20 +66,24 @@ def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> Trainin
     device = torch.device("cuda" if on_gpu else "cpu")
     precision = resolve_precision(cfg.deepspeed.precision, on_gpu)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, default_dtype(cfg.model.dtype, device))
+    ds_config = build_deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu)
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    # Under ZeRO-3 the model is partitioned as it loads: no rank ever holds all of it (models.partitioned_loading).
     lm = load_model(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, dtype=dtype,
                     trust_remote_code=cfg.model.trust_remote_code,
-                    attn_implementation=cfg.model.attn_implementation)
+                    attn_implementation=cfg.model.attn_implementation, zero3_config=ds_config if zero3 else None)
     lm.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora.enabled:
         lm = apply_lora(lm, cfg.model.lora)
     wrapper = TokenLossLM(lm, zero_stage=cfg.deepspeed.zero_stage)
-    ds_config = build_deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu)
     schedule = lr_lambda(cfg.optim.scheduler, warmup_steps_for(cfg, total_steps), total_steps, cfg.optim.min_lr_ratio)
+    trainable = [p for p in wrapper.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=wrapper,
-        model_parameters=[p for p in wrapper.parameters() if p.requires_grad],
+        model_parameters=trainable,
+        optimizer=None if deepspeed_builds_optimizer(cfg.deepspeed) else build_torch_adamw(trainable, cfg.optim, on_gpu),
         config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
@@ -87,29 +92,3 @@ def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> Trainin
         # flat all-reduce buffer each step: a model-sized allocation for nothing.
         engine.enable_backward_allreduce = False
     return TrainingEngine(deepspeed=engine, lm=lm, ds_config=ds_config, precision=precision)
-
-
-def export_hf_model(engine: TrainingEngine, target_dir, tokenizer, is_main: bool) -> None:
-    """Write a Hugging Face model (safetensors) + tokenizer that ``from_pretrained`` loads.
-
-    Under ZeRO-3 the parameters are partitioned: every rank joins the gather and rank 0
-    writes the consolidated state dict. LoRA runs write the merged model.
-    """
-    lm = engine.lm
-    state_dict = None
-    if engine.zero_stage == 3:
-        # Collective: all ranks must call it.
-        full = engine.deepspeed._zero3_consolidated_16bit_state_dict()
-        if is_main:
-            state_dict = {key.removeprefix("lm."): value for key, value in full.items()}
-    if not is_main:
-        return
-    if hasattr(lm, "merge_and_unload"):
-        # Merge a copy's adapters so training can go on with the unmerged model.
-        import copy
-
-        merged = copy.deepcopy(lm).merge_and_unload()
-        merged.save_pretrained(target_dir, safe_serialization=True)
-    else:
-        lm.save_pretrained(target_dir, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(target_dir)

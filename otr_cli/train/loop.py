@@ -25,9 +25,11 @@ from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
 from otr_cli.train.checkpoints import DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
-from otr_cli.train.engine import TrainingEngine, build_engine, export_hf_model
+from otr_cli.train.engine import TrainingEngine, build_engine
+from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.progress import TrainProgress, print_summary
+from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
 from otr_cli.train.token_loss_model import sampling_generator
@@ -93,8 +95,9 @@ class Trainer:
         self.phases: list[Phase] = build_schedule(cfg.loss, total_steps)
         # Step after which each phase but the last ends: {step: phase}.
         self.phase_ends = phase_boundaries(self.phases)
-        # The step of the newest checkpoint this process wrote (None: none yet).
+        # The step of the newest checkpoint this process wrote or resumed from (None: none yet).
         self.saved_at: Optional[int] = None
+        self.resumed_at: Optional[int] = None
         self.step = 0
         self.device = self.engine.deepspeed.device
         self.metrics = MetricsLog(run_dir.root / "metrics.jsonl", enabled=dist_info.is_main,
@@ -112,6 +115,10 @@ class Trainer:
         if client_state and "rng" in client_state:
             restore_rng_states(client_state["rng"])
         self.metrics.truncate_after(self.step)
+        self.resumed_at = self.step
+        latest = self.run_dir.latest_checkpoint()
+        if latest is not None and latest.resolve() == Path(checkpoint).resolve():  # evaluations here use its export
+            self.saved_at = self.step
         log.info("Resumed from %s at step %d", checkpoint, self.step)
 
     def save_checkpoint(self) -> Path:
@@ -124,7 +131,9 @@ class Trainer:
                     "global_batch": self.plan.global_batch, "seed": self.cfg.seed,
                 })
 
-        checkpoint = self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit)
+        checkpoint = timed_save(lambda: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit),
+                                step=self.step, signal_delay_s=self.cfg.launcher.signal_delay_s,
+                                is_main=self.dist.is_main, write_metrics=self.metrics.write)
         self.saved_at = self.step
         return checkpoint
 
@@ -282,6 +291,7 @@ class Trainer:
         progress = TrainProgress(self.total_steps, self.step, enabled=self.dist.is_main and self.cfg.trainer.progress)
         signal_monitor = WeakSignalMonitor.from_config(self.cfg.loss)
         with progress:
+            self._finish_interrupted_evaluation(progress)
             while self.step < self.total_steps:
                 record = self._timed_step()
                 self._maybe_validate(record)
@@ -321,13 +331,13 @@ class Trainer:
         if every and self.step % every == 0:
             self.save_checkpoint()
 
-    def _maybe_evaluate(self, progress: TrainProgress) -> None:
+    def _maybe_evaluate(self, progress: TrainProgress, periodic_only: bool = False) -> None:
         """Benchmarks at phase ends (eval.after_warmup, on a checkpoint of that step) and every
         eval.every_steps (on eval.every_steps_limit problems), both through evaluate_current_model."""
         eval_cfg = self.cfg.eval
         if not eval_cfg.benchmarks:
             return
-        ending = self.phase_ends.get(self.step) if eval_cfg.after_warmup else None
+        ending = self.phase_ends.get(self.step) if eval_cfg.after_warmup and not periodic_only else None
         if ending is not None:
             self.checkpoint_now()  # phase ends are kept: a later run can start from them
             objective = ending.options.objective
@@ -345,6 +355,23 @@ class Trainer:
                 self.metrics.write({"step": self.step, **{f"eval/{name}": r["value"] for name, r in scores.items()}})
                 progress.note("eval at step %d: %s" % (self.step, ", ".join(
                     f"{name} {r['value']:.1%}" for name, r in scores.items())))
+
+    def _finish_interrupted_evaluation(self, progress: TrainProgress) -> None:
+        """A run stopped between a checkpoint and the end of the periodic evaluation that follows it
+        (killed, preempted) resumes at that step without its score: evaluate it now. The generation
+        cache in eval/step-N holds what was generated before the stop."""
+        every = self.cfg.eval.every_steps
+        if (self.resumed_at is None or not self.cfg.eval.benchmarks or every <= 0 or self.step % every
+                or self.step >= self.total_steps):
+            return
+        missing = 0.0
+        if self.dist.is_main:
+            records = read_metrics(self.run_dir.root / "metrics.jsonl")
+            missing = float(not any(r.get("step") == self.step and any(k.startswith("eval/") for k in r)
+                                    for r in records))
+        if all_reduce_sum([missing], self.device)[0] > 0:  # rank 0 read the file; every rank must agree
+            log.info("Resumed at step %d without its evaluation (eval.every_steps=%d): evaluating now", self.step, every)
+            self._maybe_evaluate(progress, periodic_only=True)
 
     def _maybe_stop(self) -> None:
         """A stop signal on any rank: all save at this step boundary and leave (preemption.py)."""

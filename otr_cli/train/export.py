@@ -1,0 +1,75 @@
+"""Hugging Face exports of the model being trained, written into a checkpoint folder.
+
+    <dir>/model.safetensors, config.json, tokenizer files     what AutoModelForCausalLM.from_pretrained loads
+                                                               (LoRA runs: the base model with the adapter merged)
+    <dir>/adapter/adapter_config.json, adapter_model.safetensors
+                                                               LoRA runs only: what peft.PeftModel.from_pretrained loads
+
+The adapter has a folder of its own: transformers treats a folder holding adapter_config.json as an
+adapter and would load the base model named inside it instead of the merged model next to it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ADAPTER_DIR = "adapter"
+
+
+def export_hf_model(engine, target_dir, tokenizer, is_main: bool) -> None:
+    """Write a Hugging Face model (safetensors) + tokenizer that ``from_pretrained`` loads; a collective.
+
+    Under ZeRO-3 the parameters are partitioned: every rank joins the gather and rank 0 writes
+    the consolidated state dict. LoRA runs write the merged model and the adapter, both made on
+    rank 0's CPU from one full state dict, so the model being trained is neither copied on its
+    device nor touched.
+    """
+    target_dir = Path(target_dir)
+    lm = engine.lm
+    state_dict: Optional[dict[str, torch.Tensor]] = None
+    if engine.zero_stage == 3:
+        # Collective: all ranks must call it. Rank 0 gets every parameter, whole, on the CPU.
+        full = engine.deepspeed._zero3_consolidated_16bit_state_dict()
+        if is_main:
+            state_dict = {key.removeprefix("lm."): value for key, value in full.items()}
+    if not is_main:
+        return
+    if is_lora_model(lm):
+        if state_dict is None:
+            # A host copy: the merge adds to the base weights in place, and they must stay the engine's.
+            state_dict = {key: value.detach().to("cpu", copy=True) for key, value in lm.state_dict().items()}
+        export_lora(lm, state_dict, target_dir)
+    else:
+        lm.save_pretrained(target_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(target_dir)
+
+
+def is_lora_model(lm: torch.nn.Module) -> bool:
+    return hasattr(lm, "merge_and_unload") and hasattr(lm, "peft_config")
+
+
+def export_lora(lm, state_dict: dict[str, Any], target_dir: Path) -> None:
+    """The adapter (``target_dir/adapter``) and the merged model (``target_dir``) from a full state dict.
+
+    lm: the live ``PeftModel`` (only its class, config and peft config are read: under ZeRO-3 its
+    parameters are empty partitions). state_dict: every tensor of ``lm.state_dict()``, whole, on the
+    CPU, with peft's key names; its base weights are modified (the merge adds B @ A * scale to them).
+    peft rebuilds the model around these tensors on the meta device and merges with its own
+    arithmetic, so no second copy of the weights is made.
+    """
+    from peft import get_peft_model
+
+    base = lm.get_base_model()
+    adapter_name = lm.active_adapter
+    with torch.device("meta"):
+        skeleton = get_peft_model(type(base)(copy.deepcopy(base.config)), copy.deepcopy(lm.peft_config[adapter_name]),
+                                  adapter_name=adapter_name)
+    skeleton.load_state_dict(state_dict, strict=True, assign=True)
+    skeleton.get_base_model().tie_weights()  # assign=True gives tied keys separate Parameters
+    skeleton.save_pretrained(target_dir / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
+    merged = skeleton.merge_and_unload()
+    merged.save_pretrained(target_dir, safe_serialization=True)
