@@ -26,6 +26,12 @@ TRUNCATIONS = ("truncate", "drop")
 DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer")
 # deepspeed.optimizer: who builds AdamW (otr_cli/train/optimizer.py).
 DS_OPTIMIZERS = ("torch", "deepspeed")
+# trainer.report_to: tracker -> (module to import, how to install it). "auto": tensorboard when installed.
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install 'otr-cli[tensorboard]'  (or: pip install tensorboard)"),
+    "wandb": ("wandb", "pip install 'otr-cli[wandb]'  (or: pip install wandb)"),
+    "mlflow": ("mlflow", "pip install 'otr-cli[mlflow]'  (or: pip install mlflow-skinny)"),
+}
 
 
 class ConfigError(UserError, ValueError):
@@ -100,6 +106,8 @@ class DataConfig:
     truncation: str = "truncate"
     # Keep only the first N training examples after shuffling (None: all).
     max_examples: Optional[int] = None
+    # Numeric field of each record multiplying its loss (0: no loss, kept in the data order); None: all 1.
+    weight_field: Optional[str] = None
     # Validation: a separate split of the source, or a fraction / count held out of train.
     validation_split: Optional[str] = None
     validation_size: float = 0.0
@@ -193,6 +201,9 @@ class TrainerConfig:
     # Refuse to start in an output_dir that holds a finished run unless this is true.
     overwrite: bool = False
     progress: bool = True
+    # Experiment trackers getting metrics.jsonl's scalars: tensorboard, wandb, mlflow; [none] for none;
+    # [auto]: tensorboard when it is installed.
+    report_to: List[str] = field(default_factory=lambda: ["auto"])
 
 
 @dataclass
@@ -371,11 +382,42 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     if trainer.save_total_limit is not None:
         _positive("trainer.save_total_limit", trainer.save_total_limit)
     validate_data(data)
+    resolve_report_to(trainer.report_to)
     # Checked now, not at the first evaluation hours later.
     check_chat_template_kwargs("eval.chat_template_kwargs", cfg.eval.chat_template_kwargs)
     _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     validate_launcher(cfg.launcher)
     return cfg
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_report_to(report_to: List[str]) -> List[str]:
+    """The trackers trainer.report_to asks for; an unknown name or a missing package fails here, at start-up."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    allowed = ("auto", "none") + tuple(TRACKER_PACKAGES)
+    for name in names:
+        _choice("trainer.report_to", name, allowed)
+    if ("none" in names or "auto" in names) and len(names) > 1:
+        raise ConfigError(f"trainer.report_to={names}: 'none' and 'auto' stand alone; list trackers instead, "
+                          f"e.g. trainer.report_to=[tensorboard,mlflow]")
+    if names in (["none"], []):
+        return []
+    if names == ["auto"]:
+        return ["tensorboard"] if _installed("tensorboard") else []
+    for name in names:
+        module, install = TRACKER_PACKAGES[name]
+        if not _installed(module):
+            raise ConfigError(f"trainer.report_to lists {name}, but the {module!r} package is not installed: "
+                              f"{install}; or remove {name} from trainer.report_to")
+    return list(dict.fromkeys(names))
 
 
 def check_phases_cover(loss: LossConfig, total_steps: int) -> None:

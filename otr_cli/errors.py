@@ -21,6 +21,8 @@ class UserError(Exception):
 def fail(message: str) -> NoReturn:
     """Print `message` as one red line on stderr and exit with code 2."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    # escape: a message's own brackets ("pip install 'otr-cli[wandb]'", "report_to=[a,b]") are text, not markup.
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
     sys.exit(USER_ERROR_EXIT)

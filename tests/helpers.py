@@ -48,3 +48,35 @@ def start_cli(args: list[str], log: Path) -> subprocess.Popen:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records (wandb.proto.wandb_internal_pb2.Record) of an offline run's ``run-<id>.wandb`` file.
+
+    wandb >= 0.20 ships no Python reader for its own file (its Go core writes and syncs it); the
+    format is LevelDB's log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks
+    of chunks (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"{path} is not a wandb run file"
+    block, offset, pending, records = 32768, 7, b"", []
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a chunk header is padding
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
+        if kind == 0 and length == 0:
+            break
+        chunk = data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records

@@ -154,3 +154,50 @@ def test_validation_split_can_be_a_file_but_not_a_name_inside_a_single_file(tmp_
     assert list(read_split(cfg, str(held)).records) == [{"x": 2}]
     with pytest.raises(DataError, match="single file.*data.validation_size"):
         read_split(cfg, "test")
+
+
+def test_csv_and_tsv_are_read_with_every_cell_as_text_and_keep_their_line_numbers(tmp_path):
+    csv_path = tmp_path / "train.csv"
+    # A quoted cell spanning two lines: the next record starts on line 4, not 3.
+    csv_path.write_text('question,answer,w\n"What is 1 + 1?\nThink.",007,0.5\n\nWhat is 2 + 2?,4,1\n')
+    records = read_source(str(csv_path), "train")
+    assert [dict(record) for record in records.records] == [
+        {"question": "What is 1 + 1?\nThink.", "answer": "007", "w": "0.5"},
+        {"question": "What is 2 + 2?", "answer": "4", "w": "1"}]
+    assert [records.where(i) for i in range(2)] == [f"{csv_path}:2", f"{csv_path}:5"]
+    tsv_path = tmp_path / "train.tsv"
+    tsv_path.write_text("prompt\tcompletion\nSay hi, please.\tHi, there.\n")
+    assert read_source(str(tsv_path), "train").records == [{"prompt": "Say hi, please.", "completion": "Hi, there."}]
+
+
+def test_csv_goes_through_the_field_mapping_and_weights_like_any_other_file(tokenizer, tmp_path):
+    from otr_cli.config import DataConfig
+    from otr_cli.data import DataError, build_datasets
+
+    path = tmp_path / "qa.csv"
+    path.write_text("Q,A,w\nWhat is 1 + 1?,2,2\nWhat is 2 + 2?,4,0\n")
+    cfg = DataConfig(source=str(path), format="question_answer", question_field="Q", answer_field="A",
+                     weight_field="w", shuffle=False)
+    bundle = build_datasets(cfg, tokenizer, seed=0)
+    assert bundle.report.kept == 2 and bundle.report.zero_weight_examples == 1
+    assert set(bundle.train[0].weights) == {0.0, 2.0}
+    path.write_text("Q,A,w\nWhat is 1 + 1?,2,2\nWhat is 2 + 2?,4,lots\n")
+    with pytest.raises(DataError, match=f"{path}:3: field 'w' \\(data.weight_field\\) should be a number"):
+        build_datasets(cfg, tokenizer, seed=0)
+    path.write_text("Q,B,w\nWhat is 1 + 1?,2,1\n")
+    with pytest.raises(DataError, match=f"{path}:2: missing field 'A'"):
+        build_datasets(cfg, tokenizer, seed=0)
+
+
+def test_malformed_csv_row_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("question,answer\nWhat is 1 + 1?,2\nWhat is 2, + 2?,4\n")
+    with pytest.raises(DataError, match=f"{path}:3: cannot read as CSV") as error:
+        read_source(str(path), "train")
+    assert "quoted" in str(error.value)
+
+
+def test_directory_split_files_may_be_csv(tmp_path):
+    (tmp_path / "train.csv").write_text("question,answer\nq,a\n")
+    (tmp_path / "test.tsv").write_text("question\tanswer\nq2\ta2\n")
+    assert read_source(str(tmp_path), "test").records == [{"question": "q2", "answer": "a2"}]

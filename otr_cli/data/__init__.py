@@ -3,7 +3,7 @@
 Public interface (what training and evaluation import)::
 
     build_datasets(data_cfg, tokenizer, seed) -> DataBundle(train, validation, report)
-    collate_batch(examples, pad_token_id) -> {"input_ids", "attention_mask", "labels"}
+    collate_batch(examples, pad_token_id) -> {"input_ids", "attention_mask", "labels", "weights"}
     load_records(source_or_data_cfg, split) -> list[dict]
     to_messages(record, data_cfg) -> list[{"role", "content"}]
     prompt_messages(messages) -> the messages before the last assistant reply

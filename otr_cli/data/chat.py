@@ -180,20 +180,48 @@ def assistant_spans(messages: list[dict], tokenizer: Any, template: Optional[str
     return full, spans
 
 
+def _encode_with_offsets(text: str, tokenizer: Any):
+    try:
+        return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as exc:
+        raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} gives no character offsets; a fast "
+                        f"(Rust-backed) tokenizer is needed to build assistant-only labels") from exc
+
+
+def _weighted_encoding(text: str, spans: list[tuple[int, int]], reply_weights: list[float],
+                       tokenizer: Any) -> TokenizedExample:
+    """Like the unweighted path, but each token takes the weight of the reply span it overlaps."""
+    encoding = _encode_with_offsets(text, tokenizer)
+    input_ids: list[int] = list(encoding["input_ids"])
+    # Per character: the index of the reply span + 1 (0: outside every reply); spans do not overlap.
+    reply_at = [0] * (len(text) + 1)
+    for number, (start, end) in enumerate(spans, start=1):
+        reply_at[start:end] = [number] * (end - start)
+    labels: list[int] = []
+    weights: list[float] = []
+    for token, (start, end) in zip(input_ids, encoding["offset_mapping"]):
+        reply = next((number for number in reply_at[start:end] if number), 0)
+        weight = reply_weights[reply - 1] if reply else 0.0
+        labels.append(token if weight > 0 else IGNORE_INDEX)
+        weights.append(weight)
+    return TokenizedExample(input_ids=input_ids, labels=labels, weights=weights)
+
+
 def encode_conversation(messages: list[dict], tokenizer: Any, template: Optional[str], where: str = "conversation",
-                        chat_template_kwargs: Optional[Mapping[str, Any]] = None) -> TokenizedExample:
+                        chat_template_kwargs: Optional[Mapping[str, Any]] = None,
+                        reply_weights: Optional[list[float]] = None) -> TokenizedExample:
     """Tokens of the rendered conversation; labels supervise the assistant spans only.
 
     A token is supervised when its characters overlap an assistant span. A token that straddles
     the start of a reply (a SentencePiece "▁word" whose offset includes the space the prompt
     ends with) is part of what the model must write, so it is supervised rather than lost.
+    reply_weights: one per assistant message, in order (None: all 1). A reply of weight 0 is
+    context: its tokens keep label -100. Other weights go to ``TokenizedExample.weights``.
     """
     text, spans = assistant_spans(messages, tokenizer, template, where, chat_template_kwargs)
-    try:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError as exc:
-        raise DataError(f"tokenizer {_tokenizer_name(tokenizer)!r} gives no character offsets; a fast "
-                        f"(Rust-backed) tokenizer is needed to build assistant-only labels") from exc
+    if reply_weights is not None and any(weight != 1.0 for weight in reply_weights):
+        return _weighted_encoding(text, spans, reply_weights, tokenizer)
+    encoding = _encode_with_offsets(text, tokenizer)
     input_ids: list[int] = list(encoding["input_ids"])
     in_reply = bytearray(len(text) + 1)  # 1 at characters inside an assistant span
     for start, end in spans:

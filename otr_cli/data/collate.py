@@ -13,7 +13,8 @@ def collate_batch(examples: list[TokenizedExample], pad_token_id: int) -> dict[s
     Returns int64 tensors of shape [B, T], T = longest example:
       input_ids: padded with `pad_token_id`;
       attention_mask: 1 on real tokens, 0 on padding;
-      labels: the examples' labels (not shifted), IGNORE_INDEX (-100) on padding.
+      labels: the examples' labels (not shifted), IGNORE_INDEX (-100) on padding;
+    and float32 [B, T] weights: each label's loss weight (1 where an example has none, 0 on padding).
     Padding is found from lengths, never from token ids (pad may equal the end-of-turn token).
     """
     if not examples:
@@ -22,6 +23,7 @@ def collate_batch(examples: list[TokenizedExample], pad_token_id: int) -> dict[s
     input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    weights = torch.zeros((len(examples), longest), dtype=torch.float32)
     for row, example in enumerate(examples):
         length = len(example.input_ids)
         if len(example.labels) != length:
@@ -29,4 +31,8 @@ def collate_batch(examples: list[TokenizedExample], pad_token_id: int) -> dict[s
         input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
         attention_mask[row, :length] = 1
         labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if example.weights is None:
+            weights[row, :length] = 1.0
+        else:
+            weights[row, :length] = torch.tensor(example.weights, dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (PyTorch's cross-entropy default)
 
@@ -15,10 +16,14 @@ class TokenizedExample:
     labels: length T, aligned with input_ids and NOT shifted: ``labels[t] == input_ids[t]`` where
         token t is supervised (assistant reply text and the token that ends the assistant turn),
         ``IGNORE_INDEX`` (-100) elsewhere. The loss shifts: position t-1 predicts labels[t].
+    weights: None (every supervised token weighs 1) or length T: the factor on the loss of
+        labels[t] (example weight x reply weight, > 0 where supervised; weight-0 tokens are not
+        supervised at all, see data/weights.py).
     """
 
     input_ids: list[int]
     labels: list[int]
+    weights: Optional[list[float]] = None
 
     @property
     def num_supervised(self) -> int:
@@ -34,6 +39,8 @@ class DataReport:
     dropped_no_supervised``; ``truncated`` counts examples cut to ``max_length`` (they are among
     the kept unless truncation left them with no supervised token). Token counts are over the
     kept training examples; ``supervised_tokens`` counts positions with a label (loss tokens).
+    ``kept`` includes the ``zero_weight_examples``: weights take an example out of the loss, never
+    out of the data order.
     """
 
     source: str = ""
@@ -50,6 +57,11 @@ class DataReport:
     dropped_no_supervised: int = 0
     supervised_tokens: int = 0
     total_tokens: int = 0
+    # Loss weights (data.weight_field, an assistant message's "weight"), over the kept training examples.
+    zero_weight_examples: int = 0  # in the data order but no loss: weight 0, or every reply context
+    weighted_examples: int = 0  # data.weight_field other than 0 and 1
+    context_turns: int = 0  # assistant replies with "weight": 0 (label -100)
+    weighted_turns: int = 0  # assistant replies with a weight other than 0 and 1
     validation_source: str = ""  # "" when there is no validation set
     validation_loaded: int = 0
     validation_kept: int = 0
@@ -77,6 +89,9 @@ class DataReport:
         lines.append(f"  {limits}; {self.dropped_no_supervised} dropped with no supervised token")
         share = 100.0 * self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0
         lines.append(f"  tokens: {self.total_tokens} total, {self.supervised_tokens} supervised ({share:.1f}%)")
+        if self.zero_weight_examples or self.weighted_examples or self.context_turns or self.weighted_turns:
+            lines.append(f"  weights: {self.zero_weight_examples} examples with no loss, {self.weighted_examples} "
+                         f"weighted; {self.context_turns} replies as context, {self.weighted_turns} weighted")
         if self.validation_source:
             lines.append(
                 f"validation: {self.validation_kept} of {self.validation_loaded} examples kept "

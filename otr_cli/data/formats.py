@@ -12,6 +12,7 @@ Formats (``data.format``):
 - ``auto``: the first of those whose fields the record has.
 
 ``data.system_prompt`` (when set) opens prompt/completion and question/answer conversations.
+An assistant message may carry ``"weight"`` (0: context, not a target; see ``data/weights.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from otr_cli.data.errors import DataError
+from otr_cli.data.weights import TURN_WEIGHT_KEY, turn_weight
 
 FORMAT_FIELD_KEYS = {
     "messages": ("messages_field",),
@@ -85,7 +87,11 @@ def _message(item: Any, index: int, name: str, where: str) -> dict:
     if not isinstance(content, str):
         raise DataError(f"{where}: message {index} of field {name!r} ({role}): content should be text, got "
                         f"{type(content).__name__} (multimodal parts and tool calls are not supported)")
-    return {"role": role, "content": content}
+    message = {"role": role, "content": content}
+    weight = turn_weight(item, role, index, where)
+    if weight is not None:
+        message[TURN_WEIGHT_KEY] = weight
+    return message
 
 
 def _messages(value: Any, key: str, name: str, where: str) -> list[dict]:
@@ -93,6 +99,10 @@ def _messages(value: Any, key: str, name: str, where: str) -> list[dict]:
         raise DataError(f"{where}: field {name!r} (data.{key}) should be a list of messages, "
                         f"got {type(value).__name__}")
     return [_message(item, index, name, where) for index, item in enumerate(value)]
+
+
+def _without_weights(messages: list[dict]) -> list[dict]:
+    return [{key: value for key, value in message.items() if key != TURN_WEIGHT_KEY} for message in messages]
 
 
 def _check_conversation(messages: list[dict], where: str) -> None:
@@ -110,11 +120,12 @@ def _check_conversation(messages: list[dict], where: str) -> None:
 
 
 def to_messages(record: dict, data_cfg: Any, *, record_format: Optional[str] = None,
-                where: str = "record") -> list[dict]:
+                where: str = "record", keep_weights: bool = False) -> list[dict]:
     """Chat messages of `record`.
 
     record_format: the record's format; defaults to data.format (``auto`` detects from the fields).
     where: the record's location (``file:line``) for error messages.
+    keep_weights: keep an assistant message's ``"weight"`` (checked either way) for training.
     Raises DataError on missing fields, wrong types and empty assistant messages.
     """
     fmt = record_format or detect_format(record, data_cfg, where)
@@ -146,7 +157,7 @@ def to_messages(record: dict, data_cfg: Any, *, record_format: Optional[str] = N
     else:
         raise DataError(f"data.format={fmt!r} is not one of auto, {', '.join(FORMAT_FIELD_KEYS)}")
     _check_conversation(messages, where)
-    return messages
+    return messages if keep_weights else _without_weights(messages)
 
 
 def prompt_messages(messages: list[dict]) -> list[dict]:

@@ -9,24 +9,26 @@ Order of operations, chosen so that runs are comparable:
 2. Shuffle the training records with ``seed`` (data.shuffle), then encode them in that order
    until data.max_examples are kept; the rest are never tokenized (``report.unused``).
 3. Each record: format -> messages -> render (data.chat_template, data.chat_template_kwargs)
-   -> assistant-only labels -> length policy
+   -> assistant-only labels (a reply with "weight": 0 stays context) -> length policy
    (data.truncation=truncate keeps the first data.max_length tokens, drop drops the example)
-   -> dropped if no supervised token is left.
+   -> loss weights (data.weight_field) -> dropped if no supervised token is left, unless the
+   weights took it away (then kept, with no loss, so that the data order does not move).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from otr_cli.config import check_chat_template_kwargs, validate_data
 from otr_cli.data.chat import encode_conversation, resolve_chat_template
 from otr_cli.data.errors import DataError
-from otr_cli.data.examples import DataBundle, DataReport, TokenizedExample
+from otr_cli.data.examples import IGNORE_INDEX, DataBundle, DataReport, TokenizedExample
 from otr_cli.data.formats import detect_format, to_messages
 from otr_cli.data.sources import SYNTHETIC_SOURCE, RecordSet, read_split
+from otr_cli.data.weights import WeightCounts, example_weight, split_turn_weights
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,17 @@ class _SplitCounts:
     unused: int = 0
     supervised_tokens: int = 0
     total_tokens: int = 0
+    weights: WeightCounts = field(default_factory=WeightCounts)
+
+
+def _with_example_weight(example: TokenizedExample, weight: float) -> TokenizedExample:
+    """Scale every token's weight by the example's; weight 0 unsupervises every token (see data/weights.py)."""
+    if weight == 1.0:
+        return example
+    if weight == 0.0:
+        return TokenizedExample(example.input_ids, [IGNORE_INDEX] * len(example.labels))
+    token_weights = example.weights or [1.0 if label != IGNORE_INDEX else 0.0 for label in example.labels]
+    return TokenizedExample(example.input_ids, example.labels, [weight * value for value in token_weights])
 
 
 def _fit_length(example: TokenizedExample, max_length: int, truncation: str,
@@ -55,7 +68,8 @@ def _fit_length(example: TokenizedExample, max_length: int, truncation: str,
         counts.dropped_too_long += 1
         return None
     counts.truncated += 1
-    return TokenizedExample(example.input_ids[:max_length], example.labels[:max_length])
+    weights = example.weights[:max_length] if example.weights is not None else None
+    return TokenizedExample(example.input_ids[:max_length], example.labels[:max_length], weights)
 
 
 def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer: Any, template: Optional[str],
@@ -71,15 +85,21 @@ def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer
             break
         where = records.where(index)
         # One format for the whole split: a record lacking a field is an error, not another format.
-        messages = to_messages(records[index], data_cfg, record_format=record_format, where=where)
-        example = _fit_length(encode_conversation(messages, tokenizer, template, where, template_kwargs),
+        weight = example_weight(records[index], data_cfg, where)
+        messages, reply_weights = split_turn_weights(
+            to_messages(records[index], data_cfg, record_format=record_format, where=where, keep_weights=True))
+        example = _fit_length(encode_conversation(messages, tokenizer, template, where, template_kwargs,
+                                                  reply_weights),
                               data_cfg.max_length, data_cfg.truncation, counts)
         if example is None:
             continue
+        example = _with_example_weight(example, weight)
         supervised = example.num_supervised
-        if supervised == 0:
+        weighted_away = weight == 0.0 or not any(reply_weights)
+        if supervised == 0 and not weighted_away:
             counts.dropped_no_supervised += 1
             continue
+        counts.weights.add(weight, reply_weights, trains=supervised > 0)
         examples.append(example)
         counts.kept += 1
         counts.supervised_tokens += supervised
@@ -157,7 +177,9 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
         held_out=len(train_records) - len(train_order), unused=counts.unused, kept=counts.kept,
         truncated=counts.truncated, dropped_too_long=counts.dropped_too_long,
         dropped_no_supervised=counts.dropped_no_supervised, supervised_tokens=counts.supervised_tokens,
-        total_tokens=counts.total_tokens,
+        total_tokens=counts.total_tokens, zero_weight_examples=counts.weights.zero_weight_examples,
+        weighted_examples=counts.weights.weighted_examples, context_turns=counts.weights.context_turns,
+        weighted_turns=counts.weights.weighted_turns,
     )
     validation: list[TokenizedExample] = []
     if validation_records is not None:

@@ -1,7 +1,8 @@
 """Read raw records (dicts) from a source: a hub id, a local file or directory, or synthetic_arith.
 
 Local files: ``.jsonl`` (one JSON object per line), ``.json`` (a list of objects, or an object
-holding one such list), ``.parquet``; ``.jsonl.gz`` / ``.json.gz`` too. A directory holds one
+holding one such list), ``.parquet``, ``.csv`` / ``.tsv`` (a header row naming the fields, read
+by the ``datasets`` library's csv loader, every cell as text); ``.jsonl.gz`` / ``.json.gz`` too. A directory holds one
 file per split (``train.jsonl``, ``test.jsonl``, or the hub layout ``data/train-00000-of-00001.parquet``):
 the files whose name matches the split are read. Anything that is not an existing path, has no
 data-file extension and does not start with ``.``, ``/`` or ``~`` is a hub id for
@@ -14,6 +15,7 @@ Every record keeps where it came from (``RecordSet.where``) so that errors can s
 from __future__ import annotations
 
 import bisect
+import csv
 import gzip
 import json
 import re
@@ -25,7 +27,8 @@ from otr_cli.config import DataConfig, SyntheticArithConfig
 from otr_cli.data.errors import DataError
 
 SYNTHETIC_SOURCE = "synthetic_arith"
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".jsonl.gz", ".json.gz")
+DELIMITED_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 
 
 @dataclass
@@ -141,6 +144,57 @@ def _read_parquet(path: Path) -> list[dict]:
         raise DataError(f"{path}: cannot read as parquet ({exc})") from exc
 
 
+def _record_start_lines(path: Path, delimiter: str) -> list[int]:
+    """1-based line on which each data row of a CSV/TSV file starts (the header is line 1).
+
+    A quoted cell may hold newlines, so a row's line is not its index + 2; blank lines are not
+    rows (the csv loader skips them too).
+    """
+    starts: list[int] = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        next(reader, None)
+        previous_end = reader.line_num
+        for row in reader:
+            if row:
+                starts.append(previous_end + 1)
+            previous_end = reader.line_num
+    return starts
+
+
+def _read_delimited(path: Path) -> tuple[list[dict], Optional[list[int]]]:
+    """Records of a .csv/.tsv file through ``datasets``' csv loader, every cell as text, and their lines.
+
+    Cells stay text (string features, no NaN conversion): type inference would turn an answer "007"
+    into 7 or an empty cell into NaN. Numeric fields (data.weight_field) are parsed where used.
+    """
+    import datasets
+
+    delimiter = DELIMITED_SUFFIXES[path.suffix]
+    try:
+        for _ in _text_lines(path):  # non-UTF-8 bytes: the same file:line error as for JSON lines
+            pass
+        with path.open(newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), [])
+        # Declared string features make the loader read every column with a text dtype.
+        features = datasets.Features({name: datasets.Value("string") for name in header})
+        dataset = datasets.load_dataset("csv", data_files=str(path), split="train", delimiter=delimiter,
+                                        features=features, keep_default_na=False)
+    except DataError:
+        raise
+    except Exception as exc:  # pandas' ParserError, wrapped by datasets: its message names the line
+        cause = exc
+        while cause.__cause__ is not None and "line" not in str(cause):
+            cause = cause.__cause__
+        line = re.search(r"line (\d+)", str(cause))
+        where = f"{path}:{line.group(1)}" if line else str(path)
+        raise DataError(f"{where}: cannot read as {path.suffix[1:].upper()} ({cause}); every row needs as many "
+                        f"cells as the header, and a cell holding the delimiter or a newline must be quoted") from exc
+    records = dataset.to_list()
+    lines = _record_start_lines(path, delimiter)
+    return records, (lines if len(lines) == len(records) else None)
+
+
 def _read_file(path: Path, records: list[dict], segments: list[_Segment]) -> None:
     """Append the records of one local file and their provenance."""
     start = len(records)
@@ -154,6 +208,9 @@ def _read_file(path: Path, records: list[dict], segments: list[_Segment]) -> Non
     elif name.endswith(".parquet"):
         file_records = _read_parquet(path)
         segments.append(_Segment(start, str(path)))
+    elif path.suffix in DELIMITED_SUFFIXES:
+        file_records, lines = _read_delimited(path)
+        segments.append(_Segment(start, str(path), lines))
     else:
         raise DataError(f"data.source file {path} has an unsupported type; use one of {', '.join(DATA_SUFFIXES)}")
     records.extend(file_records)
@@ -166,7 +223,7 @@ def _split_files(directory: Path, split: str) -> list[Path]:
         raise DataError(f"data.source directory {directory} holds no {', '.join(DATA_SUFFIXES)} files")
 
     def stem(path: Path) -> str:
-        return re.sub(r"(\.jsonl|\.json|\.parquet)(\.gz)?$", "", path.name)
+        return re.sub(r"(\.jsonl|\.json|\.parquet|\.csv|\.tsv)(\.gz)?$", "", path.name)
 
     exact = [p for p in files if stem(p) == split]
     if exact:
@@ -210,7 +267,7 @@ def _read_hub(source: str, subset: Optional[str], split: str) -> RecordSet:
         dataset = datasets.load_dataset(source, subset, split=split)
     except Exception as exc:  # network, missing subset/split, unknown repo: all reported the same way
         raise DataError(f"cannot load hub dataset data.source={source!r} with data.subset={subset!r}, split "
-                        f"{split!r}: {exc}. For a local file give an existing path (.jsonl/.json/.parquet).") from exc
+                        f"{split!r}: {exc}. For a local file give an existing path (.jsonl/.json/.parquet/.csv/.tsv).") from exc
     return RecordSet(dataset, description)
 
 

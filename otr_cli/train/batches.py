@@ -88,12 +88,20 @@ def loss_weights(batch: dict[str, torch.Tensor], reduction: str, global_tokens: 
     x sequences in the global batch), as in the paper. Multiplied by `replicas` (grad accum x
     world size) because DeepSpeed divides the loss by grad accumulation and averages gradients
     over ranks, and we want the gradient of the global-batch mean.
+
+    The data's loss weights (batch["weights"], [B, T] float, optional) multiply each token's
+    share; the normalisers stay counts of supervised tokens and sequences (weight-0 tokens are not
+    supervised, so they are not counted). A weight is thus an absolute factor, the same in every
+    batch, rather than a share renormalised within each batch.
     """
     labels = batch["labels"]
     supervised = torch.zeros_like(labels, dtype=torch.float32)
     supervised[:, 1:] = (labels[:, 1:] != IGNORE_INDEX).float()
+    data_weights = batch.get("weights")
     if reduction == "token":
-        return supervised * (replicas / max(global_tokens, 1))
-    per_sequence = supervised.sum(dim=1, keepdim=True).clamp(min=1)
-    return supervised / per_sequence * (replicas / max(global_sequences, 1))
+        shares = supervised * (replicas / max(global_tokens, 1))
+    else:
+        per_sequence = supervised.sum(dim=1, keepdim=True).clamp(min=1)
+        shares = supervised / per_sequence * (replicas / max(global_sequences, 1))
+    return shares if data_weights is None else shares * data_weights.to(shares.device, torch.float32)
 

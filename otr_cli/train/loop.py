@@ -33,6 +33,7 @@ from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
 from otr_cli.train.token_loss_model import sampling_generator
+from otr_cli.train.trackers import open_trackers
 
 log = logging.getLogger("otr.train")
 
@@ -100,7 +101,7 @@ class Trainer:
         self.step = 0
         self.device = self.engine.deepspeed.device
         self.metrics = MetricsLog(run_dir.root / "metrics.jsonl", enabled=dist_info.is_main,
-                                  tensorboard_dir=run_dir.root / "tensorboard")
+                                  trackers=open_trackers(cfg, run_dir.root) if dist_info.is_main else None)
         self.pad_id = tokenizer.pad_token_id
         # Evaluations made during training, by phase name (e.g. the end of the SFT warm-up).
         self.phase_evals: dict[str, dict] = {}

@@ -1,4 +1,4 @@
-"""Per-step metrics: metrics.jsonl (one JSON object per optimizer step), TensorBoard, curves.png."""
+"""Per-step metrics: metrics.jsonl (one JSON object per optimizer step), the trackers, curves.png."""
 
 from __future__ import annotations
 
@@ -21,23 +21,23 @@ CURVE_PANELS = (
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl``; only the main rank writes."""
+    """Appends records to ``metrics.jsonl`` and hands their numbers to the trackers; only the main rank writes.
 
-    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Optional[Path] = None):
+    trackers: ``train/trackers.Trackers`` (trainer.report_to) or None.
+    """
+
+    def __init__(self, path: Path, enabled: bool, trackers=None):
         self.path = path
         self.enabled = enabled
-        self._tensorboard = None
-        if enabled and tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tensorboard = SummaryWriter(str(tensorboard_dir))
-            except ImportError:  # tensorboard is an optional extra
-                self._tensorboard = None
+        self.trackers = trackers if enabled else None
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: a resumed run rewrites them, so the file has no duplicates."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
+            return
+        if self.trackers is not None:
+            self.trackers.start_at(step)
+        if not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
@@ -48,15 +48,12 @@ class MetricsLog:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self._tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tensorboard.add_scalar(f"train/{key}" if not key.startswith("val") else key, value,
-                                                 record["step"])
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
