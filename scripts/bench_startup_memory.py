@@ -6,10 +6,18 @@ Builds a random Qwen3-architecture model once (cached in $OTR_CACHE/bench-qwen3-
 safetensors shards of 500 MB, SmolLM2's tokenizer), then for each mode (partitioned: what otr does;
 plain: every rank loads the whole model and deepspeed.initialize partitions it, as before issue 14)
 and each world size (1, 2) starts that many gloo CPU ranks. Each rank builds the DeepSpeed engine
-with otr's own build_engine (ZeRO-3, fp32, micro batch 1), then reports its peak resident set size
-(ru_maxrss: everything the process ever held at once, including mapped checkpoint pages) and its
-resident and unique memory at that moment. No training step is run (torch's AdamW allocates its
-moments on the first step, the same for both modes). Writes JSON and prints a table.
+with otr's own build_engine (ZeRO-3, fp32, micro batch 1) and reports, in GiB:
+
+- peak private memory (the headline): the highest RssAnon of /proc/self/status, sampled every
+  20 ms by a background thread. Anonymous pages belong to one process alone, so the sum over the
+  ranks of a node is what the node must hold.
+- peak RSS (VmHWM, = ru_maxrss): also counts the file pages of the memory-mapped safetensors
+  checkpoint. Those live in the page cache, shared by every rank that maps the same file and
+  reclaimable, so summing them over ranks counts one copy per rank that the node never holds.
+- private memory and RSS once the engine is built.
+
+No training step is run (torch's AdamW allocates its moments on the first step, the same for both
+modes). Linux only. Writes JSON and prints a table.
 """
 
 from __future__ import annotations
@@ -18,10 +26,10 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,9 +65,37 @@ def build_model(layers: int) -> Path:
     return directory
 
 
+def status_gib(*fields: str) -> dict[str, float]:
+    """Fields of /proc/self/status (reported in kB), in GiB."""
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in fields:
+                values[key] = int(value.split()[0]) * 1024 / GIB
+    return values
+
+
+class PeakPrivateMemory(threading.Thread):
+    """Highest RssAnon (GiB) seen while running: the kernel keeps a high-water mark for RSS only."""
+
+    def __init__(self, every_s: float = 0.02):
+        super().__init__(daemon=True)
+        self.every_s, self.peak_gib, self.running = every_s, 0.0, True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak_gib = max(self.peak_gib, status_gib("RssAnon")["RssAnon"])
+            time.sleep(self.every_s)
+
+    def stop(self) -> float:
+        self.running = False
+        self.join()
+        return max(self.peak_gib, status_gib("RssAnon")["RssAnon"])
+
+
 def worker(directory: str, mode: str, report: str) -> None:
     """One rank: build the engine as `otr train deepspeed=zero3` does, then write what this process holds."""
-    import psutil
     import torch.distributed as dist
 
     from otr_cli import models
@@ -67,6 +103,8 @@ def worker(directory: str, mode: str, report: str) -> None:
     from otr_cli.train.distributed import init_distributed
     from otr_cli.train.engine import build_engine
 
+    sampler = PeakPrivateMemory()
+    sampler.start()
     info = init_distributed()
     if mode == "plain":
         models.partitioned_loading = lambda _config: contextlib.nullcontext()  # the load before issue 14
@@ -78,12 +116,13 @@ def worker(directory: str, mode: str, report: str) -> None:
     started = time.time()
     engine = build_engine(cfg, total_steps=1, world_size=info.world_size)
     seconds = time.time() - started
-    memory = psutil.Process().memory_full_info()
+    peak_private = sampler.stop()
+    now = status_gib("RssAnon", "VmRSS", "VmHWM")
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.lm.parameters())
     Path(report).write_text(json.dumps({
         "rank": info.rank, "world_size": info.world_size, "mode": mode, "params": params,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
-        "rss_gib": memory.rss / GIB, "uss_gib": memory.uss / GIB, "build_engine_s": seconds}))
+        "peak_private_gib": peak_private, "peak_rss_gib": now["VmHWM"],
+        "private_gib": now["RssAnon"], "rss_gib": now["VmRSS"], "build_engine_s": seconds}))
     dist.barrier()
 
 
@@ -123,19 +162,24 @@ def main() -> None:
     for mode in args.modes.split(","):
         for world in (1, 2):
             results[f"{mode}/{world}"] = run_ranks(directory, mode, world, work)
-    table = ["| load | ranks | peak RSS per rank (GiB) | total (GiB) | total / 1 rank |", "| --- | --- | --- | --- | --- |"]
+    table = ["| load | ranks | peak private per rank | total | / 1 rank | peak RSS per rank | total | / 1 rank |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in args.modes.split(","):
-        one = sum(r["peak_rss_gib"] for r in results[f"{mode}/1"])
+        row = {}
         for world in (1, 2):
-            ranks = results[f"{mode}/{world}"]
-            total = sum(r["peak_rss_gib"] for r in ranks)
-            per_rank = ", ".join(f"{r['peak_rss_gib']:.2f}" for r in ranks)
-            table.append(f"| {mode} | {world} | {per_rank} | {total:.2f} | {total / one:.2f}x |")
+            row[world] = []
+            for metric in ("peak_private_gib", "peak_rss_gib"):
+                ranks = results[f"{mode}/{world}"]
+                total = sum(r[metric] for r in ranks)
+                one = sum(r[metric] for r in results[f"{mode}/1"])
+                row[world] += [", ".join(f"{r[metric]:.2f}" for r in ranks), f"{total:.2f}", f"{total / one:.2f}x"]
+            table.append(f"| {mode} | {world} | " + " | ".join(row[world]) + " |")
     params = results[next(iter(results))][0]["params"]
     summary = {"model": str(directory), "params": params, "fp32_gib": params * 4 / GIB, "results": results,
                "table": table}
     Path(args.out).write_text(json.dumps(summary, indent=2))
-    print(f"random Qwen3, {args.layers} layers, {params / 1e6:.0f}M parameters ({params * 4 / GIB:.2f} GiB in fp32)")
+    print(f"random Qwen3, {args.layers} layers, {params / 1e6:.0f}M parameters ({params * 4 / GIB:.2f} GiB in fp32); "
+          "GiB; private = RssAnon sampled every 20 ms, RSS = VmHWM (counts mapped checkpoint pages)")
     print("\n".join(table))
 
 

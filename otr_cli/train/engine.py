@@ -11,6 +11,7 @@ import torch
 from otr_cli.config import TrainConfig
 from otr_cli.models import apply_lora, default_dtype, load_model
 from otr_cli.train.ds_config import build_deepspeed_config, resolve_precision
+from otr_cli.train.host_memory import large_frees_return_to_os
 from otr_cli.train.optimizer import build_torch_adamw, deepspeed_builds_optimizer
 from otr_cli.train.token_loss_model import TokenLossLM
 
@@ -60,6 +61,12 @@ class TrainingEngine:
 
 
 def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> TrainingEngine:
+    """Load the model and wrap it in DeepSpeed; what start-up frees goes back to the OS (host_memory)."""
+    with large_frees_return_to_os():
+        return _build_engine(cfg, total_steps, world_size)
+
+
+def _build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> TrainingEngine:
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
