@@ -7,6 +7,8 @@ for the CUDA-only GEMM with float32 output (probed, with its bf16 fallback run h
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -15,6 +17,8 @@ from otr_cli.losses.plan import CPU_BLOCK_BYTES, CUDA_BLOCK_BYTES, block_rows_fo
 from test_losses import CASES, CASE_IDS, assert_close_rel, assert_runs_agree, make_dyadic_inputs, make_inputs, run
 
 QWEN_V = 151936
+# scripts/gpu_check.py sets this to "cuda" to run the device tests below on the GPU; default: CPU.
+LOSS_TEST_DEVICE = os.environ.get("OTR_LOSS_TEST_DEVICE", "cpu")
 
 
 def test_cpu_blocks_stay_cache_sized_and_cuda_blocks_cover_a_chunk_in_few_even_pieces():
@@ -99,3 +103,16 @@ def test_allow_tf32_is_a_validated_option_that_reaches_the_plan():
     assert make_options("sft", allow_tf32=False).allow_tf32 is False
     with pytest.raises(LossOptionError, match="allow_tf32"):
         make_options("sft", allow_tf32="yes")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("objective,options", CASES, ids=CASE_IDS)
+def test_fused_matches_reference_on_the_test_device(objective, options, dtype, tol):
+    """The device's own plan (CPU here, CUDA under gpu_check.py) against the reference on that device.
+    TF32 off: this compares the kernels, not TF32's rounding of the logits."""
+    if LOSS_TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.fail("OTR_LOSS_TEST_DEVICE=cuda but torch sees no CUDA device")
+    hidden, weight, labels = (t.to(LOSS_TEST_DEVICE) for t in make_dyadic_inputs(dtype))
+    fused = run(fused_token_loss, hidden, weight, labels, objective=objective, chunk_size=16, allow_tf32=False, **options)
+    reference = run(reference_token_loss, hidden, weight, labels, objective=objective, **options)
+    assert_runs_agree(fused, reference, tol, stats_tol=1e-4)
