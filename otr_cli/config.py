@@ -199,6 +199,18 @@ class TrainerConfig:
 
 
 @dataclass
+class VllmConfig:
+    # eval.backend=vllm runs vLLM in a child process that exits when done (its GPU memory is freed).
+    # Fraction of each GPU's memory vLLM may claim (weights + KV cache); inside `otr train` the
+    # trainer still holds its own, so lower this to what is free.
+    gpu_memory_utilization: float = 0.85
+    # GPUs one model is split over (tensor parallelism).
+    tensor_parallel_size: int = 1
+    # Longest prompt + completion in tokens (None: the model's own limit, whose KV cache may not fit).
+    max_model_len: Optional[int] = None
+
+
+@dataclass
 class EvalConfig:
     benchmarks: List[str] = field(default_factory=list)
     # Also evaluate the model before training (shows the gain).
@@ -217,8 +229,9 @@ class EvalConfig:
     custom_question_field: str = "question"
     custom_answer_field: str = "answer"
     custom_grader: str = "math"
-    # "hf" (transformers generate) or "vllm" (GPU, when installed).
+    # "hf" (transformers generate) or "vllm" (GPU, when installed; settings in eval.vllm).
     backend: str = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     # Completions per prompt: 1 with temperature 0 is greedy; more give pass@k.
     num_samples: int = 1
     temperature: float = 0.0

@@ -213,11 +213,15 @@ class Trainer:
         model_dir = self.run_dir.latest_checkpoint() if self.saved_at == self.step else None
         temporary = None
         model = None
-        if self.engine.zero_stage == 3:
+        # vLLM loads a model from files in its own process: it gets this step's export, never a
+        # name for the model in memory (which resolve_source would take for a hub id).
+        if self.engine.zero_stage == 3 or eval_cfg.backend == "vllm":
             if model_dir is None:
                 temporary = model_dir = out_dir / "model"
                 export_hf_model(self.engine, temporary, self.tokenizer, self.dist.is_main)  # a collective
                 barrier()  # rank 0 has written it
+            if eval_cfg.backend == "vllm":
+                release_memory()  # hand the trainer's cached, unused GPU blocks to the vLLM process
         else:
             model = self.engine.lm
             model.eval()
