@@ -116,3 +116,17 @@ def test_fused_matches_reference_on_the_test_device(objective, options, dtype, t
     fused = run(fused_token_loss, hidden, weight, labels, objective=objective, chunk_size=16, allow_tf32=False, **options)
     reference = run(reference_token_loss, hidden, weight, labels, objective=objective, **options)
     assert_runs_agree(fused, reference, tol, stats_tol=1e-4)
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_tf32_setting_holds_inside_the_cuda_kernel_and_is_restored_after(allow_tf32):
+    """The flag is process-wide; only its handling is checked here (no CUDA needed to set it)."""
+    from otr_cli.losses.fused import _float32_matmul_precision
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with _float32_matmul_precision(torch.device("cuda"), allow_tf32):
+        assert matmul.fp32_precision == ("tf32" if allow_tf32 else "ieee")
+    assert matmul.fp32_precision == before
+    with _float32_matmul_precision(torch.device("cpu"), allow_tf32):
+        assert matmul.fp32_precision == before  # CPU matmuls are left alone

@@ -384,12 +384,17 @@ def _float32_matmul_precision(device: torch.device, allow_tf32: bool):
         yield
         return
     matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32
-    matmul.allow_tf32 = allow_tf32
+    # torch >= 2.9 has fp32_precision and raises when a later read of the legacy allow_tf32 finds
+    # the two disagreeing; setting and restoring through the same API as the one read keeps them
+    # consistent for the caller.
+    name, value = (("fp32_precision", "tf32" if allow_tf32 else "ieee") if hasattr(matmul, "fp32_precision")
+                   else ("allow_tf32", allow_tf32))
+    previous = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        matmul.allow_tf32 = previous
+        setattr(matmul, name, previous)
 
 
 class FusedTokenLossFunction(torch.autograd.Function):
