@@ -7,6 +7,7 @@ with the same generator state they consume the random stream identically and pic
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -258,7 +259,19 @@ def supervised_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> tupl
     count, bad = torch.stack([supervised.sum(), out_of_range.sum()]).tolist()
     if bad:
         raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
-    return torch.nonzero_static(supervised, size=count).squeeze(1), count
+    if _has_nonzero_static(labels.device.type):
+        return torch.nonzero_static(supervised, size=count).squeeze(1), count
+    return supervised.nonzero().squeeze(1), count  # a second synchronisation, on builds without it
+
+
+@functools.lru_cache(maxsize=None)
+def _has_nonzero_static(device_type: str) -> bool:
+    """Whether ``torch.nonzero_static`` runs on this device type (probed once on 2 elements)."""
+    try:
+        torch.nonzero_static(torch.ones(2, dtype=torch.bool, device=device_type), size=2)
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def check_inputs(
