@@ -43,14 +43,15 @@ PROFILES = {
         "model": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
         "train_steps": 20, "micro_batch": 8, "num_train": 320, "otr_k": 256, "eval_limit": 8, "max_new_tokens": 64,
-        "timeouts": {"loss_tests": 120, "bench_loss": 180, "train": 90, "eval": 60},
+        # Worst case 10.5 min; expected well under 8 (vLLM's start-up, with its compilation, is the unknown).
+        "timeouts": {"loss_tests": 90, "bench_loss": 150, "train": 100, "eval_hf": 60, "eval_vllm": 150},
     },
     "cpu": {
         "bench_shapes": "128x32x4096", "bench_rounds": 2,
         "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "head_dim": 8, "vocab_size": None},  # None: the tokenizer's size
         "train_steps": 2, "micro_batch": 2, "num_train": 8, "otr_k": 8, "eval_limit": 2, "max_new_tokens": 8,
-        "timeouts": {"loss_tests": 300, "bench_loss": 300, "train": 300, "eval": 300},
+        "timeouts": {"loss_tests": 300, "bench_loss": 300, "train": 300, "eval_hf": 300, "eval_vllm": 300},
     },
 }
 
@@ -176,7 +177,7 @@ def step_eval(device: str, out: Path, profile: dict, model_dir: Path, backend: s
     command = [sys.executable, "-m", "otr_cli.cli", "eval", f"model={model_dir}", f"run.output_dir={run_dir}",
                "eval.benchmarks=[synthetic_arith]", f"eval.limit={profile['eval_limit']}",
                f"eval.max_new_tokens={profile['max_new_tokens']}", f"eval.backend={backend}", "eval.cache=false"]
-    result = run_step(f"eval_{backend}", command, out, profile["timeouts"]["eval"])
+    result = run_step(f"eval_{backend}", command, out, profile["timeouts"][f"eval_{backend}"])
     if result["status"] == "ok":
         rows = [json.loads(line) for line in (run_dir / "eval" / "synthetic_arith.jsonl").read_text().splitlines()
                 if line.strip()]

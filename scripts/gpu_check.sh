@@ -34,7 +34,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     requirement=${entry#*:}
     case "$requirement" in
       deepspeed|antlr4-python3-runtime*) DS_BUILD_OPS=0 $PY -m pip wheel --no-deps -w wheels "$requirement" ;;
-      pydantic-core) $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+      pydantic-core|msgpack) $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
                        --platform manylinux2014_x86_64 -d wheels "$requirement" ;;
       *) $PY -m pip download --no-deps --only-binary=:all: -d wheels "$requirement" ;;
     esac

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -9,6 +10,8 @@ from typing import Callable, Optional
 import torch
 
 from otr_cli.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,13 @@ def child_visible_devices(parent_visible: Optional[str], current_device: Optiona
     return visible[current_device] if visible else str(current_device)
 
 
-def vllm_child_command() -> list[str]:
-    """The child that runs vLLM: this interpreter on ``otr_cli.eval.vllm_child``."""
-    return [sys.executable, "-m", "otr_cli.eval.vllm_child"]
+def vllm_child_command(python: Optional[str] = None) -> list[str]:
+    """The child that runs vLLM: ``python`` (default: this interpreter) on the file of
+    ``otr_cli.eval.vllm_child``, which imports nothing of otr, so an interpreter of another
+    environment that has only vLLM can run it (eval.vllm.python)."""
+    from otr_cli.eval import vllm_child
+
+    return [python or sys.executable, vllm_child.__file__]
 
 
 def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSettings,
@@ -169,6 +176,9 @@ def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSetti
             raise RuntimeError(f"the vLLM process for {model_path} failed (exit code {child.returncode}); "
                                f"its last output:\n{child.stderr.strip()[-3000:]}")
         result = json.loads(result_path.read_text())
+    if result.get("seconds"):
+        log.info("vLLM generated %d tokens in %.1f s (%.0f tokens/s)", result.get("generated_tokens", 0),
+                 result["seconds"], result.get("generated_tokens", 0) / result["seconds"])
     completions = [[cut_at_stop(text, settings.stop) for text in samples] for samples in result["completions"]]
     if len(completions) != len(prompts):
         raise RuntimeError(f"the vLLM process returned {len(completions)} completions for {len(prompts)} prompts")
