@@ -208,6 +208,9 @@ class VllmConfig:
     tensor_parallel_size: int = 1
     # Longest prompt + completion in tokens (None: the model's own limit, whose KV cache may not fit).
     max_model_len: Optional[int] = None
+    # Python interpreter of the vLLM child (None: otr's own); vLLM often lives in an environment of
+    # its own. The child is a single file that needs only vLLM there, not otr.
+    python: Optional[str] = None
 
 
 @dataclass

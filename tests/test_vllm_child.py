@@ -96,3 +96,34 @@ def test_eval_vllm_keys_reach_the_engine_settings_and_bad_values_name_their_key(
                       (VllmConfig(max_model_len=16), "eval.vllm.max_model_len")]:
         with pytest.raises(ConfigError, match=key):
             check_eval_config(EvalConfig(backend="vllm", vllm=vllm))
+
+
+RECORDING_CHILD = """#!{python}
+# A stand-in for the vLLM child's interpreter: argv = [child file, request, result]. It records the
+# model it was given and whether that was a model directory at the time, and answers every prompt.
+import json, os, sys
+from pathlib import Path
+request = json.loads(Path(sys.argv[2]).read_text())
+with open({record!r}, "a") as handle:
+    handle.write(json.dumps({{"model": request["model"],
+                             "has_config": os.path.isfile(os.path.join(request["model"], "config.json"))}}) + "\\n")
+n = request["sampling"]["n"]
+Path(sys.argv[3]).write_text(json.dumps({{"completions": [["42"] * n for _ in request["prompts"]]}}))
+"""
+
+
+@pytest.mark.slow
+def test_training_with_vllm_evaluation_hands_the_child_an_exported_directory(tiny_model_dir, tmp_path):
+    from helpers import run_cli, tiny_overrides
+
+    record = tmp_path / "models.jsonl"
+    child = tmp_path / "python-with-vllm"
+    child.write_text(RECORDING_CHILD.format(python=sys.executable, record=str(record)))
+    child.chmod(0o755)
+    run_cli(["train", *tiny_overrides(tiny_model_dir, tmp_path / "run", "trainer.max_steps=2", "trainer.save_steps=0",
+                                      "eval.benchmarks=[synthetic_arith]", "eval.every_steps=1",
+                                      "eval.every_steps_limit=2", "eval.limit=2", "eval.backend=vllm",
+                                      f"eval.vllm.python={child}")])
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(calls) >= 2  # step 1 (no checkpoint: a temporary export) and the final model
+    assert all(call["has_config"] and "@step-" not in call["model"] for call in calls), calls

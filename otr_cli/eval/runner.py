@@ -24,7 +24,7 @@ from otr_cli.eval.benchmarks import (BENCHMARK_NAMES, BenchmarkError, Problem, f
 from otr_cli.eval.choice_grader import grade_choice
 from otr_cli.eval.code_grader import grade_code_many
 from otr_cli.eval.generation import (GenerationSettings, VllmEngineSettings, generate_hf, generate_vllm,
-                                     length_sorted_batches, prompt_lengths)
+                                     length_sorted_batches, prompt_lengths, vllm_child_command)
 from otr_cli.eval.generation_cache import GenerationCache, cache_key, model_fingerprint
 from otr_cli.eval.math_grader import grade_math
 from otr_cli.eval.prompts import prompt_template_kwargs, render_prompts
@@ -100,7 +100,8 @@ class _LazyModel:
 
 def _generate(prompts: list[str], keys: list[str], batches: list[list[int]], cache: GenerationCache,
               lazy: _LazyModel, tokenizer, settings: GenerationSettings, name: str,
-              engine: VllmEngineSettings = VllmEngineSettings()) -> list[Optional[list[str]]]:
+              engine: VllmEngineSettings = VllmEngineSettings(), python: Optional[str] = None
+              ) -> list[Optional[list[str]]]:
     """Completions of the prompts in `batches` (None for the others), generating only what the cache lacks.
 
     A batch is all cached or all missing after an interruption (completions are cached per batch), so
@@ -122,7 +123,8 @@ def _generate(prompts: list[str], keys: list[str], batches: list[list[int]], cac
         if settings.backend == "vllm":
             subset = [i for batch in missing_batches for i in batch]
             generate_vllm(lazy.model_path, [prompts[i] for i in subset], settings,
-                          lambda positions, batch: on_batch([subset[p] for p in positions], batch), engine=engine)
+                          lambda positions, batch: on_batch([subset[p] for p in positions], batch), engine=engine,
+                          command=vllm_child_command(python))
         else:
             generate_hf(lazy.get(), tokenizer, prompts, settings, batch_size=max(map(len, missing_batches)),
                         on_batch=on_batch, batches=missing_batches)
@@ -221,7 +223,8 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
         keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
         batches = shard.owned(length_sorted_batches(prompt_lengths(tokenizer, prompts), eval_cfg.batch_size))
         mine = sorted(i for batch in batches for i in batch)
-        completions = _generate(prompts, keys, batches, cache, lazy, tokenizer, settings, name, vllm_engine(eval_cfg))
+        completions = _generate(prompts, keys, batches, cache, lazy, tokenizer, settings, name, vllm_engine(eval_cfg),
+                                eval_cfg.vllm.python)
         mine_completions = [completions[i] for i in mine]
         rows = _rows([problems[i] for i in mine], [prompts[i] for i in mine], mine_completions,
                      _grade([problems[i] for i in mine], mine_completions, eval_cfg))
