@@ -142,6 +142,9 @@ class LossConfig:
     chunk_size: Optional[int] = None
     # "fused" (chunked, never materialises logits) or "reference" (naive, for checks).
     implementation: str = "fused"
+    # Let the fused kernel's float32 matmuls use TF32 on CUDA (faster, ~1e-3 relative rounding
+    # of the logits); false keeps full float32. No effect on CPU or bf16/fp16 models.
+    allow_tf32: bool = True
     # Run SFT for this many optimizer steps before switching to `objective`.
     sft_warmup_steps: int = 0
     # Constant mix: loss = objective + sft_weight * CE.
@@ -207,6 +210,21 @@ class TrainerConfig:
 
 
 @dataclass
+class VllmConfig:
+    # eval.backend=vllm runs vLLM in a child process that exits when done (its GPU memory is freed).
+    # Fraction of each GPU's memory vLLM may claim (weights + KV cache); inside `otr train` the
+    # trainer still holds its own, so lower this to what is free.
+    gpu_memory_utilization: float = 0.85
+    # GPUs one model is split over (tensor parallelism).
+    tensor_parallel_size: int = 1
+    # Longest prompt + completion in tokens (None: the model's own limit, whose KV cache may not fit).
+    max_model_len: Optional[int] = None
+    # Python interpreter of the vLLM child (None: otr's own); vLLM often lives in an environment of
+    # its own. The child is a single file that needs only vLLM there, not otr.
+    python: Optional[str] = None
+
+
+@dataclass
 class EvalConfig:
     benchmarks: List[str] = field(default_factory=list)
     # Also evaluate the model before training (shows the gain).
@@ -225,8 +243,9 @@ class EvalConfig:
     custom_question_field: str = "question"
     custom_answer_field: str = "answer"
     custom_grader: str = "math"
-    # "hf" (transformers generate) or "vllm" (GPU, when installed).
+    # "hf" (transformers generate) or "vllm" (GPU, when installed; settings in eval.vllm).
     backend: str = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     # Completions per prompt: 1 with temperature 0 is greedy; more give pass@k.
     num_samples: int = 1
     temperature: float = 0.0
@@ -514,7 +533,7 @@ def loss_options(loss: LossConfig, phase: Optional[PhaseConfig] = None, path: Op
             values["sft_weight"] = 0.0
     try:
         return make_options(objective, reduction="sum", chunk_size=loss.chunk_size,
-                            implementation=loss.implementation, **values)
+                            implementation=loss.implementation, allow_tf32=loss.allow_tf32, **values)
     except LossOptionError as err:
         # The key the user wrote: the phase's own value, else the loss group's that it inherited.
         own = phase is not None and err.field in PHASE_INHERITED + ("objective",) and getattr(phase, err.field) is not None

@@ -4,8 +4,10 @@
     python scripts/bench_loss.py --device cpu            # full run, writes docs/benchmarks/bench_loss.{json,md}
     python scripts/bench_loss.py --device cpu --quick    # small shapes, 3 repeats, writes to a temp dir
     python scripts/bench_loss.py --device cuda           # adds Liger's fused linear cross-entropy when importable
+    python scripts/bench_loss.py --device cuda --dtype bfloat16 --shapes 16384x4096x151936 \
+        --cases fused:sft,fused:otr,liger:sft             # what scripts/gpu_check.py runs
 
-Per shape (N supervised rows, hidden size H, vocabulary V; float32) it measures
+Per shape (N supervised rows, hidden size H, vocabulary V; float32 unless --dtype) it measures
 
 * forward+backward time: one worker process holds the inputs and runs every case in turn,
   round after round (order rotated each round, so that noise from other load hits all cases
@@ -50,21 +52,26 @@ TARGETS = [
     ("fused sft time / reference sft time", "fused:sft", "reference:sft", "time", 1.00, None),
     ("fused otr memory / reference otr memory", "fused:otr", "reference:otr", "memory", 0.35, None),
     ("fused otr memory / fused sft memory", "fused:otr", "fused:sft", "memory", 1.15, None),
-    ("fused otr time / Liger CE time", "fused:otr", LIGER_CASE, "time", 1.15, None),
+    # GPU targets of issue 15 (bf16, against Liger's fused linear cross-entropy).
+    ("fused otr time / Liger CE time", "fused:otr", LIGER_CASE, "time", 1.30, None),
+    ("fused sft time / Liger CE time", "fused:sft", LIGER_CASE, "time", 1.10, None),
+    ("fused sft memory / Liger CE memory", "fused:sft", LIGER_CASE, "memory", 1.10, None),
     ("fused otr memory / Liger CE memory", "fused:otr", LIGER_CASE, "memory", 1.10, None),
+    ("fused otr_exact memory / Liger CE memory", "fused:otr_exact", LIGER_CASE, "memory", 1.10, None),
 ]
 
 
 # ----------------------------------------------------------------------------- workers (subprocess side)
 
 
-def make_inputs(n, h, v, device):
-    """hidden [n, h] ~ N(0, 1), weight [v, h] with logits of std ~3, labels [n]; all float32."""
+def make_inputs(n, h, v, device, dtype="float32"):
+    """hidden [n, h] ~ N(0, 1), weight [v, h] with logits of std ~3 (both in ``dtype``), labels [n]."""
     import torch
 
     gen = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(n, h, generator=gen).to(device).requires_grad_()
-    weight = torch.randn(v, h, generator=gen).mul_(3.0 / h**0.5).to(device).requires_grad_()
+    dtype = getattr(torch, dtype)
+    hidden = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
+    weight = torch.randn(v, h, generator=gen).mul_(3.0 / h**0.5).to(device, dtype).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=gen).to(device)
     return hidden, weight, labels
 
@@ -126,9 +133,9 @@ def wait_for_quiet(max_wait_s, threshold=0.15):
             return False
 
 
-def time_worker(shape, cases, rounds, device, quiet_wait_s):
+def time_worker(shape, cases, rounds, device, quiet_wait_s, dtype="float32"):
     """Forward+backward seconds per case, cases interleaved round by round, plus contended-run counts."""
-    hidden, weight, labels = make_inputs(*shape, device)
+    hidden, weight, labels = make_inputs(*shape, device, dtype)
     times = {case: [] for case in cases}
     contended = {case: 0 for case in cases}
     for case in cases:  # warm-up: allocator, kernels, first-touch of long-lived buffers
@@ -155,13 +162,13 @@ def _proc_status_kib(field):
     raise KeyError(field)
 
 
-def memory_worker(shape, case, device):
+def memory_worker(shape, case, device, dtype="float32"):
     """Peak bytes above the inputs during one forward+backward in this fresh process."""
     import gc
 
     import torch
 
-    hidden, weight, labels = make_inputs(*shape, device)
+    hidden, weight, labels = make_inputs(*shape, device, dtype)
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -227,17 +234,19 @@ def describe_machine(device):
     return info
 
 
-def benchmark(shapes, cases, rounds, device, quiet_wait_s, log):
+def benchmark(shapes, cases, rounds, device, quiet_wait_s, log, dtype="float32"):
     results = []
     for n, h, v, label in shapes:
         log(f"shape N={n} H={h} V={v} ({label}): timing {len(cases)} cases x {rounds} rounds")
         timing = run_worker(["--worker", "time", "--shape", f"{n},{h},{v}", "--cases", ",".join(cases),
-                             "--rounds", str(rounds), "--device", device, "--quiet-wait", str(quiet_wait_s)],
+                             "--rounds", str(rounds), "--device", device, "--quiet-wait", str(quiet_wait_s),
+                             "--dtype", dtype],
                             timeout=6 * 3600)
         times = timing["times"]
-        grad_bytes = 4 * (n * h + v * h)
+        grad_bytes = (2 if dtype in ("bfloat16", "float16") else 4) * (n * h + v * h)
         for case in cases:
-            memory = run_worker(["--worker", "memory", "--shape", f"{n},{h},{v}", "--cases", case, "--device", device],
+            memory = run_worker(["--worker", "memory", "--shape", f"{n},{h},{v}", "--cases", case, "--device", device,
+                                 "--dtype", dtype],
                                 timeout=3600)
             row = {
                 "N": n, "H": h, "V": v, "shape_label": label, "case": case,
@@ -278,7 +287,7 @@ def compute_ratios(results):
 def markdown_report(results, ratios, meta):
     lines = ["# Fused token loss benchmark", "",
              f"Command: `{meta['command']}`  ", f"Device: {meta['machine']['device']} ({meta['device']}), "
-             f"torch {meta['machine']['torch']}, {meta['machine']['threads']} threads; float32; "
+             f"torch {meta['machine']['torch']}, {meta['machine']['threads']} threads; {meta.get('dtype', 'float32')}; "
              f"OTR: K={OTR_OPTIONS['k']}, temperature={OTR_OPTIONS['temperature']}, beta={OTR_OPTIONS['beta']}; "
              f"median of {meta['rounds']} interleaved rounds; {meta['date']}.", ""]
     shapes = list(dict.fromkeys((r["N"], r["H"], r["V"], r["shape_label"]) for r in results))
@@ -319,16 +328,19 @@ def main(argv=None):
     parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
-    parser.add_argument("--cases", help=argparse.SUPPRESS)
+    parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES + [LIGER_CASE])} "
+                                         "(default: all; Liger's when importable)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of hidden and weight (default float32)")
     args = parser.parse_args(argv)
 
     if args.worker:
         shape = tuple(int(x) for x in args.shape.split(","))
         cases = args.cases.split(",")
         if args.worker == "time":
-            data = time_worker(shape, cases, args.rounds, args.device, args.quiet_wait)
+            data = time_worker(shape, cases, args.rounds, args.device, args.quiet_wait, args.dtype)
         else:
-            data = memory_worker(shape, cases[0], args.device)
+            data = memory_worker(shape, cases[0], args.device, args.dtype)
         Path(args.worker_out).write_text(json.dumps(data))
         return
 
@@ -341,15 +353,19 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     if args.shapes:
         shapes = [(*map(int, text.split("x")), "custom") for text in args.shapes.split(",")]
-    scratch_run = args.quick or args.shapes
+    scratch_run = args.quick or args.shapes or args.cases or args.dtype != "float32"
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="bench_loss_")) if scratch_run else REPO / "docs" / "benchmarks")
-    cases = CASES + ([LIGER_CASE] if liger_available(args.device) else [])
+    cases = args.cases.split(",") if args.cases else CASES + ([LIGER_CASE] if liger_available(args.device) else [])
+    unknown = sorted(set(cases) - set(CASES + [LIGER_CASE]))
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; choose from {CASES + [LIGER_CASE]}")
     meta = {
         "command": "python scripts/bench_loss.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "device": args.device, "machine": describe_machine(args.device), "rounds": rounds,
-        "date": time.strftime("%Y-%m-%d"), "otr_options": OTR_OPTIONS,
+        "date": time.strftime("%Y-%m-%d"), "otr_options": OTR_OPTIONS, "dtype": args.dtype,
     }
-    results = benchmark(shapes, cases, rounds, args.device, args.quiet_wait, log=lambda msg: print(msg, flush=True))
+    results = benchmark(shapes, cases, rounds, args.device, args.quiet_wait, log=lambda msg: print(msg, flush=True),
+                        dtype=args.dtype)
     ratios = compute_ratios(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_loss.json").write_text(json.dumps({**meta, "results": results, "ratios": ratios}, indent=2) + "\n")

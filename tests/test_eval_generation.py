@@ -2,7 +2,6 @@
 
 import pytest
 
-from otr_cli.config import ConfigError
 from otr_cli.eval.generation import GenerationSettings, cut_at_stop, generate_completions, generate_hf
 
 
@@ -47,20 +46,3 @@ def test_stop_strings_cut_the_completion():
     assert cut_at_stop("step 1\nQuestion: next", ("Question:", "\n\n")) == "step 1\n"
     assert cut_at_stop("no stop here", ("Question:",)) == "no stop here"
     assert cut_at_stop("a\n\nb Question:", ("Question:", "\n\n")) == "a"
-
-
-def test_vllm_backend_without_vllm_installed_says_what_to_do(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_vllm(name, *args, **kwargs):
-        if name == "vllm":
-            raise ImportError("No module named 'vllm'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_vllm)
-    from otr_cli.eval.generation import generate_vllm
-
-    with pytest.raises(ConfigError, match="eval.backend=vllm needs vLLM"):
-        generate_vllm("some/model", ["hi"], GenerationSettings(backend="vllm"))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from otr_cli.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,26 +101,87 @@ def generate_hf(model, tokenizer, prompts: list[str], settings: GenerationSettin
     return completions
 
 
+@dataclass(frozen=True)
+class VllmEngineSettings:
+    """vLLM's engine settings (eval.vllm.*): fraction of each GPU's memory it may claim, GPUs per
+    model (tensor parallelism), and the longest prompt + completion in tokens (None: the model's)."""
+
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    max_model_len: Optional[int] = None
+
+
+def child_visible_devices(parent_visible: Optional[str], current_device: Optional[int],
+                          tensor_parallel_size: int) -> Optional[str]:
+    """CUDA_VISIBLE_DEVICES for the vLLM child: the parent's current GPU alone when the parent uses
+    one (a rank of `otr train` or a sharded `otr eval`) and the model fits on one GPU; otherwise
+    unchanged (None: inherit). parent_visible: the parent's CUDA_VISIBLE_DEVICES (None: all GPUs).
+    """
+    if current_device is None or tensor_parallel_size != 1:
+        return None
+    visible = parent_visible.split(",") if parent_visible else None
+    return visible[current_device] if visible else str(current_device)
+
+
+def vllm_child_command(python: Optional[str] = None) -> list[str]:
+    """The child that runs vLLM: ``python`` (default: this interpreter) on the file of
+    ``otr_cli.eval.vllm_child``, which imports nothing of otr, so an interpreter of another
+    environment that has only vLLM can run it (eval.vllm.python)."""
+    from otr_cli.eval import vllm_child
+
+    return [python or sys.executable, vllm_child.__file__]
+
+
 def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSettings,
-                  on_batch: Optional[OnBatch] = None) -> list[list[str]]:
-    """The same contract as generate_hf, on vLLM (GPU). Needs `pip install vllm`."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError as exc:
-        raise ConfigError("eval.backend=vllm needs vLLM installed (`pip install otr-cli[vllm]`, GPU only); "
-                           "use eval.backend=hf") from exc
+                  on_batch: Optional[OnBatch] = None, *, engine: VllmEngineSettings = VllmEngineSettings(),
+                  command: Optional[list[str]] = None, timeout_s: Optional[float] = None) -> list[list[str]]:
+    """The same contract as generate_hf, on vLLM in a child process (``vllm_child``) that exits when
+    done, so its GPU memory is freed. model_path: an exported safetensors directory or hub id (never
+    a GGUF). command: the child (default ``vllm_child_command()``; tests give a stand-in).
+    """
+    import json
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
     from otr_cli.models import resolve_source
 
     source = resolve_source(model_path)  # the built-in name becomes its cached safetensors directory
     if source.gguf_file:
         raise ConfigError(f"eval.backend=vllm cannot load the GGUF {source.gguf_file}; give a safetensors model "
                            f"directory or hub id, or use eval.backend=hf")
-    llm = LLM(model=source.path, seed=settings.seed)
-    params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
-                            max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None,
-                            seed=settings.seed)
-    outputs = llm.generate(prompts, params)
-    completions = [[choice.text for choice in out.outputs] for out in outputs]
+    request = {
+        "model": str(source.path), "prompts": prompts,
+        "sampling": {"n": settings.num_samples, "temperature": settings.temperature, "top_p": settings.top_p,
+                     "max_tokens": settings.max_new_tokens, "stop": list(settings.stop) or None, "seed": settings.seed},
+        "engine": {**asdict(engine), "seed": settings.seed},
+    }
+    env = dict(os.environ)
+    current = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    visible = child_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), current, engine.tensor_parallel_size)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    from otr_cli.eval.vllm_child import MISSING_VLLM
+
+    with tempfile.TemporaryDirectory(prefix="otr-vllm-") as scratch:
+        request_path, result_path = Path(scratch) / "request.json", Path(scratch) / "result.json"
+        request_path.write_text(json.dumps(request))
+        child = subprocess.run([*(command or vllm_child_command()), str(request_path), str(result_path)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout_s)
+        if child.returncode == MISSING_VLLM:
+            raise ConfigError("eval.backend=vllm needs vLLM installed (`pip install otr-cli[vllm]`, GPU only); "
+                              f"use eval.backend=hf. The vLLM process said: {child.stderr.strip()[-500:]}")
+        if child.returncode != 0 or not result_path.exists():
+            raise RuntimeError(f"the vLLM process for {model_path} failed (exit code {child.returncode}); "
+                               f"its last output:\n{child.stderr.strip()[-3000:]}")
+        result = json.loads(result_path.read_text())
+    if result.get("seconds"):
+        log.info("vLLM generated %d tokens in %.1f s (%.0f tokens/s)", result.get("generated_tokens", 0),
+                 result["seconds"], result.get("generated_tokens", 0) / result["seconds"])
+    completions = [[cut_at_stop(text, settings.stop) for text in samples] for samples in result["completions"]]
+    if len(completions) != len(prompts):
+        raise RuntimeError(f"the vLLM process returned {len(completions)} completions for {len(prompts)} prompts")
     if on_batch:
         on_batch(list(range(len(prompts))), completions)
     return completions

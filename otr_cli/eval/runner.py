@@ -23,8 +23,8 @@ from otr_cli.eval.benchmarks import (BENCHMARK_NAMES, BenchmarkError, Problem, f
                                      prompt_style)
 from otr_cli.eval.choice_grader import grade_choice
 from otr_cli.eval.code_grader import grade_code_many
-from otr_cli.eval.generation import (GenerationSettings, generate_hf, generate_vllm, length_sorted_batches,
-                                     prompt_lengths)
+from otr_cli.eval.generation import (GenerationSettings, VllmEngineSettings, generate_hf, generate_vllm,
+                                     length_sorted_batches, prompt_lengths, vllm_child_command)
 from otr_cli.eval.generation_cache import GenerationCache, cache_key, model_fingerprint
 from otr_cli.eval.math_grader import grade_math
 from otr_cli.eval.prompts import prompt_template_kwargs, render_prompts
@@ -56,6 +56,22 @@ def check_eval_config(eval_cfg: EvalConfig) -> None:
                           f"completion; set eval.temperature (e.g. 0.8) for pass@k")
     if eval_cfg.backend not in ("hf", "vllm"):
         raise ConfigError(f"eval.backend={eval_cfg.backend!r} is not one of hf, vllm")
+    vllm = eval_cfg.vllm
+    if not 0 < vllm.gpu_memory_utilization <= 1:
+        raise ConfigError(f"eval.vllm.gpu_memory_utilization={vllm.gpu_memory_utilization} must be in (0, 1]")
+    if vllm.tensor_parallel_size < 1:
+        raise ConfigError(f"eval.vllm.tensor_parallel_size={vllm.tensor_parallel_size} must be >= 1")
+    if vllm.max_model_len is not None and vllm.max_model_len <= eval_cfg.max_new_tokens:
+        raise ConfigError(f"eval.vllm.max_model_len={vllm.max_model_len} must exceed eval.max_new_tokens="
+                          f"{eval_cfg.max_new_tokens} (it bounds prompt + completion)")
+
+
+def vllm_engine(eval_cfg: EvalConfig) -> VllmEngineSettings:
+    """eval.vllm.* as the child process's engine settings."""
+    vllm = eval_cfg.vllm
+    return VllmEngineSettings(gpu_memory_utilization=float(vllm.gpu_memory_utilization),
+                              tensor_parallel_size=int(vllm.tensor_parallel_size),
+                              max_model_len=int(vllm.max_model_len) if vllm.max_model_len is not None else None)
 
 
 def _settings(eval_cfg: EvalConfig) -> GenerationSettings:
@@ -83,7 +99,9 @@ class _LazyModel:
 
 
 def _generate(prompts: list[str], keys: list[str], batches: list[list[int]], cache: GenerationCache,
-              lazy: _LazyModel, tokenizer, settings: GenerationSettings, name: str) -> list[Optional[list[str]]]:
+              lazy: _LazyModel, tokenizer, settings: GenerationSettings, name: str,
+              engine: VllmEngineSettings = VllmEngineSettings(), python: Optional[str] = None
+              ) -> list[Optional[list[str]]]:
     """Completions of the prompts in `batches` (None for the others), generating only what the cache lacks.
 
     A batch is all cached or all missing after an interruption (completions are cached per batch), so
@@ -105,7 +123,8 @@ def _generate(prompts: list[str], keys: list[str], batches: list[list[int]], cac
         if settings.backend == "vllm":
             subset = [i for batch in missing_batches for i in batch]
             generate_vllm(lazy.model_path, [prompts[i] for i in subset], settings,
-                          lambda positions, batch: on_batch([subset[p] for p in positions], batch))
+                          lambda positions, batch: on_batch([subset[p] for p in positions], batch), engine=engine,
+                          command=vllm_child_command(python))
         else:
             generate_hf(lazy.get(), tokenizer, prompts, settings, batch_size=max(map(len, missing_batches)),
                         on_batch=on_batch, batches=missing_batches)
@@ -204,7 +223,8 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
         keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
         batches = shard.owned(length_sorted_batches(prompt_lengths(tokenizer, prompts), eval_cfg.batch_size))
         mine = sorted(i for batch in batches for i in batch)
-        completions = _generate(prompts, keys, batches, cache, lazy, tokenizer, settings, name)
+        completions = _generate(prompts, keys, batches, cache, lazy, tokenizer, settings, name, vllm_engine(eval_cfg),
+                                eval_cfg.vllm.python)
         mine_completions = [completions[i] for i in mine]
         rows = _rows([problems[i] for i in mine], [prompts[i] for i in mine], mine_completions,
                      _grade([problems[i] for i in mine], mine_completions, eval_cfg))

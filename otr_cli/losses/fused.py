@@ -10,10 +10,15 @@ Layout, from the inside out:
 * ``FusedTokenLossFunction``: the ``torch.autograd.Function``; its backward only scales the
   gradients computed in forward by the upstream gradient.
 * ``fused_token_loss``: the user-facing function.
+
+Device-specific choices (block rows, matmul dtypes, float32 gradients for float16) come from a
+``KernelPlan`` (``plan.py``); nothing here reads the device type except through it.
 """
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +34,14 @@ from otr_cli.losses.objectives import (
     rollout_weights,
     stat_names,
     summarise_stats,
+    supervised_rows,
     unreachable,
 )
+from otr_cli.losses.plan import KernelPlan, device_policy, make_plan
 
 # Target size of one chunk of float32 logits (the one big buffer); see ``default_chunk_rows``.
 CHUNK_LOGITS_BYTES = 128 * 2**20
 MIN_CHUNK_ROWS = 32
-# Rows handled together by the element-wise math: a few MiB, so that the handful of passes over
-# them (exp, sums, sampling, scaling) hit the CPU's last-level cache instead of main memory.
-BLOCK_BYTES = 4 * 2**20
 
 
 def default_chunk_rows(vocab_size: int, hidden_size: int) -> int:
@@ -60,7 +64,9 @@ class KernelResult:
 
     loss: 0-dim, float32 (float64 for float64 inputs). grad_hidden: [N, H] in hidden's dtype or
     None. grad_weight: [V, H] in weight's dtype or None (both for a loss whose upstream gradient
-    is 1). stats: detached float32 0-dim tensors (see ``fused_token_loss``).
+    is 1); float32 instead when the plan keeps ``float32_grads`` (float16 inputs: backward scales
+    them, then casts). stats: detached float32 0-dim tensors, on the inputs' device (see
+    ``fused_token_loss``).
     """
 
     loss: torch.Tensor
@@ -79,9 +85,10 @@ class _Workspace:
     dtype: CPU has no GEMM with a float32 output for bfloat16 operands).
     """
 
-    def __init__(self, chunk_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, options: LossOptions):
+    def __init__(self, chunk_rows: int, block_rows: int, vocab: int, dtype: torch.dtype, device: torch.device,
+                 options: LossOptions):
         acc = accumulation_dtype(dtype)
-        self.block_rows = max(1, min(chunk_rows, BLOCK_BYTES // (vocab * torch.finfo(acc).bits // 8)))
+        self.block_rows = block_rows
         self.logits = torch.empty(chunk_rows, vocab, dtype=acc, device=device)
         self.shifted = torch.empty(self.block_rows, vocab, dtype=acc, device=device)
         needs_rollout_buffer = options.objective == "otr" or (options.objective == "otr_exact" and options.temperature != 1.0)
@@ -250,6 +257,43 @@ def _logits_into(out: torch.Tensor, hidden_rows: torch.Tensor, weight: torch.Ten
         out.copy_(torch.mm(hidden_rows, weight.t(), out=lowp[: out.shape[0]]))
 
 
+@functools.lru_cache(maxsize=None)
+def _has_float32_output_gemm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` runs for ``dtype`` operands on this
+    device type (CUDA builds of torch >= 2.8; not CPU). Probed once on a 2 x 2 problem."""
+    try:
+        acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
+        operand = torch.ones(2, 2, dtype=dtype, device=device_type)
+        torch.addmm(acc, operand, operand, out_dtype=torch.float32, out=acc)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _add_weight_grad(grad_weight: torch.Tensor | None, grad_logits: torch.Tensor, hidden_rows: torch.Tensor,
+                     vocab: int) -> torch.Tensor:
+    """grad_weight [V, H] float32 += grad_logits^T [V, n] @ hidden_rows [n, H]; allocates on first use.
+
+    Operands in float32/float64: a plain (add)mm. Operands in bfloat16: one GEMM with bf16 inputs
+    and float32 accumulation into the float32 accumulator where the device has it (CUDA), else a
+    bf16 GEMM (float32 accumulation inside, one bf16 rounding of the chunk's product) added in.
+    """
+    if grad_logits.dtype == grad_weight_dtype(grad_logits.dtype):
+        if grad_weight is None:
+            return torch.mm(grad_logits.t(), hidden_rows)
+        return grad_weight.addmm_(grad_logits.t(), hidden_rows)
+    if grad_weight is None:
+        grad_weight = torch.zeros(vocab, hidden_rows.shape[1], dtype=torch.float32, device=hidden_rows.device)
+    if _has_float32_output_gemm(grad_weight.device.type, grad_logits.dtype):
+        return torch.addmm(grad_weight, grad_logits.t(), hidden_rows, out_dtype=torch.float32, out=grad_weight)
+    return grad_weight.add_(torch.mm(grad_logits.t(), hidden_rows))
+
+
+def grad_weight_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The weight-gradient accumulator's dtype for operands of ``dtype``: float64 stays, else float32."""
+    return accumulation_dtype(dtype)
+
+
 def _grad_times_weight(grad_logits: torch.Tensor, weight: torch.Tensor, lowp: torch.Tensor | None) -> torch.Tensor:
     """G [n, V] @ weight [V, H] -> [n, H] (in weight's dtype for low-precision inputs)."""
     if lowp is None:
@@ -266,27 +310,32 @@ def fused_loss_and_grads(
     row_weights: torch.Tensor | None,
     options: LossOptions,
     generator: torch.Generator | None,
-    chunk_rows: int,
+    plan: KernelPlan,
     need_hidden_grad: bool,
     need_weight_grad: bool,
+    supervised: tuple[torch.Tensor, int] | None = None,
 ) -> KernelResult:
     """Loss, statistics and both gradients in one chunked pass (plain function, no autograd).
 
     hidden: [N, H], weight: [V, H] (same dtype), labels: [N] int64, row_weights: [N] float or None.
     Only rows whose label is not ``options.ignore_index`` are multiplied with W; the others get
-    zero gradient.
+    zero gradient. plan: chunk and block rows and matmul dtypes (``plan.make_plan``).
+    supervised: (row indices [n], n) from ``supervised_rows`` when the caller has them already.
+    Synchronises with the device once (``supervised_rows``) unless ``supervised`` is given.
     """
     device = hidden.device
     acc = accumulation_dtype(weight.dtype)
-    rows = (labels != options.ignore_index).nonzero().squeeze(1)
-    count = rows.numel()
+    rows, count = supervised if supervised is not None else supervised_rows(labels, weight.shape[0], options.ignore_index)
     scale = 1.0 / max(count, 1) if options.reduction == "mean" else 1.0
+    chunk_rows = plan.chunk_rows
 
     loss = torch.zeros((), dtype=acc, device=device)
-    grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
+    grads_dtype = torch.float32 if plan.float32_grads else hidden.dtype
+    grad_hidden = torch.zeros(hidden.shape, dtype=grads_dtype, device=device) if need_hidden_grad else None
     grad_weight = None  # float accumulator [V, H], allocated by the first chunk's matmul
     row_stats: dict[str, list[torch.Tensor]] = {}
-    workspace = _Workspace(min(chunk_rows, count), weight.shape[0], weight.dtype, device, options) if count else None
+    block_rows = min(plan.block_rows, chunk_rows, count) if count else 1
+    workspace = _Workspace(min(chunk_rows, count), block_rows, weight.shape[0], weight.dtype, device, options) if count else None
 
     # Equal chunks: a ragged last chunk of a few rows would run its three matmuls at poor efficiency.
     step = -(-count // -(-count // chunk_rows)) if count else chunk_rows
@@ -300,24 +349,52 @@ def fused_loss_and_grads(
         loss_weight = row_weights.index_select(0, chunk).to(acc) * scale if row_weights is not None else torch.full_like(value, scale)
         loss += (loss_weight * value).sum()
         grad_scale = (loss_weight * coef if coef is not None else loss_weight).unsqueeze(1)  # dl/dz_i = grad_scale_i G_i
+        lowp_grad = None  # G in the input dtype, once _grad_times_weight has copied it there
         if need_hidden_grad:
             grad_rows = _grad_times_weight(logits, weight, workspace.lowp)
-            grad_hidden.index_copy_(0, chunk, grad_rows.mul_(grad_scale.to(grad_rows.dtype)))
+            lowp_grad = workspace.lowp[: chunk.numel()] if workspace.lowp is not None else None
+            # float16: scale in float32 (a tiny loss weight would underflow in float16)
+            grad_rows = grad_rows.to(grads_dtype).mul_(grad_scale.to(grads_dtype))
+            grad_hidden.index_copy_(0, chunk, grad_rows)
         if need_weight_grad:
-            scaled_hidden = hidden_rows.to(acc) * grad_scale
-            if grad_weight is None:
-                grad_weight = torch.mm(logits.t(), scaled_hidden)
+            if plan.weight_grad_low_precision and workspace.lowp is not None:
+                if lowp_grad is None:
+                    lowp_grad = workspace.lowp[: chunk.numel()].copy_(logits)
+                scaled_hidden = (hidden_rows.to(acc) * grad_scale).to(hidden.dtype)
+                grad_weight = _add_weight_grad(grad_weight, lowp_grad, scaled_hidden, weight.shape[0])
             else:
-                grad_weight.addmm_(logits.t(), scaled_hidden)
+                grad_weight = _add_weight_grad(grad_weight, logits, hidden_rows.to(acc) * grad_scale, weight.shape[0])
         for name, values in stats.items():
             row_stats.setdefault(name, []).append(values)
 
     if need_weight_grad:
-        grad_weight = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
+        final_dtype = grad_weight_dtype(weight.dtype) if plan.float32_grads else weight.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=final_dtype, device=device) if grad_weight is None else grad_weight.to(final_dtype)
     merged = {name: torch.cat(parts) for name, parts in row_stats.items()}
     if count == 0:
         merged = {name: torch.zeros(0, device=device) for name in stat_names(options.objective)}
     return KernelResult(loss, grad_hidden, grad_weight, summarise_stats(merged, count, device))
+
+
+@contextmanager
+def _float32_matmul_precision(device: torch.device, allow_tf32: bool):
+    """CUDA float32 matmuls inside use TF32 when ``allow_tf32``, else full float32; the previous
+    global setting is restored on exit. Does nothing on other devices."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 has fp32_precision and raises when a later read of the legacy allow_tf32 finds
+    # the two disagreeing; setting and restoring through the same API as the one read keeps them
+    # consistent for the caller.
+    name, value = (("fp32_precision", "tf32" if allow_tf32 else "ieee") if hasattr(matmul, "fp32_precision")
+                   else ("allow_tf32", allow_tf32))
+    previous = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, previous)
 
 
 class FusedTokenLossFunction(torch.autograd.Function):
@@ -329,20 +406,24 @@ class FusedTokenLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, row_weights, options, generator, chunk_rows, stats_out):
-        result = fused_loss_and_grads(
-            hidden,
-            weight,
-            labels,
-            row_weights,
-            options,
-            generator,
-            chunk_rows,
-            need_hidden_grad=ctx.needs_input_grad[0],
-            need_weight_grad=ctx.needs_input_grad[1],
-        )
+    def forward(ctx, hidden, weight, labels, row_weights, options, generator, plan, stats_out, supervised):
+        with _float32_matmul_precision(hidden.device, plan.allow_tf32):
+            result = fused_loss_and_grads(
+                hidden,
+                weight,
+                labels,
+                row_weights,
+                options,
+                generator,
+                plan,
+                need_hidden_grad=ctx.needs_input_grad[0],
+                need_weight_grad=ctx.needs_input_grad[1],
+                supervised=supervised,
+            )
         stats_out.update(result.stats)
         ctx.grads = (result.grad_hidden, result.grad_weight)
+        ctx.plan = plan
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         return result.loss
 
     @staticmethod
@@ -351,7 +432,12 @@ class FusedTokenLossFunction(torch.autograd.Function):
             raise RuntimeError("fused_token_loss: backward can run only once per forward (gradients are precomputed)")
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+        plan = ctx.plan
+        # On CPU the comparison is free and saves a pass over [V, H] in the common unit case; on
+        # CUDA it would be a synchronisation, and the pass costs well under a millisecond.
+        # float32_grads: the (loss-scaled) upstream gradient is applied before the float16 cast.
+        unit = plan.check_unit_upstream and not plan.float32_grads and torch.equal(grad_loss, torch.ones_like(grad_loss))
+        if not unit:
             # In place: the precomputed gradients are used once (see above), and a scaled copy of
             # the [V, H] weight gradient would double the loss's peak memory (DeepSpeed scales the
             # loss by 1 / grad_accum, so this is the common case in training).
@@ -359,7 +445,11 @@ class FusedTokenLossFunction(torch.autograd.Function):
                 grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
             if grad_weight is not None:
                 grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        if plan.float32_grads:
+            hidden_dtype, weight_dtype = ctx.dtypes
+            grad_hidden = grad_hidden.to(hidden_dtype) if grad_hidden is not None else None
+            grad_weight = grad_weight.to(weight_dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_token_loss(
@@ -370,6 +460,7 @@ def fused_token_loss(
     *,
     weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    policy: str | None = None,
     **knobs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token loss of an LM head without materialising the logits.
@@ -386,17 +477,25 @@ def fused_token_loss(
     "none" | "mean" | "loo"); sft_weight: λ, adds λ * cross-entropy; reduction "mean":
     sum_i w_i l_i / n_sup, "sum": sum_i w_i l_i; chunk_size: rows per chunk (default
     ``default_chunk_rows(V, H)``). weights: optional [N] per-row weights (constants).
-    generator: drives every draw (same state -> same result).
+    generator: drives every draw (same state -> same result). policy: "cpu" | "cuda", the
+    layout of ``plan.make_plan`` (None: from the inputs' device; forcing "cuda" on CPU runs the
+    GPU layout there, for tests and benchmarks). ``allow_tf32`` (default true) lets CUDA float32
+    matmuls use TF32.
 
     Returns (loss, stats): loss is a 0-dim float32 (float64) tensor; stats holds detached float32
     0-dim tensors: ce, p_target, entropy (unweighted means over supervised positions), for otr
     match_rate, reward_mean, no_match_frac, unreachable_frac, for otr_exact match_rate,
     reward_mean, unreachable_frac; and count. unreachable_frac: the fraction of positions whose
-    target has rollout probability q(y) < ``UNREACHABLE_Q`` (1e-3).
+    target has rollout probability q(y) < ``UNREACHABLE_Q`` (1e-3). The statistics stay on the
+    device: reading one (``float(...)``) synchronises, so callers read them once per logged step.
+    One host-device synchronisation per call (the count of supervised rows).
     """
     options = options_from(options, knobs)
     hidden, labels, weights = check_inputs(hidden, weight, labels, weights, options.ignore_index)
+    supervised = supervised_rows(labels, weight.shape[0], options.ignore_index)
     chunk_rows = options.chunk_size or default_chunk_rows(weight.shape[0], weight.shape[1])
+    plan = make_plan(policy or device_policy(hidden.device), weight.dtype, min(chunk_rows, max(supervised[1], 1)),
+                     weight.shape[0], allow_tf32=options.allow_tf32)
     stats: dict[str, torch.Tensor] = {}
-    loss = FusedTokenLossFunction.apply(hidden, weight, labels, weights, options, generator, chunk_rows, stats)
+    loss = FusedTokenLossFunction.apply(hidden, weight, labels, weights, options, generator, plan, stats, supervised)
     return loss, stats

@@ -7,6 +7,7 @@ with the same generator state they consume the random stream identically and pic
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class LossOptions:
     baseline: none | mean | loo. sft_weight: λ, adds λ * cross-entropy. ignore_index: label of
     unsupervised rows. reduction: mean | sum over supervised rows. chunk_size: rows per chunk of
     the fused kernel (None: ``default_chunk_rows``). implementation: fused | reference kernel.
+    allow_tf32: float32 matmuls of the fused kernel may use TF32 on CUDA (ignored elsewhere).
     """
 
     objective: str
@@ -54,6 +56,7 @@ class LossOptions:
     reduction: str = "mean"
     chunk_size: int | None = None
     implementation: str = "fused"
+    allow_tf32: bool = True
 
     @property
     def samples(self) -> bool:
@@ -82,6 +85,7 @@ def make_options(
     reduction: str = "mean",
     chunk_size: int | None = None,
     implementation: str = "fused",
+    allow_tf32: bool = True,
 ) -> LossOptions:
     """Validate the knobs and freeze them; raises ``LossOptionError`` naming the field and the value."""
     if objective not in OBJECTIVES:
@@ -105,6 +109,8 @@ def make_options(
                                       f"reward is 1), got {beta!r}")
     if not (math.isfinite(sft_weight) and sft_weight >= 0):
         raise LossOptionError("sft_weight", f"sft_weight must be finite and >= 0, got {sft_weight!r}")
+    if not isinstance(allow_tf32, bool):
+        raise LossOptionError("allow_tf32", f"allow_tf32 must be true or false, got {allow_tf32!r}")
     if chunk_size is not None and not _is_count(chunk_size):
         raise LossOptionError("chunk_size", f"chunk_size must be a positive number of rows, got {chunk_size!r}")
     return LossOptions(
@@ -118,6 +124,7 @@ def make_options(
         reduction=reduction,
         chunk_size=int(chunk_size) if chunk_size is not None else None,
         implementation=implementation,
+        allow_tf32=allow_tf32,
     )
 
 
@@ -234,8 +241,37 @@ def summarise_stats(rows: dict[str, torch.Tensor], count: int, device: torch.dev
     for name, values in rows.items():
         total = values.detach().to(torch.float64).sum() if values.numel() else torch.zeros((), dtype=torch.float64, device=device)
         stats[name] = (total / max(count, 1)).to(torch.float32)
-    stats["count"] = torch.tensor(float(count), dtype=torch.float32, device=device)
+    # A fill, not torch.tensor(...): a host-to-device copy would wait for the GPU's queue.
+    stats["count"] = torch.full((), float(count), dtype=torch.float32, device=device)
     return stats
+
+
+def supervised_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> tuple[torch.Tensor, int]:
+    """Indices of the supervised rows ([n] int64) and their count n, after checking their labels.
+
+    labels: [N] int64. The one host-device synchronisation of a loss call: the count and the
+    number of out-of-range labels come back together, and the count sizes ``nonzero_static``,
+    which then needs no synchronisation of its own. Raises ``ValueError`` for a label outside
+    [0, V) that is not ``ignore_index``.
+    """
+    supervised = labels != ignore_index
+    out_of_range = supervised & ((labels < 0) | (labels >= vocab))
+    count, bad = torch.stack([supervised.sum(), out_of_range.sum()]).tolist()
+    if bad:
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    if _has_nonzero_static(labels.device.type):
+        return torch.nonzero_static(supervised, size=count).squeeze(1), count
+    return supervised.nonzero().squeeze(1), count  # a second synchronisation, on builds without it
+
+
+@functools.lru_cache(maxsize=None)
+def _has_nonzero_static(device_type: str) -> bool:
+    """Whether ``torch.nonzero_static`` runs on this device type (probed once on 2 elements)."""
+    try:
+        torch.nonzero_static(torch.ones(2, dtype=torch.bool, device=device_type), size=2)
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def check_inputs(
@@ -244,11 +280,12 @@ def check_inputs(
     """Validate shapes, dtypes and label range; flatten leading dimensions.
 
     hidden [..., H] and labels [...] (and weights [...], when given) are flattened to [N, H], [N]
-    and [N]. Raises ``ValueError``/``TypeError`` with a message naming the problem.
+    and [N]. Raises ``ValueError``/``TypeError`` with a message naming the problem. Label values
+    are checked by :func:`supervised_rows` (together with the count, in one synchronisation).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
-    vocab, width = weight.shape
+    width = weight.shape[1]
     if hidden.shape[-1] != width:
         raise ValueError(f"hidden's last dimension ({hidden.shape[-1]}) must equal weight's H ({width})")
     if hidden.dtype != weight.dtype:
@@ -267,7 +304,4 @@ def check_inputs(
             raise ValueError(f"weights has {weights.numel()} entries but labels has {labels.numel()}")
         if not weights.is_floating_point():
             raise TypeError(f"weights must be a float tensor, got {weights.dtype}")
-    supervised = labels[labels != ignore_index]
-    if supervised.numel() and bool((supervised.min() < 0) | (supervised.max() >= vocab)):
-        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
     return hidden, labels, weights

@@ -19,6 +19,7 @@ from otr_cli.losses.objectives import (
     rollout_rewards,
     rollout_weights,
     summarise_stats,
+    supervised_rows,
     unreachable,
 )
 
@@ -37,8 +38,7 @@ def reference_token_loss(
     (the reference always works on the whole batch at once)."""
     options = options_from(options, knobs)
     hidden, labels, weights = check_inputs(hidden, weight, labels, weights, options.ignore_index)
-    rows = (labels != options.ignore_index).nonzero().squeeze(1)
-    count = rows.numel()
+    rows, count = supervised_rows(labels, weight.shape[0], options.ignore_index)
     acc_dtype = accumulation_dtype(weight.dtype)
 
     # A low-precision matmul rounds the logits to that precision, exactly as the fused kernel does.

@@ -74,8 +74,10 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    """Element-wise sum over ranks of numbers (or of a float64 [n] tensor already on ``device``),
+    read back to the host once."""
+    tensor = values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
@@ -154,10 +156,10 @@ class Trainer:
         replicas = cfg.trainer.grad_accum * self.dist.world_size
         lr = self.engine.deepspeed.get_lr()[0]
 
-        loss_sum = 0.0
-        stat_sums = dict.fromkeys(STAT_KEYS, 0.0)
-        count = 0.0
-        input_tokens = 0
+        # [loss, supervised count, input tokens, count-weighted statistics...], summed on the device
+        # and read once per step (after the all-reduce): float(stats[...]) per micro-step would
+        # wait for the GPU every time.
+        sums = torch.zeros(3 + len(STAT_KEYS), dtype=torch.float64, device=self.device)
         for micro_step, examples in enumerate(micro_examples):
             batch = {k: v.to(self.device) for k, v in collate_batch(examples, self.pad_id).items()}
             weights = loss_weights(batch, cfg.loss.reduction, int(global_tokens), int(global_sequences), replicas)
@@ -168,16 +170,12 @@ class Trainer:
             if micro_step == len(micro_examples) - 1:
                 grad_norm = self._grad_norm_before_step()
             self.engine.deepspeed.step()
-            loss_sum += float(loss.detach()) / replicas
-            micro_count = float(stats["count"])
-            count += micro_count
-            for key in STAT_KEYS:
-                if key in stats:
-                    stat_sums[key] += float(stats[key]) * micro_count
-            input_tokens += int(batch["attention_mask"].sum())
+            micro_count = stats["count"].to(sums)
+            absent = torch.zeros((), dtype=sums.dtype, device=sums.device)
+            sums += torch.stack([loss.detach().to(sums) / replicas, micro_count, batch["attention_mask"].sum().to(sums)]
+                                + [stats[key].to(sums) * micro_count if key in stats else absent for key in STAT_KEYS])
 
-        reduced = all_reduce_sum([loss_sum, count, float(input_tokens)] + [stat_sums[k] for k in STAT_KEYS],
-                                 self.device)
+        reduced = all_reduce_sum(sums, self.device)
         loss_global, count_global, tokens_global = reduced[:3]
         self.step += 1
         record: dict[str, Any] = {
@@ -216,11 +214,15 @@ class Trainer:
         model_dir = self.run_dir.latest_checkpoint() if self.saved_at == self.step else None
         temporary = None
         model = None
-        if self.engine.zero_stage == 3:
+        # vLLM loads a model from files in its own process: it gets this step's export, never a
+        # name for the model in memory (which resolve_source would take for a hub id).
+        if self.engine.zero_stage == 3 or eval_cfg.backend == "vllm":
             if model_dir is None:
                 temporary = model_dir = out_dir / "model"
                 export_hf_model(self.engine, temporary, self.tokenizer, self.dist.is_main)  # a collective
                 barrier()  # rank 0 has written it
+            if eval_cfg.backend == "vllm":
+                release_memory()  # hand the trainer's cached, unused GPU blocks to the vLLM process
         else:
             model = self.engine.lm
             model.eval()
