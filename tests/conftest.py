@@ -20,21 +20,28 @@ def tokenizer():
     return load_tokenizer("smollm2-135m-instruct")
 
 
+def save_random_model(directory: Path, tokenizer, model_class, config_class, **shape) -> Path:
+    """A model of `model_class` initialised from seed 0, with `shape`'s sizes and SmolLM2's tokenizer and
+    special tokens, saved as safetensors with the tokenizer into `directory`."""
+    import torch
+
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **shape)
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A randomly initialised Llama with SmolLM2's tokenizer and tied embeddings, a few MB."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    directory = tmp_path_factory.mktemp("tiny-smollm2")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_random_model(tmp_path_factory.mktemp("tiny-smollm2"), tokenizer, LlamaForCausalLM, LlamaConfig,
+                             tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")
@@ -44,18 +51,10 @@ def tiny_qwen3_model_dir(tmp_path_factory, tokenizer) -> Path:
     Untied embeddings, q/k norms and grouped-query attention as in Qwen3-8B, at a few MB: the scale path's
     rehearsal runs its code paths (ZeRO-3 partitioning of separate embedding and LM-head weights) on CPU ranks.
     """
-    import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    directory = tmp_path_factory.mktemp("tiny-qwen3")
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_random_model(tmp_path_factory.mktemp("tiny-qwen3"), tokenizer, Qwen3ForCausalLM, Qwen3Config,
+                             head_dim=8, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")
