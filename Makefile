@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/otr train recipe=smollm2_demo
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=20
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow"
