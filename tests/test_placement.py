@@ -9,7 +9,7 @@ import pytest
 from otr_cli.config import ConfigError, TrainConfig, validate
 from otr_cli.train.ds_config import build_deepspeed_config
 from otr_cli.train.optimizer import build_torch_adamw, deepspeed_builds_optimizer, describe_optimizer
-from otr_cli.train.placement import PlacementError, bind_cuda_device, cuda_device_index
+from otr_cli.placement import PlacementError, bind_cuda_device, cuda_device_index
 
 
 @pytest.mark.parametrize("local_rank, visible, expected", [

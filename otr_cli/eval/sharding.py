@@ -64,8 +64,9 @@ def shard_from_environment(timeout_min: float = 30.0) -> EvalShard:
         return EvalShard()
     on_gpu = torch.cuda.is_available()
     if on_gpu:
-        # A task that sees only its own GPU has device count 1 whatever its local rank.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        from otr_cli.placement import bind_cuda_device
+
+        bind_cuda_device()  # the GPU `otr train` would drive: LOCAL_RANK, or the only one the task sees
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(minutes=timeout_min))
     return EvalShard(dist.get_rank(), dist.get_world_size(), dist.barrier)

@@ -118,7 +118,7 @@ def init_distributed(timeout_min: float = 30.0) -> DistInfo:
     """
     import deepspeed
 
-    from otr_cli.train.placement import bind_cuda_device
+    from otr_cli.placement import bind_cuda_device
 
     populate_env_from_launcher()
     local_rank = int(os.environ["LOCAL_RANK"])  # the rank on this node, before bind_cuda_device may remap it
