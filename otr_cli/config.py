@@ -112,6 +112,12 @@ class DataConfig:
     validation_split: Optional[str] = None
     validation_size: float = 0.0
     shuffle: bool = True
+    # Padding-free training: each micro-batch's examples concatenated into rows of at most pack_length
+    # tokens (None: max_length), attention confined to each example (docs/data.md, "Packing").
+    packing: bool = False
+    pack_length: Optional[int] = None
+    # Unpacked runs: micro-batches of examples of similar length (less padding), order still set by the seed.
+    group_by_length: bool = False
     synthetic: SyntheticArithConfig = field(default_factory=SyntheticArithConfig)
 
 
@@ -194,6 +200,9 @@ class TrainerConfig:
     epochs: float = 1.0
     micro_batch_size: int = 4
     grad_accum: int = 1
+    # With data.packing: fill each micro-batch with examples up to this many real tokens instead of
+    # micro_batch_size examples (0: off). A step is still grad_accum micro-batches on every rank.
+    max_tokens_per_batch: int = 0
     log_steps: int = 1
     save_steps: int = 0
     save_total_limit: Optional[int] = 2
@@ -401,6 +410,16 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     if trainer.save_total_limit is not None:
         _positive("trainer.save_total_limit", trainer.save_total_limit)
     validate_data(data)
+    _positive("trainer.max_tokens_per_batch", trainer.max_tokens_per_batch, strict=False)
+    if trainer.max_tokens_per_batch:
+        if not data.packing:
+            raise ConfigError(f"trainer.max_tokens_per_batch={trainer.max_tokens_per_batch} fills micro-batches "
+                              f"with packed rows: set data.packing=true (unpacked runs count examples with "
+                              f"trainer.micro_batch_size; data.group_by_length=true cuts their padding)")
+        if trainer.max_tokens_per_batch < data.max_length:
+            raise ConfigError(f"trainer.max_tokens_per_batch={trainer.max_tokens_per_batch} is below "
+                              f"data.max_length={data.max_length}: an example of that length would fit no "
+                              f"micro-batch; raise it (several times data.max_length is typical)")
     resolve_report_to(trainer.report_to)
     # Checked now, not at the first evaluation hours later.
     check_chat_template_kwargs("eval.chat_template_kwargs", cfg.eval.chat_template_kwargs)
@@ -466,6 +485,10 @@ def validate_data(data: DataConfig) -> None:
         raise ConfigError(f"data.validation_split={data.validation_split!r} and data.validation_size="
                           f"{data.validation_size} both ask for a validation set; set data.validation_size=0 "
                           f"or data.validation_split=null")
+    if data.pack_length is not None and data.pack_length < data.max_length:
+        raise ConfigError(f"data.pack_length={data.pack_length} is below data.max_length={data.max_length}: "
+                          f"packing never splits an example, so a row must hold the longest one; raise it "
+                          f"or leave it null (= data.max_length)")
     if data.max_examples is not None and data.max_examples < 1:
         raise ConfigError(f"data.max_examples={data.max_examples} must be >= 1 (or null for all)")
     check_chat_template_kwargs("data.chat_template_kwargs", data.chat_template_kwargs)

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from otr_cli.atomic import write_json_atomic, write_text_atomic
 from otr_cli.config import PhaseConfig, TrainConfig, loss_options
 from otr_cli.data import DataBundle, build_datasets, collate_batch
+from otr_cli.data.packing import collate_packed
 from otr_cli.losses.objectives import ROLLOUT_STAT_NAMES, STAT_NAMES, stat_names
 from otr_cli.models import load_tokenizer
 from otr_cli.train import preemption
@@ -131,6 +132,7 @@ class Trainer:
                 write_json_atomic(tmp_dir / "trainer_state.json", {
                     "step": self.step, "epoch": self.plan.epoch_at(self.step), "total_steps": self.total_steps,
                     "global_batch": self.plan.global_batch, "seed": self.cfg.seed,
+                    "max_tokens_per_batch": self.plan.max_tokens_per_batch,
                 })
 
         checkpoint = timed_save(lambda: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit),
@@ -161,11 +163,12 @@ class Trainer:
         # wait for the GPU every time.
         sums = torch.zeros(3 + len(STAT_KEYS), dtype=torch.float64, device=self.device)
         for micro_step, examples in enumerate(micro_examples):
-            batch = {k: v.to(self.device) for k, v in collate_batch(examples, self.pad_id).items()}
+            batch = {k: v.to(self.device) for k, v in self.collate_train(examples).items()}
             weights = loss_weights(batch, cfg.loss.reduction, int(global_tokens), int(global_sequences), replicas)
             generator = sampling_generator(cfg.seed, self.step, micro_step, self.dist.rank, self.device)
+            packed = {k: batch[k] for k in ("position_ids", "sequence_index") if "position_ids" in batch}
             loss, stats = self.engine.deepspeed(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      weights.to(self.device), options, generator)
+                                      weights.to(self.device), options, generator, **packed)
             self.engine.deepspeed.backward(loss)
             if micro_step == len(micro_examples) - 1:
                 grad_norm = self._grad_norm_before_step()
@@ -194,6 +197,12 @@ class Trainer:
             if key in reported:
                 record[key] = total / max(count_global, 1.0)
         return record
+
+    def collate_train(self, examples) -> dict[str, torch.Tensor]:
+        """A training micro-batch: packed rows with data.packing (data/packing.py), else padded rows."""
+        if self.cfg.data.packing:
+            return collate_packed(examples, self.pad_id, self.cfg.data.pack_length or self.cfg.data.max_length)
+        return collate_batch(examples, self.pad_id)
 
     def evaluate_current_model(self, eval_cfg, out_dir: Path) -> dict[str, Any]:
         """The benchmarks on the model of the current step, shared out over every rank.
@@ -453,7 +462,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         write_json_atomic(output_dir / "data_report.json", data.report.as_dict())
 
     plan = StepPlan(len(data.train), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, dist_info.world_size,
-                    seed=cfg.seed, shuffle=cfg.data.shuffle)
+                    seed=cfg.seed, shuffle=cfg.data.shuffle,
+                    lengths=tuple(len(example.input_ids) for example in data.train),
+                    group_by_length=cfg.data.group_by_length, max_tokens_per_batch=cfg.trainer.max_tokens_per_batch)
     total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else plan.steps_for_epochs(cfg.trainer.epochs)
 
     before = None

@@ -13,7 +13,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from otr_cli.config import ConfigError
 from otr_cli.data import IGNORE_INDEX
+from otr_cli.data.packing import block_causal_mask
 from otr_cli.losses import LossOptions, fused_token_loss, reference_token_loss
 
 
@@ -49,25 +51,62 @@ class TokenLossLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 row_weights: torch.Tensor, options: LossOptions,
-                generator: Optional[torch.Generator] = None):
+                generator: Optional[torch.Generator] = None, position_ids: Optional[torch.Tensor] = None,
+                sequence_index: Optional[torch.Tensor] = None):
         """Loss of one micro-batch.
 
-        input_ids, attention_mask, labels: [B, T] long; labels are aligned with input_ids
+        input_ids, attention_mask, labels: [R, T] long; labels are aligned with input_ids
         (position t predicts labels[t + 1]) and IGNORE_INDEX where not supervised.
-        row_weights: [B, T] float, the weight of each position's loss (zero where ignored);
+        row_weights: [R, T] float, the weight of each position's loss (zero where ignored);
         the trainer sets them so that summing over all micro-batches and ranks gives the
         global-batch mean. Returns (loss: 0-dim tensor = sum of weighted token losses, stats).
+        position_ids, sequence_index: [R, T] long, given for packed rows (data/packing.py): the
+        attention is then confined to each example, and the supervised positions are taken in
+        example order, so that the loss kernel (and OTR's draws) sees them in the order an
+        unpacked batch of the same examples gives.
         """
         decoder, head = _decoder_and_head(self.lm)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        packed = position_ids is not None
+        if packed:
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids,
+                             attention_mask=self._packed_attention_mask(sequence_index, head.weight.dtype)
+                             ).last_hidden_state
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # Position t's hidden state predicts token t + 1.
         target_tokens = labels[:, 1:].reshape(-1)
-        supervised = target_tokens != IGNORE_INDEX
-        supervised_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised]
-        supervised_targets = target_tokens[supervised]
-        supervised_weights = row_weights[:, 1:].reshape(-1)[supervised]
+        supervised_positions = (target_tokens != IGNORE_INDEX).nonzero().squeeze(1)
+        if packed:
+            # Example by example, then position by position: sort on (example, flat position).
+            target_example = sequence_index[:, 1:].reshape(-1)[supervised_positions]
+            order = torch.argsort(target_example * target_tokens.numel() + supervised_positions)
+            supervised_positions = supervised_positions[order]
+        supervised_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[supervised_positions]
+        supervised_targets = target_tokens[supervised_positions]
+        supervised_weights = row_weights[:, 1:].reshape(-1)[supervised_positions]
         loss_fn = fused_token_loss if options.implementation == "fused" else reference_token_loss
         # Without grad mode (validation) the kernel must not build the [V, H] weight gradient.
         head_weight = head.weight if torch.is_grad_enabled() else head.weight.detach()
         weights = supervised_weights.to(torch.promote_types(supervised_hidden.dtype, torch.float32))
         return loss_fn(supervised_hidden, head_weight, supervised_targets, options, weights=weights, generator=generator)
+
+    def _packed_attention_mask(self, sequence_index: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The block-causal mask for sdpa and eager attention; None for flash attention, which finds
+        the examples from the restarting position ids itself (its variable-length path)."""
+        implementation = packed_attention_implementation(self.lm)
+        if implementation.startswith("flash_attention"):
+            return None
+        return block_causal_mask(sequence_index, implementation, dtype)
+
+
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def packed_attention_implementation(lm: nn.Module) -> str:
+    """The model's attention implementation, if packed rows can be given to it; ConfigError otherwise."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    implementation = getattr(base.config, "_attn_implementation", None) or "eager"
+    if implementation not in PACKED_ATTENTION:
+        raise ConfigError(f"data.packing=true needs model.attn_implementation in {list(PACKED_ATTENTION)}; this model "
+                         f"uses {implementation!r}: set model.attn_implementation=sdpa or data.packing=false")
+    return implementation

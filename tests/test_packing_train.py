@@ -1,0 +1,73 @@
+"""`otr train` with data.packing: the same losses as unpacked, exact resume, 2 ranks = 1 rank."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from helpers import read_jsonl, tiny_overrides
+from otr_cli.cli import main
+from test_train_distributed import torchrun
+
+
+def losses(run_dir) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.slow
+def test_packed_run_logs_the_same_otr_losses_as_an_unpacked_run(tiny_model_dir, tmp_path):
+    # K=8 OTR rollouts: packed rows hand the supervised positions to the kernel in the unpacked order,
+    # so the same tokens are drawn; only float rounding separates the two runs.
+    common = ["loss=otr", "loss.k=8", "loss.beta=-0.1", "trainer.max_steps=3", "trainer.micro_batch_size=6",
+              "data.max_length=96"]
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "unpacked", *common)])
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "packed", *common, "data.packing=true",
+                                   "data.pack_length=200")])
+    unpacked, packed = losses(tmp_path / "unpacked"), losses(tmp_path / "packed")
+    assert [r["step"] for r in packed] == [1, 2, 3]
+    for left, right in zip(unpacked, packed):
+        assert right["supervised_tokens"] == left["supervised_tokens"]
+        assert right["tokens"] == left["tokens"]  # real tokens: padding is never counted
+        for key in ("loss", "ce", "match_rate"):
+            assert right[key] == pytest.approx(left[key], rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_packed_run_with_a_token_budget_resumes_exactly(tiny_model_dir, tmp_path):
+    common = ["loss=otr", "loss.k=8", "data.packing=true", "trainer.max_tokens_per_batch=300",
+              "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.save_steps=2"]
+    full = tmp_path / "full"
+    main(["train", *tiny_overrides(tiny_model_dir, full, *common)])
+    state = json.loads((full / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["max_tokens_per_batch"] == 300
+    # The same run, as if killed after step 2's checkpoint.
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step-4")
+    (cut / "run_state.json").write_text('{"status": "running"}')
+    main(["train", *tiny_overrides(tiny_model_dir, cut, *common)])
+    expected, resumed = losses(full), losses(cut)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for left, right in zip(expected, resumed):
+        assert right["tokens"] == left["tokens"]
+        assert right["loss"] == pytest.approx(left["loss"], rel=1e-6)
+    # Micro-batches hold as many examples as fit, so steps differ in tokens.
+    assert len({r["tokens"] for r in expected}) > 1
+    assert all(r["tokens"] <= 2 * 300 for r in expected)
+
+
+@pytest.mark.slow
+def test_two_ranks_packed_log_the_same_losses_as_one_rank_packed(tiny_model_dir, tmp_path):
+    common = ["loss=otr_exact", "loss.beta=-0.1", "data.packing=true", "trainer.max_tokens_per_batch=300",
+              "trainer.max_steps=3"]
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "one", *common, "trainer.grad_accum=2")])
+    torchrun(["train", *tiny_overrides(tiny_model_dir, tmp_path / "two", *common, "trainer.grad_accum=1")])
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for left, right in zip(one, two):
+        assert right["tokens"] == left["tokens"]
+        assert right["supervised_tokens"] == left["supervised_tokens"]
+        assert right["loss"] == pytest.approx(left["loss"], rel=1e-4, abs=1e-7)
