@@ -10,7 +10,7 @@ import torch
 
 from otr_cli.config import LossConfig, PhaseConfig, loss_options
 from otr_cli.data import IGNORE_INDEX, TokenizedExample, collate_batch
-from otr_cli.data.packing import block_causal_mask, collate_packed, first_fit_rows
+from otr_cli.data.packing import block_causal_mask, collate_packed, pack_rows
 from otr_cli.train.batches import loss_weights
 from otr_cli.train.token_loss_model import TokenLossLM, sampling_generator
 
@@ -49,15 +49,19 @@ def model(tiny_lm) -> TokenLossLM:
     return TokenLossLM(tiny_lm)
 
 
-def test_first_fit_rows_keeps_examples_whole_and_rows_within_capacity():
+def test_pack_rows_keeps_examples_whole_and_rows_within_capacity_and_balanced():
     lengths = [70, 20, 50, 30, 90, 10, 60]
-    rows = first_fit_rows(lengths, 100)
+    rows = pack_rows(lengths, 100)
     assert sorted(i for row in rows for i in row) == list(range(7))
     assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
-    assert rows == first_fit_rows(lengths, 100)  # a pure function of the lengths
-    assert len(rows) == 4  # 330 tokens: first-fit decreasing needs the minimum, ceil(330 / 100)
+    assert rows == pack_rows(lengths, 100)  # a pure function of the lengths
+    assert len(rows) == 4  # 330 tokens: the minimum, ceil(330 / 100)
+    # Rows of similar length (first-fit alone gives 100, 100, 100, 30): less padding to the longest row.
+    assert max(sum(lengths[i] for i in row) for row in rows) == 90
+    # Where dealing to the shortest row overflows, first-fit's rows stand.
+    assert pack_rows([60, 40, 35, 35, 30], 100) == [[0, 1], [2, 3, 4]]
     with pytest.raises(ValueError, match="data.pack_length must be at least data.max_length"):
-        first_fit_rows([101], 100)
+        pack_rows([101], 100)
 
 
 def test_packed_position_ids_restart_at_every_example_and_first_tokens_are_unsupervised():

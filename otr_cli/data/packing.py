@@ -23,28 +23,38 @@ import torch
 from otr_cli.data.examples import IGNORE_INDEX, TokenizedExample
 
 
-def first_fit_rows(lengths: list[int], row_capacity: int) -> list[list[int]]:
-    """Example indices of each row: first-fit decreasing, a pure function of `lengths` (ties by index).
+def pack_rows(lengths: list[int], row_capacity: int) -> list[list[int]]:
+    """Example indices of each row, a pure function of `lengths` (ties broken by index).
 
-    lengths: tokens of each example, each at most `row_capacity`. Rows are returned in the order
-    they were opened; within a row, examples keep the order they were placed in.
+    lengths: tokens of each example, each at most `row_capacity`. First-fit decreasing finds how
+    many rows are needed; the examples are then dealt, longest first, to the row with the fewest
+    tokens so far (within capacity), so the rows come out of similar length and the padding to the
+    longest row is small. Where that deal does not fit, the first-fit rows are kept.
     """
     too_long = [i for i, length in enumerate(lengths) if length > row_capacity]
     if too_long:
         raise ValueError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than a packed row's "
                          f"{row_capacity} (data.pack_length must be at least data.max_length)")
-    rows: list[list[int]] = []
+    longest_first = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    first_fit: list[list[int]] = []
     free: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for row, room in enumerate(free):
-            if lengths[index] <= room:
-                rows[row].append(index)
-                free[row] -= lengths[index]
-                break
-        else:
-            rows.append([index])
-            free.append(row_capacity - lengths[index])
-    return rows
+    for index in longest_first:
+        row = next((row for row, room in enumerate(free) if lengths[index] <= room), None)
+        if row is None:
+            first_fit.append([])
+            free.append(row_capacity)
+            row = len(free) - 1
+        first_fit[row].append(index)
+        free[row] -= lengths[index]
+    balanced: list[list[int]] = [[] for _ in first_fit]
+    filled = [0] * len(first_fit)
+    for index in longest_first:
+        row = min(range(len(balanced)), key=lambda r: (filled[r], r))
+        if filled[row] + lengths[index] > row_capacity:
+            return first_fit
+        balanced[row].append(index)
+        filled[row] += lengths[index]
+    return balanced
 
 
 def collate_packed(examples: list[TokenizedExample], pad_token_id: int, row_capacity: int) -> dict[str, torch.Tensor]:
@@ -66,7 +76,7 @@ def collate_packed(examples: list[TokenizedExample], pad_token_id: int, row_capa
     for index, example in enumerate(examples):
         if len(example.labels) != lengths[index]:
             raise ValueError(f"example {index}: {lengths[index]} input ids but {len(example.labels)} labels")
-    rows = first_fit_rows(lengths, row_capacity)
+    rows = pack_rows(lengths, row_capacity)
     longest = max(sum(lengths[i] for i in row) for row in rows)
     shape = (len(rows), longest)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)

@@ -72,7 +72,8 @@ def print_dry_run(typed, resolved_yaml: str) -> None:
     console.rule(f"DeepSpeed config (world size {world_size}, {'GPU' if on_gpu else 'CPU'})")
     console.print_json(json.dumps(build_deepspeed_config(typed, world_size=world_size, on_gpu=on_gpu)))
     console.rule("batch")
-    arithmetic = BatchArithmetic(typed.trainer.micro_batch_size, typed.trainer.grad_accum, world_size)
+    arithmetic = BatchArithmetic(typed.trainer.micro_batch_size, typed.trainer.grad_accum, world_size,
+                                 typed.trainer.max_tokens_per_batch)
     console.print(arithmetic.describe(), highlight=False)
     steps = (f"{typed.trainer.max_steps} optimizer steps" if typed.trainer.max_steps > 0
              else f"{typed.trainer.epochs} epoch(s); steps are derived from the data size at start-up")

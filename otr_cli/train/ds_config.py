@@ -18,12 +18,18 @@ class BatchArithmetic:
     micro_batch_size: int
     grad_accum: int
     world_size: int
+    max_tokens_per_batch: int = 0  # packed runs with a token budget (trainer.max_tokens_per_batch)
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
     def describe(self) -> str:
+        if self.max_tokens_per_batch:
+            return (f"global batch = micro-batches of up to {self.max_tokens_per_batch} tokens x grad accumulation "
+                    f"{self.grad_accum} x world size {self.world_size} = up to "
+                    f"{self.max_tokens_per_batch * self.grad_accum * self.world_size} tokens per step "
+                    f"(whole examples; trainer.micro_batch_size sets only the validation batch)")
         return (f"global batch = micro batch {self.micro_batch_size} x grad accumulation "
                 f"{self.grad_accum} x world size {self.world_size} = {self.global_batch} sequences per step")
 

@@ -1,0 +1,149 @@
+"""Packing and length grouping against plain padded micro-batches: `otr train` tokens/s on GSM8K.
+
+Same model (SmolLM2-135M-Instruct), same GSM8K examples (the first steps x batch after the
+seed's shuffle, data.max_length 512, SmolLM2's chat template), micro batch 8, loss=sft and
+loss=otr (K=256); each case is one `otr train` in its own process:
+
+    unpacked   right-padded to the longest example of each micro-batch (the default)
+    packed     data.packing=true: the micro-batch's 8 examples in rows of <= 512 tokens
+    grouped    data.group_by_length=true: micro-batches of examples of similar length
+
+Throughput is real (non-padding) input tokens per second over the steps after the first.
+This VM's speed drifts, so the cases run in rounds with a rotating order and each ratio is the
+median over rounds of the ratio measured within one round. Packed and unpacked train on the same
+batches, so their loss curves must agree step by step (float rounding only); grouped batches
+differ, so its curve is compared on the mean of the last half of the steps.
+
+    python scripts/bench_packing.py [--steps 20] [--batch 8] [--rounds 2] [--cases sft-unpacked,...]
+
+Writes docs/benchmarks/bench_packing.json and bench_packing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT_DIR = REPO / "docs" / "benchmarks"
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+LAYOUTS = {
+    "unpacked": [],
+    "packed": ["data.packing=true"],
+    "grouped": ["data.group_by_length=true"],
+    # One row per micro-batch: attention over the whole micro-batch's tokens (for "measure and choose").
+    "packed-one-row": ["data.packing=true", "data.pack_length=8192"],
+}
+DEFAULT_CASES = [f"{objective}-{layout}" for objective in ("sft", "otr") for layout in ("unpacked", "packed", "grouped")]
+
+
+def run_case(name: str, steps: int, batch: int, k: int, data: Path, workdir: Path) -> dict:
+    from otr_cli.cli import main
+
+    objective, layout = name.split("-", 1)
+    out = workdir / name
+    main(["train", "recipe=smollm2_gsm8k", f"data.source={data}", "data.validation_size=0",
+          f"data.max_examples={steps * batch}", f"loss={objective}", f"loss.k={k}", "loss.sft_warmup_steps=0",
+          "eval=none", f"trainer.max_steps={steps}", f"trainer.micro_batch_size={batch}", "trainer.grad_accum=1",
+          "trainer.save_steps=0", "trainer.eval_steps=0", "trainer.progress=false", "trainer.report_to=[none]",
+          f"run.output_dir={out}", *LAYOUTS[layout]])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps_logged = [r for r in records if "loss" in r]
+    timed = steps_logged[1:]
+    return {"tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed),
+            "step_time_s": statistics.median(r["step_time_s"] for r in timed),
+            "losses": [r["loss"] for r in steps_logged], "tokens": [r["tokens"] for r in steps_logged]}
+
+
+def run_case_in_subprocess(name: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--batch", str(args.batch),
+               "--k", str(args.k), "--data", str(args.data)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"case {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def curve_agreement(left: list[float], right: list[float]) -> float:
+    """Largest relative difference between two loss curves, step by step."""
+    return max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(left, right))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--k", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=GSM8K)
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                        help=f"comma-separated <sft|otr>-<{'|'.join(LAYOUTS)}>")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.case:
+        with tempfile.TemporaryDirectory() as workdir:
+            print(json.dumps(run_case(args.case, args.steps, args.batch, args.k, args.data, Path(workdir))))
+        return
+
+    names = args.cases.split(",")
+    rounds = []
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)
+        order = names[shift:] + names[:shift]
+        rounds.append({name: run_case_in_subprocess(name, args) for name in order})
+        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
+            f"{name} {rounds[-1][name]['tokens_per_s']:.0f} tok/s" for name in names), flush=True)
+
+    cases = {name: {"tokens_per_s": statistics.median(r[name]["tokens_per_s"] for r in rounds),
+                    "step_time_s": statistics.median(r[name]["step_time_s"] for r in rounds),
+                    "losses": rounds[0][name]["losses"]} for name in names}
+    ratios, curves = {}, {}
+    half = args.steps // 2
+    for name in names:
+        objective, layout = name.split("-", 1)
+        baseline = f"{objective}-unpacked"
+        if layout == "unpacked" or baseline not in names:
+            continue
+        ratios[name] = statistics.median(r[name]["tokens_per_s"] / r[baseline]["tokens_per_s"] for r in rounds)
+        left, right = rounds[0][baseline]["losses"], rounds[0][name]["losses"]
+        curves[name] = {"max_step_rel_diff": curve_agreement(left, right),
+                        "mean_loss_last_half": statistics.mean(right[half:]),
+                        "baseline_mean_loss_last_half": statistics.mean(left[half:]),
+                        "baseline_step_to_step_sd": statistics.stdev(left[half:])}
+
+    command = (f"python scripts/bench_packing.py --steps {args.steps} --batch {args.batch} --rounds {args.rounds}"
+               + ("" if names == DEFAULT_CASES else f" --cases {args.cases}"))
+    report = {"command": command, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+              "steps": args.steps, "micro_batch": args.batch, "k": args.k, "rounds": rounds, "cases": cases,
+              "ratios_vs_unpacked": ratios, "loss_curves": curves}
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "bench_packing.json").write_text(json.dumps(report, indent=2))
+    lines = ["# Packing and length grouping: otr train tokens/s on GSM8K", "", f"Command: `{command}`", "",
+             f"SmolLM2-135M-Instruct, float32 on CPU, micro batch {args.batch}, {args.steps} steps, data.max_length 512; "
+             "tokens are real (non-padding) tokens. Medians over rounds; ratios are medians of within-round ratios.",
+             "", "| case | tokens/s | median step (s) | tokens/s vs unpacked | loss curve vs unpacked |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, case in cases.items():
+        ratio = f"{ratios[name]:.2f}x" if name in ratios else ""
+        curve = ""
+        if name in curves:
+            c = curves[name]
+            curve = (f"same batches: max step diff {c['max_step_rel_diff']:.1e}" if name.endswith("packed")
+                     else f"last-half mean {c['mean_loss_last_half']:.4f} vs {c['baseline_mean_loss_last_half']:.4f} "
+                          f"(step sd {c['baseline_step_to_step_sd']:.4f})")
+        lines.append(f"| {name} | {case['tokens_per_s']:.0f} | {case['step_time_s']:.2f} | {ratio} | {curve} |")
+    lines += ["", "Target: packed >= 1.35x unpacked tokens/s, with the same loss curve within noise."]
+    (OUT_DIR / "bench_packing.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
