@@ -112,6 +112,10 @@ class DataConfig:
     validation_split: Optional[str] = None
     validation_size: float = 0.0
     shuffle: bool = True
+    # Tokenized-data cache directory (None: $OTR_CACHE_DIR if set, else ~/.cache/otr/tokenized).
+    cache_dir: Optional[str] = None
+    # Reuse tokenized data from cache_dir across starts and ranks (false: always tokenize, write nothing).
+    cache: bool = True
     synthetic: SyntheticArithConfig = field(default_factory=SyntheticArithConfig)
 
 

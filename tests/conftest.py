@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The tokenized-data cache of this session (and its subprocesses) in a fresh directory, never ~/.cache.
+os.environ["OTR_CACHE_DIR"] = tempfile.mkdtemp(prefix="otr-test-cache-")
 
 
 @pytest.fixture(scope="session")
