@@ -118,6 +118,10 @@ class DataConfig:
     pack_length: Optional[int] = None
     # Unpacked runs: micro-batches of examples of similar length (less padding), order still set by the seed.
     group_by_length: bool = False
+    # Tokenized-data cache directory (None: $OTR_CACHE_DIR if set, else ~/.cache/otr/tokenized).
+    cache_dir: Optional[str] = None
+    # Reuse tokenized data from cache_dir across starts and ranks (false: always tokenize, write nothing).
+    cache: bool = True
     synthetic: SyntheticArithConfig = field(default_factory=SyntheticArithConfig)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,16 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The tokenized-data cache of this session (and its subprocesses) in a fresh directory, never ~/.cache.
+TOKENIZED_CACHE = tempfile.mkdtemp(prefix="otr-test-cache-")
+os.environ["OTR_CACHE_DIR"] = TOKENIZED_CACHE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_tokenized_cache():
+    """Delete the session's tokenized-data cache when the session ends."""
+    yield
+    shutil.rmtree(TOKENIZED_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -69,6 +69,10 @@ class DataReport:
     validation_dropped: int = 0
     validation_supervised_tokens: int = 0
     notes: list[str] = field(default_factory=list)  # warnings worth showing the user
+    # The tokenized-data cache (data/cache.py): "hit" (loaded from cache_path), "miss" (tokenized, stored in
+    # cache_path; "" when it could not be written) or "off" (data.cache=false).
+    cache: str = "off"
+    cache_path: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +80,11 @@ class DataReport:
     def summary_lines(self) -> list[str]:
         """A few human-readable lines for the start-of-run log."""
         lines = [f"data: {self.loaded} records from {self.source}, format {self.format}"]
+        if self.cache == "hit":
+            lines.append(f"data: tokenized cache hit {self.cache_path}")
+        elif self.cache == "miss":
+            lines.append(f"data: tokenized cache miss, stored in {self.cache_path}" if self.cache_path
+                         else "data: tokenized cache miss, not stored (see the warning above)")
         train = f"train: {self.kept} examples kept"
         if self.held_out:
             train += f", {self.held_out} held out for validation"

@@ -13,6 +13,10 @@ Order of operations, chosen so that runs are comparable:
    (data.truncation=truncate keeps the first data.max_length tokens, drop drops the example)
    -> loss weights (data.weight_field) -> dropped if no supervised token is left, unless the
    weights took it away (then kept, with no loss, so that the data order does not move).
+
+Steps 2 and 3 are the expensive part (render and tokenize, about 2 ms a record); their result is kept
+in the tokenized-data cache (data/cache.py), keyed on the records read in step 1, the data settings,
+the seed and the tokenizer, and read back on the next start instead of being redone.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from otr_cli.config import check_chat_template_kwargs, validate_data
+from otr_cli.data.cache import cache_entry
 from otr_cli.data.chat import encode_conversation, resolve_chat_template
 from otr_cli.data.errors import DataError
 from otr_cli.data.examples import IGNORE_INDEX, DataBundle, DataReport, TokenizedExample
@@ -154,6 +159,9 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
     data_cfg: ``DataConfig`` (or a DictConfig with the same keys).
     tokenizer: a fast Hugging Face tokenizer with a chat template (or set data.chat_template).
     seed: shuffles the training order (data.shuffle); the validation hold-out does not depend on it.
+    With data.cache (the default) the result is read from the tokenized-data cache when an entry for the
+    same records, settings, seed and tokenizer exists, and stored there otherwise (data/cache.py);
+    ``report.cache`` says which.
     Raises DataError for bad records, templates or settings, and when no example is left.
     """
     validate_data(data_cfg)
@@ -164,6 +172,26 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
         raise DataError(f"{train_records.description} has no records (data.source / data.split)")
     validation_records, validation_order, train_order = _validation_records(data_cfg, train_records)
 
+    separate_validation = validation_records if validation_records is not train_records else None
+    entry = cache_entry(data_cfg, tokenizer, template, seed,
+                        [train_records.records, separate_validation.records if separate_validation else None])
+    bundle = entry.load() if entry is not None else None
+    if bundle is None:
+        bundle = _encode_bundle(data_cfg, tokenizer, seed, template, template_kwargs, train_records,
+                                train_order, validation_records, validation_order)
+        if entry is not None:
+            bundle.report.cache = "miss"
+            bundle.report.cache_path = str(entry.path) if entry.store(bundle) else ""
+    for line in bundle.report.summary_lines():
+        log.info(line)
+    return bundle
+
+
+def _encode_bundle(data_cfg: Any, tokenizer: Any, seed: int, template: Optional[str],
+                   template_kwargs: dict[str, Any], train_records: RecordSet, train_order: list[int],
+                   validation_records: Optional[RecordSet], validation_order: list[int]) -> DataBundle:
+    """Shuffle, render, tokenize and count: the work the cache saves. Changing what this (or anything it
+    calls) produces for the same inputs needs a bump of cache.FORMAT_VERSION."""
     if data_cfg.shuffle:
         random.Random(seed).shuffle(train_order)
     train, counts, record_format = _encode_split(train_records, train_order, data_cfg, tokenizer, template,
@@ -198,6 +226,4 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
     if processed and (counts.truncated + counts.dropped_too_long) / processed > 0.1:
         report.notes.append(f"{counts.truncated + counts.dropped_too_long} of {processed} training examples exceed "
                             f"data.max_length={data_cfg.max_length}; consider raising it")
-    for line in report.summary_lines():
-        log.info(line)
     return DataBundle(train=train, validation=validation, report=report)

@@ -457,7 +457,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
                                revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    data = build_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    data = _build_data_once(cfg, tokenizer, dist_info)
     if dist_info.is_main:
         write_json_atomic(output_dir / "data_report.json", data.report.as_dict())
 
@@ -505,6 +505,32 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     run_dir.mark("finished", step=total_steps, total_steps=total_steps)
     barrier()
     return summary
+
+
+def _build_data_once(cfg: TrainConfig, tokenizer, dist_info: DistInfo) -> DataBundle:
+    """build_datasets on every rank, tokenizing once: with data.cache and several ranks, rank 0 builds and
+    stores the cache entry while the others wait at a barrier, then each node's first rank loads it (or, with
+    a node-local data.cache_dir, tokenizes once for its node), then every other rank loads it.
+
+    The waiting ranks sit in a barrier for the whole first tokenization, which must therefore finish within
+    launcher.dist_timeout_min. An error on a rank is raised after the barriers, so no rank waits forever for
+    one that failed (the others hit the same bad record themselves).
+    """
+    if not cfg.data.cache or dist_info.world_size == 1:
+        return build_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    data: Optional[DataBundle] = None
+    failure: Optional[Exception] = None
+    for my_turn in (dist_info.is_main, dist_info.local_rank == 0, True):
+        if my_turn and data is None and failure is None:
+            try:
+                data = build_datasets(cfg.data, tokenizer, seed=cfg.seed)
+            except Exception as exc:  # re-raised below, once every rank has passed the barriers
+                failure = exc
+        barrier()
+    if failure is not None:
+        raise failure
+    assert data is not None
+    return data
 
 
 def _evaluate(cfg: TrainConfig, model: str, out_dir: Path, dist_info: DistInfo, tokenizer) -> Optional[dict]:
