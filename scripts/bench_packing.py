@@ -62,6 +62,55 @@ def run_case(name: str, steps: int, batch: int, k: int, data: Path, workdir: Pat
             "losses": [r["loss"] for r in steps_logged], "tokens": [r["tokens"] for r in steps_logged]}
 
 
+ROW_LAYOUTS = {"unpacked": None, "rows of 512": 512, "rows of 1024": 1024, "one row": 8192}
+
+
+def row_lengths_case(batch: int, micro_batches: int, data: Path) -> dict:
+    """Forward + backward of SmolLM2 (loss=sft) on the same GSM8K micro-batches laid out four ways, the
+    layouts of each micro-batch timed back to back in a rotating order: paired, so drift cancels.
+    Returns, per layout, the median over micro-batches of (real tokens/s) / (unpacked real tokens/s)."""
+    import time
+
+    import torch
+
+    from otr_cli.config import DataConfig, LossConfig, PhaseConfig, loss_options
+    from otr_cli.data import build_datasets, collate_batch
+    from otr_cli.data.packing import collate_packed
+    from otr_cli.models import load_model, load_tokenizer
+    from otr_cli.train.batches import loss_weights
+    from otr_cli.train.token_loss_model import TokenLossLM
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    data_cfg = DataConfig(source=str(data), format="question_answer", max_length=512,
+                          max_examples=batch * (micro_batches + 1))
+    examples = build_datasets(data_cfg, tokenizer, seed=0).train
+    model = TokenLossLM(load_model("smollm2-135m-instruct", dtype=torch.float32))
+    options = loss_options(LossConfig(objective="sft"), PhaseConfig(objective="sft"))
+    names = list(ROW_LAYOUTS)
+
+    def seconds(micro: list, capacity) -> float:
+        batch_tensors = (collate_batch(micro, tokenizer.pad_token_id) if capacity is None
+                         else collate_packed(micro, tokenizer.pad_token_id, capacity))
+        packed = {k: batch_tensors[k] for k in ("position_ids", "sequence_index") if capacity is not None}
+        weights = loss_weights(batch_tensors, "token", 1000, batch, 1)
+        started = time.perf_counter()
+        loss, _ = model(batch_tensors["input_ids"], batch_tensors["attention_mask"], batch_tensors["labels"],
+                        weights, options, **packed)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    seconds(examples[:batch], None)  # warm-up
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(1, micro_batches + 1):
+        micro = examples[index * batch: (index + 1) * batch]
+        order = names[index % len(names):] + names[:index % len(names)]
+        times = {name: seconds(micro, ROW_LAYOUTS[name]) for name in order}
+        for name in names:
+            ratios[name].append(times["unpacked"] / times[name])  # same real tokens: time ratio = tokens/s ratio
+    return {name: statistics.median(values) for name, values in ratios.items()}
+
+
 def run_case_in_subprocess(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--batch", str(args.batch),
                "--k", str(args.k), "--data", str(args.data)]
@@ -85,9 +134,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=GSM8K)
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
                         help=f"comma-separated <sft|otr>-<{'|'.join(LAYOUTS)}>")
+    parser.add_argument("--row-micro-batches", type=int, default=8,
+                        help="micro-batches timed for the row-length comparison (0: skip it)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.case == "rows":
+        print(json.dumps(row_lengths_case(args.batch, args.row_micro_batches, args.data)))
+        return
     if args.case:
         with tempfile.TemporaryDirectory() as workdir:
             print(json.dumps(run_case(args.case, args.steps, args.batch, args.k, args.data, Path(workdir))))
@@ -101,6 +155,16 @@ def main() -> None:
         rounds.append({name: run_case_in_subprocess(name, args) for name in order})
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
             f"{name} {rounds[-1][name]['tokens_per_s']:.0f} tok/s" for name in names), flush=True)
+
+    row_ratios = {}
+    if args.row_micro_batches:
+        command = [sys.executable, __file__, "--case", "rows", "--batch", str(args.batch), "--data", str(args.data),
+                   "--row-micro-batches", str(args.row_micro_batches)]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        if result.returncode != 0:
+            raise RuntimeError(f"row lengths failed:\n{result.stderr[-3000:]}")
+        row_ratios = json.loads(result.stdout.strip().splitlines()[-1])
+        print("row lengths: " + ", ".join(f"{k} {v:.2f}x" for k, v in row_ratios.items()), flush=True)
 
     cases = {name: {"tokens_per_s": statistics.median(r[name]["tokens_per_s"] for r in rounds),
                     "step_time_s": statistics.median(r[name]["step_time_s"] for r in rounds),
@@ -117,13 +181,15 @@ def main() -> None:
         curves[name] = {"max_step_rel_diff": curve_agreement(left, right),
                         "mean_loss_last_half": statistics.mean(right[half:]),
                         "baseline_mean_loss_last_half": statistics.mean(left[half:]),
-                        "baseline_step_to_step_sd": statistics.stdev(left[half:])}
+                        "baseline_step_to_step_sd": statistics.stdev(left[half:]) if len(left[half:]) > 1 else 0.0}
 
     command = (f"python scripts/bench_packing.py --steps {args.steps} --batch {args.batch} --rounds {args.rounds}"
-               + ("" if names == DEFAULT_CASES else f" --cases {args.cases}"))
+               + ("" if names == DEFAULT_CASES else f" --cases {args.cases}")
+               + f" --row-micro-batches {args.row_micro_batches}")
     report = {"command": command, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
               "steps": args.steps, "micro_batch": args.batch, "k": args.k, "rounds": rounds, "cases": cases,
-              "ratios_vs_unpacked": ratios, "loss_curves": curves}
+              "ratios_vs_unpacked": ratios, "loss_curves": curves,
+              "row_lengths_tokens_per_s_vs_unpacked": row_ratios}
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "bench_packing.json").write_text(json.dumps(report, indent=2))
     lines = ["# Packing and length grouping: otr train tokens/s on GSM8K", "", f"Command: `{command}`", "",
@@ -141,6 +207,11 @@ def main() -> None:
                           f"(step sd {c['baseline_step_to_step_sd']:.4f})")
         lines.append(f"| {name} | {case['tokens_per_s']:.0f} | {case['step_time_s']:.2f} | {ratio} | {curve} |")
     lines += ["", "Target: packed >= 1.35x unpacked tokens/s, with the same loss curve within noise."]
+    if row_ratios:
+        lines += ["", f"Row length (`data.pack_length`): forward + backward of loss=sft on {args.row_micro_batches} "
+                  f"micro-batches of {args.batch}, each layout of a micro-batch timed back to back; median of the "
+                  "paired tokens/s ratios.", "", "| layout | tokens/s vs unpacked |", "| --- | --- |"]
+        lines += [f"| {name} | {value:.2f}x |" for name, value in row_ratios.items()]
     (OUT_DIR / "bench_packing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
