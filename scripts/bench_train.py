@@ -76,7 +76,8 @@ def case_hf_trainer(steps: int, batch: int, workdir: Path) -> dict:
             self.timer = timer
 
         def __call__(self, examples):
-            batch_tensors = collate_batch(examples, tokenizer.pad_token_id)
+            batch_tensors = {key: value for key, value in collate_batch(examples, tokenizer.pad_token_id).items()
+                             if key in ("input_ids", "attention_mask", "labels")}
             self.timer.tokens.append(int(batch_tensors["attention_mask"].sum()))
             return batch_tensors
 

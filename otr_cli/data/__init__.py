@@ -3,7 +3,8 @@
 Public interface (what training and evaluation import)::
 
     build_datasets(data_cfg, tokenizer, seed) -> DataBundle(train, validation, report)
-    collate_batch(examples, pad_token_id) -> {"input_ids", "attention_mask", "labels", "weights"}
+    collate_batch(examples, pad_token_id) -> {"input_ids", "attention_mask", "labels", "weights", "sequence_index"}
+    collate_packed(examples, pad_token_id, row_capacity) -> the same keys + "position_ids", packed rows
     load_records(source_or_data_cfg, split) -> list[dict]
     to_messages(record, data_cfg) -> list[{"role", "content"}]
     prompt_messages(messages) -> the messages before the last assistant reply
@@ -15,6 +16,7 @@ See docs/data.md for the user-facing description.
 
 from otr_cli.data.chat import encode_conversation, render_prompt, resolve_chat_template
 from otr_cli.data.collate import collate_batch
+from otr_cli.data.packing import collate_packed
 from otr_cli.data.errors import DataError
 from otr_cli.data.examples import IGNORE_INDEX, DataBundle, DataReport, TokenizedExample
 from otr_cli.data.formats import prompt_messages, to_messages
@@ -30,6 +32,7 @@ __all__ = [
     "TokenizedExample",
     "build_datasets",
     "collate_batch",
+    "collate_packed",
     "encode_conversation",
     "generate_split",
     "load_records",

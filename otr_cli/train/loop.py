@@ -18,8 +18,7 @@ from omegaconf import OmegaConf
 
 from otr_cli.atomic import write_json_atomic, write_text_atomic
 from otr_cli.config import PhaseConfig, TrainConfig, loss_options
-from otr_cli.data import DataBundle, build_datasets, collate_batch
-from otr_cli.data.packing import collate_packed
+from otr_cli.data import DataBundle, build_datasets, collate_batch, collate_packed
 from otr_cli.losses.objectives import ROLLOUT_STAT_NAMES, STAT_NAMES, stat_names
 from otr_cli.models import load_tokenizer
 from otr_cli.train import preemption
