@@ -87,6 +87,15 @@ def test_merged_export_gives_the_logits_of_base_plus_adapter_loaded_with_peft(ze
 def test_zero0_export_gives_the_same_merged_weights_as_zero3(zero3_lora_run, tiny_qwen3_model_dir, tmp_path):
     out = tmp_path / "zero0"
     main(["train", *tiny_overrides(tiny_qwen3_model_dir, out, *LORA, "trainer.micro_batch_size=4")])
+    # Same weights loaded (ZeRO-3 partitions them as it loads, models.partitioned_loading), same global
+    # batches: the same loss at every step, the first one included (this was test_zero3_init.py's own
+    # 2-rank run, full fine-tuning for one step, whose loss depends only on the loaded weights too).
+    losses0 = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    losses3 = [r for r in read_jsonl(zero3_lora_run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in losses3] == [r["step"] for r in losses0] == [1, 2, 3, 4]
+    for left, right in zip(losses0, losses3):
+        assert right["loss"] == pytest.approx(left["loss"], rel=1e-5), left["step"]
+        assert right["supervised_tokens"] == left["supervised_tokens"]
     zero0 = load_safetensors(out / "final" / "model.safetensors")
     zero3 = load_safetensors(zero3_lora_run / "final" / "model.safetensors")
     assert zero0.keys() == zero3.keys()

@@ -30,10 +30,17 @@ def assert_same_trajectory(reference: list[dict], resumed: list[dict]) -> None:
                 assert right[key] == pytest.approx(left[key], rel=1e-6, abs=1e-9), (left["step"], key)
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory) -> list[dict]:
+    """The uninterrupted run of COMMON that both single-process tests below compare their resumed run with."""
+    out = tmp_path_factory.mktemp("preemption") / "reference"
+    main(["train", *tiny_overrides(tiny_model_dir, out, *COMMON)])
+    return steps_of(out)
+
+
 @pytest.mark.slow
 def test_sigusr1_to_a_local_run_saves_at_a_step_boundary_exits_and_resumes_like_an_uninterrupted_run(
-        tiny_model_dir, tmp_path):
-    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "reference", *COMMON)])
+        tiny_model_dir, tmp_path, reference):
 
     out = tmp_path / "signalled"
     args = ["train", *tiny_overrides(tiny_model_dir, out, *COMMON)]
@@ -57,14 +64,14 @@ def test_sigusr1_to_a_local_run_saves_at_a_step_boundary_exits_and_resumes_like_
 
     run_cli(args)  # the same command again: resumes from the checkpoint and finishes
     assert json.loads((out / "run_state.json").read_text())["status"] == "finished"
-    assert_same_trajectory(steps_of(tmp_path / "reference"), steps_of(out))
+    assert_same_trajectory(reference, steps_of(out))
 
 
 @pytest.mark.slow
-def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, tmp_path, monkeypatch, capfd):
+def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, tmp_path, monkeypatch, capfd,
+                                                              reference):
     from otr_cli.train import loop
 
-    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "reference", *COMMON)])
     out = tmp_path / "twice"
     original_step, original_export = loop.Trainer.train_step, loop.export_hf_model
 
@@ -98,7 +105,7 @@ def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, t
     monkeypatch.setattr(loop.Trainer, "train_step", original_step)
     monkeypatch.setattr(loop, "export_hf_model", original_export)
     main(["train", *tiny_overrides(tiny_model_dir, out, *COMMON)])
-    assert_same_trajectory(steps_of(tmp_path / "reference"), steps_of(out))
+    assert_same_trajectory(reference, steps_of(out))
 
 
 @pytest.mark.slow

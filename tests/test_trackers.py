@@ -184,28 +184,8 @@ def test_report_to_names_are_checked_and_none_and_auto_stand_alone():
         validate(config)
 
 
-@pytest.mark.slow
-def test_two_ranks_with_weights_log_one_process_losses_to_one_tracker_run(tiny_model_dir, tmp_path, monkeypatch):
-    from test_train_distributed import torchrun
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    data = tmp_path / "weighted.csv"
-    data.write_text("question,answer,w\n" + "".join(f"What is {i} + {i}?,{2 * i},{[0, 0.5, 1, 2][i % 4]}\n"
-                                                     for i in range(24)))
-    common = ["loss=otr_exact", "loss.temperature=1.3", "loss.beta=-0.1", f"data.source={data}",
-              "data.weight_field=w", "trainer.max_steps=3", "trainer.report_to=[mlflow]"]
-    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "a" / "one", *common, "trainer.micro_batch_size=4")])
-    torchrun(["train", *tiny_overrides(tiny_model_dir, tmp_path / "b" / "two", *common,
-                                       "trainer.micro_batch_size=2")])
-    one = [r for r in read_jsonl(tmp_path / "a" / "one" / "metrics.jsonl") if "loss" in r]
-    two = [r for r in read_jsonl(tmp_path / "b" / "two" / "metrics.jsonl") if "loss" in r]
-    for left, right in zip(one, two, strict=True):
-        assert right["loss"] == pytest.approx(left["loss"], rel=1e-4, abs=1e-7)
-        assert right["supervised_tokens"] == left["supervised_tokens"]
-    client, _, runs = _mlflow_runs(tmp_path / "b" / "mlruns")
-    assert len(runs) == 1, "rank 0 alone logs"
-    assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == \
-        pytest.approx([r["loss"] for r in two], rel=1e-6)
+# Two ranks with data weights logging one process's losses to one tracker run (rank 0 alone): part of
+# test_train_distributed.py's ZeRO-2 run, which trains the same 2-rank setting anyway.
 
 
 def test_a_run_that_dies_before_closing_its_trackers_is_marked_failed_in_mlflow(tmp_path, monkeypatch):

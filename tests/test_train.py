@@ -23,6 +23,22 @@ def train(tiny_model_dir, out, *extra):
     return read_jsonl(out / "metrics.jsonl")
 
 
+@pytest.fixture(scope="module")
+def shared_run(tiny_model_dir, tmp_path_factory):
+    """`shared_run(*extra)`: (output dir, metrics) of one ZeRO-0 run with these overrides, trained the first
+    time a test asks for it. Tests that compare a setting against the same reference (or read different
+    files of the same plain run) share it instead of training it again; none of them writes into it."""
+    runs = {}
+
+    def run(*extra):
+        if extra not in runs:
+            out = tmp_path_factory.mktemp("shared") / "run"
+            runs[extra] = (out, train(tiny_model_dir, out, *extra))
+        return runs[extra]
+
+    return run
+
+
 @pytest.mark.parametrize("objective", ["sft", "dft", "otr", "otr_exact"])
 def test_train_each_objective_logs_required_metrics_and_writes_loadable_final_model(tiny_model_dir, tmp_path,
                                                                                      objective):
@@ -56,19 +72,18 @@ def test_sft_loss_falls_on_repeated_data(tiny_model_dir, tmp_path):
     assert losses[-1] < 0.9 * losses[0]
 
 
-def test_final_model_weights_equal_the_trained_engine_weights(tiny_model_dir, tmp_path):
+def test_final_model_weights_equal_the_trained_engine_weights(tiny_model_dir, shared_run):
     from safetensors.torch import load_file
 
-    out = tmp_path / "w"
-    train(tiny_model_dir, out, "loss=sft")
+    out, _ = shared_run("loss=sft")
     final = load_file(out / "final" / "model.safetensors")
     start = load_file(Path(tiny_model_dir) / "model.safetensors")
     changed = [k for k in final if not torch.equal(final[k], start[k])]
     assert changed, "training did not change any weight"
 
 
-def test_grad_accumulation_matches_a_bigger_micro_batch(tiny_model_dir, tmp_path):
-    one = train(tiny_model_dir, tmp_path / "a", "loss=sft", "trainer.micro_batch_size=4", "trainer.grad_accum=1")
+def test_grad_accumulation_matches_a_bigger_micro_batch(tiny_model_dir, tmp_path, shared_run):
+    _, one = shared_run("loss=sft")  # tiny_overrides' micro batch of 4, and no accumulation by default
     two = train(tiny_model_dir, tmp_path / "b", "loss=sft", "trainer.micro_batch_size=2", "trainer.grad_accum=2")
     for left, right in zip(one, two):
         assert left["step"] == right["step"]
@@ -180,9 +195,9 @@ DETERMINISTIC_TOLERANCE = dict(loss=1e-5, ce=1e-5, grad_norm=1e-4)
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("objective", ["sft", "otr_exact"])
-def test_zero_stages_compute_the_same_model_as_zero0(tiny_model_dir, tmp_path, stage, objective):
+def test_zero_stages_compute_the_same_model_as_zero0(tiny_model_dir, tmp_path, shared_run, stage, objective):
     common = [f"loss={objective}", "loss.temperature=1.3", "loss.beta=-0.1"]
-    reference = [r for r in train(tiny_model_dir, tmp_path / "zero0", *common) if "loss" in r]
+    reference = [r for r in shared_run(*common)[1] if "loss" in r]  # one ZeRO-0 run for the three stages
     zero = [r for r in train(tiny_model_dir, tmp_path / f"zero{stage}", *common, f"deepspeed=zero{stage}")
             if "loss" in r]
     assert [r["step"] for r in zero] == [r["step"] for r in reference] == [1, 2, 3]
@@ -193,7 +208,7 @@ def test_zero_stages_compute_the_same_model_as_zero0(tiny_model_dir, tmp_path, s
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_draw_the_same_otr_rollouts_on_the_first_step_and_export_a_loadable_model(
-        tiny_model_dir, tmp_path, stage):
+        tiny_model_dir, tmp_path, shared_run, stage):
     # Only the first step is comparable: there the parameters are equal and the draws are the same up
     # to float rounding. Later steps start from parameters that differ in their last bits (see above);
     # a single rollout whose uniform lands on the other side of a token boundary then moves the Monte
@@ -205,7 +220,7 @@ def test_zero_stages_draw_the_same_otr_rollouts_on_the_first_step_and_export_a_l
     from transformers import AutoModelForCausalLM
 
     common = ["loss=otr", "loss.k=8", "trainer.max_steps=1"]
-    [reference] = [r for r in train(tiny_model_dir, tmp_path / "zero0", *common) if "loss" in r]
+    [reference] = [r for r in shared_run(*common)[1] if "loss" in r]  # one ZeRO-0 run for the three stages
     [zero] = [r for r in train(tiny_model_dir, tmp_path / f"zero{stage}", *common, f"deepspeed=zero{stage}")
               if "loss" in r]
     assert zero["loss"] == pytest.approx(reference["loss"], rel=1e-4)
@@ -215,8 +230,8 @@ def test_zero_stages_draw_the_same_otr_rollouts_on_the_first_step_and_export_a_l
     assert model.get_output_embeddings().weight.abs().sum() > 0
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path):
-    plain = train(tiny_model_dir, tmp_path / "plain", "loss=sft")
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path, shared_run):
+    _, plain = shared_run("loss=sft")
     checkpointed = train(tiny_model_dir, tmp_path / "gc", "loss=sft", "model.gradient_checkpointing=true")
     for left, right in zip(plain, checkpointed):
         if "loss" in left:
@@ -248,8 +263,7 @@ def test_lora_trains_adapters_only_and_final_is_a_merged_plain_model(tiny_model_
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 
-def test_tensorboard_events_are_written_when_installed(tiny_model_dir, tmp_path):
+def test_tensorboard_events_are_written_when_installed(shared_run):
     pytest.importorskip("tensorboard")
-    out = tmp_path / "tb"
-    train(tiny_model_dir, out, "loss=sft")
+    out, _ = shared_run("loss=sft")  # trainer.report_to=[auto]: tensorboard when installed
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

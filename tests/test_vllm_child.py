@@ -114,16 +114,17 @@ Path(sys.argv[3]).write_text(json.dumps({{"completions": [["42"] * n for _ in re
 
 @pytest.mark.slow
 def test_training_with_vllm_evaluation_hands_the_child_an_exported_directory(tiny_model_dir, tmp_path):
-    from helpers import run_cli, tiny_overrides
+    from helpers import tiny_overrides
+    from otr_cli.cli import main
 
     record = tmp_path / "models.jsonl"
     child = tmp_path / "python-with-vllm"
     child.write_text(RECORDING_CHILD.format(python=sys.executable, record=str(record)))
     child.chmod(0o755)
-    run_cli(["train", *tiny_overrides(tiny_model_dir, tmp_path / "run", "trainer.max_steps=2", "trainer.save_steps=0",
-                                      "eval.benchmarks=[synthetic_arith]", "eval.every_steps=1",
-                                      "eval.every_steps_limit=2", "eval.limit=2", "eval.backend=vllm",
-                                      f"eval.vllm.python={child}")])
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "run", "trainer.max_steps=2", "trainer.save_steps=0",
+                                   "eval.benchmarks=[synthetic_arith]", "eval.every_steps=1",
+                                   "eval.every_steps_limit=2", "eval.limit=2", "eval.backend=vllm",
+                                   f"eval.vllm.python={child}")])
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     assert len(calls) >= 2  # step 1 (no checkpoint: a temporary export) and the final model
     assert all(call["has_config"] and "@step-" not in call["model"] for call in calls), calls

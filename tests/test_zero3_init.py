@@ -5,10 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import read_jsonl, tiny_overrides
-from otr_cli.cli import main
-from test_lora_export import PARTITION_EVERYTHING
-from test_train_distributed import torchrun
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
 
@@ -33,14 +29,5 @@ def test_zero3_loads_the_model_partitioned_with_the_weights_of_a_plain_load(tiny
             assert torch.equal(loaded[name], weight), name
 
 
-@pytest.mark.slow
-def test_two_rank_zero3_first_step_loss_equals_zero0(tiny_qwen3_model_dir, tmp_path):
-    common = ["loss=sft", "trainer.max_steps=1"]
-    main(["train", *tiny_overrides(tiny_qwen3_model_dir, tmp_path / "zero0", *common, "trainer.micro_batch_size=4")])
-    torchrun(["train", *tiny_overrides(tiny_qwen3_model_dir, tmp_path / "zero3", *common, "deepspeed=zero3",
-                                       PARTITION_EVERYTHING, "trainer.micro_batch_size=2")])
-    [zero0] = [r for r in read_jsonl(tmp_path / "zero0" / "metrics.jsonl") if "loss" in r]
-    [zero3] = [r for r in read_jsonl(tmp_path / "zero3" / "metrics.jsonl") if "loss" in r]
-    # Same weights, same global batch: only the order of float sums differs (~1e-7 relative).
-    assert zero3["loss"] == pytest.approx(zero0["loss"], rel=1e-5)
-    assert zero3["supervised_tokens"] == zero0["supervised_tokens"]
+# A 2-rank ZeRO-3 run's losses (the first step's included) equal to one process's: test_lora_export.py's
+# test_zero0_export_gives_the_same_merged_weights_as_zero3, on this model, partitioned the same way.
