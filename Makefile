@@ -37,6 +37,7 @@ rehearsal: install
 bench: install
 	$(BIN)/python scripts/bench_loss.py --device cpu
 	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_packing.py
 
 # The reproduction study (docs/study.md): ~2 h on 2 cores at the default size (two runs at once); rerun to resume.
 STUDY_SIZE ?= default
