@@ -45,6 +45,8 @@ class StepPlan:
     max_tokens_per_batch: int = 0
     # Token-budget mode: each epoch's micro-batches, computed once (not part of the plan's identity).
     _epoch_tables: dict = field(default_factory=dict, compare=False, repr=False)
+    # The grouped order of the epochs in use: sorting a large epoch at every step would cost seconds.
+    _grouped_orders: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if (self.group_by_length or self.max_tokens_per_batch) and (
@@ -76,12 +78,19 @@ class StepPlan:
         return step * self.global_batch / self.num_examples
 
     def _permutation(self, epoch: int) -> list[int]:
+        if self.group_by_length and epoch in self._grouped_orders:
+            return self._grouped_orders[epoch]
         if not self.shuffle:
             order = list(range(self.num_examples))
         else:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(self.num_examples, generator=generator).tolist()
-        return self._grouped_by_length(order, epoch) if self.group_by_length else order
+        if not self.group_by_length:
+            return order
+        if len(self._grouped_orders) >= 2:  # a step spans two epochs at most, unless the data is tiny
+            self._grouped_orders.pop(min(self._grouped_orders))
+        self._grouped_orders[epoch] = self._grouped_by_length(order, epoch)
+        return self._grouped_orders[epoch]
 
     def _grouped_by_length(self, order: list[int], epoch: int) -> list[int]:
         """`order` with each mega-batch sorted by length (longest first) and its micro-batch-sized
