@@ -112,8 +112,9 @@ class DataConfig:
     validation_split: Optional[str] = None
     validation_size: float = 0.0
     shuffle: bool = True
-    # Padding-free training: each micro-batch's examples concatenated into rows of at most pack_length
-    # tokens (None: max_length), attention confined to each example (docs/data.md, "Packing").
+    # Padding-free training: each micro-batch's examples concatenated, attention confined to each
+    # example (docs/data.md, "Packing"). pack_length: most tokens in a row (None: the whole micro-batch
+    # in one row with sdpa and flash attention, which attend per example; max_length with eager).
     packing: bool = False
     pack_length: Optional[int] = None
     # Unpacked runs: micro-batches of examples of similar length (less padding), order still set by the seed.

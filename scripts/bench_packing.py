@@ -5,7 +5,8 @@ seed's shuffle, data.max_length 512, SmolLM2's chat template), micro batch 8, lo
 loss=otr (K=256); each case is one `otr train` in its own process:
 
     unpacked   right-padded to the longest example of each micro-batch (the default)
-    packed     data.packing=true: the micro-batch's 8 examples in rows of <= 512 tokens
+    packed     data.packing=true: the micro-batch's 8 examples in one row without padding, attention
+               per example (sdpa per example, train/packed_attention.py)
     grouped    data.group_by_length=true: micro-batches of examples of similar length
 
 Throughput is real (non-padding) input tokens per second over the steps after the first.
@@ -38,8 +39,8 @@ LAYOUTS = {
     "unpacked": [],
     "packed": ["data.packing=true"],
     "grouped": ["data.group_by_length=true"],
-    # One row per micro-batch: attention over the whole micro-batch's tokens (for "measure and choose").
-    "packed-one-row": ["data.packing=true", "data.pack_length=8192"],
+    # Rows of at most 512 tokens with a block-causal mask (eager attention's layout).
+    "packed-masked": ["data.packing=true", "data.pack_length=512", "model.attn_implementation=eager"],
 }
 DEFAULT_CASES = [f"{objective}-{layout}" for objective in ("sft", "otr") for layout in ("unpacked", "packed", "grouped")]
 
@@ -62,13 +63,18 @@ def run_case(name: str, steps: int, batch: int, k: int, data: Path, workdir: Pat
             "losses": [r["loss"] for r in steps_logged], "tokens": [r["tokens"] for r in steps_logged]}
 
 
-ROW_LAYOUTS = {"unpacked": None, "rows of 512": 512, "rows of 1024": 1024, "one row": 8192}
+# Layout name: (attention kernel, tokens per packed row; None: one row per micro-batch).
+ROW_LAYOUTS = {"unpacked": ("sdpa", 0), "sdpa per example, one row (default)": ("per-example", None),
+               "sdpa per example, rows of 512": ("per-example", 512),
+               "sdpa with block mask, rows of 512": ("sdpa", 512),
+               "sdpa with block mask, one row": ("sdpa", None)}
 
 
 def row_lengths_case(batch: int, micro_batches: int, data: Path) -> dict:
-    """Forward + backward of SmolLM2 (loss=sft) on the same GSM8K micro-batches laid out four ways, the
-    layouts of each micro-batch timed back to back in a rotating order: paired, so drift cancels.
-    Returns, per layout, the median over micro-batches of (real tokens/s) / (unpacked real tokens/s)."""
+    """Forward + backward of SmolLM2 (loss=sft) on the same GSM8K micro-batches laid out each way of
+    ROW_LAYOUTS, the layouts of each micro-batch timed back to back in a rotating order: paired, so
+    drift cancels. Returns, per layout, the median over micro-batches of (real tokens/s) / (unpacked
+    real tokens/s)."""
     import time
 
     import torch
@@ -78,20 +84,26 @@ def row_lengths_case(batch: int, micro_batches: int, data: Path) -> dict:
     from otr_cli.data.packing import collate_packed
     from otr_cli.models import load_model, load_tokenizer
     from otr_cli.train.batches import loss_weights
+    from otr_cli.train.packed_attention import VARLEN_SDPA, register_varlen_sdpa
     from otr_cli.train.token_loss_model import TokenLossLM
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     data_cfg = DataConfig(source=str(data), format="question_answer", max_length=512,
                           max_examples=batch * (micro_batches + 1))
     examples = build_datasets(data_cfg, tokenizer, seed=0).train
-    model = TokenLossLM(load_model("smollm2-135m-instruct", dtype=torch.float32))
+    lm = load_model("smollm2-135m-instruct", dtype=torch.float32)
+    model = TokenLossLM(lm)
+    register_varlen_sdpa()
     options = loss_options(LossConfig(objective="sft"), PhaseConfig(objective="sft"))
     names = list(ROW_LAYOUTS)
 
-    def seconds(micro: list, capacity) -> float:
-        batch_tensors = (collate_batch(micro, tokenizer.pad_token_id) if capacity is None
+    def seconds(micro: list, layout: tuple) -> float:
+        kernel, capacity = layout
+        lm.set_attn_implementation(VARLEN_SDPA if kernel == "per-example" else "sdpa")
+        unpacked = capacity == 0
+        batch_tensors = (collate_batch(micro, tokenizer.pad_token_id) if unpacked
                          else collate_packed(micro, tokenizer.pad_token_id, capacity))
-        packed = {k: batch_tensors[k] for k in ("position_ids", "sequence_index") if capacity is not None}
+        packed = {k: batch_tensors[k] for k in ("position_ids", "sequence_index") if not unpacked}
         weights = loss_weights(batch_tensors, "token", 1000, batch, 1)
         started = time.perf_counter()
         loss, _ = model(batch_tensors["input_ids"], batch_tensors["attention_mask"], batch_tensors["labels"],
@@ -100,7 +112,7 @@ def row_lengths_case(batch: int, micro_batches: int, data: Path) -> dict:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - started
 
-    seconds(examples[:batch], None)  # warm-up
+    seconds(examples[:batch], ROW_LAYOUTS["unpacked"])  # warm-up
     ratios: dict[str, list[float]] = {name: [] for name in names}
     for index in range(1, micro_batches + 1):
         micro = examples[index * batch: (index + 1) * batch]
@@ -216,15 +228,15 @@ def write_report(command: str, steps: int, batch: int, k: int, rounds: list[dict
         if name in curves:
             c = curves[name]
             curve = (f"same batches: max step diff {c['max_step_diff']:.1e} of the largest loss"
-                     if name.endswith("packed")
+                     if "packed" in name
                      else f"last-half mean {c['mean_loss_last_half']:.4f} vs {c['baseline_mean_loss_last_half']:.4f} "
                           f"(step sd {c['baseline_step_to_step_sd']:.4f})")
         lines.append(f"| {name} | {case['tokens_per_s']:.0f} | {case['step_time_s']:.2f} | {ratio} | {curve} |")
     lines += ["", "Target: packed >= 1.35x unpacked tokens/s, with the same loss curve within noise."]
     if row_ratios:
-        lines += ["", f"Row length (`data.pack_length`): forward + backward of loss=sft on the same "
-                  f"micro-batches of {batch}, each layout of a micro-batch timed back to back; median of the "
-                  "paired tokens/s ratios.", "", "| layout | tokens/s vs unpacked |", "| --- | --- |"]
+        lines += ["", f"Attention kernel and row length (`data.pack_length`): forward + backward of loss=sft on "
+                  f"the same micro-batches of {batch}, each layout of a micro-batch timed back to back; median of "
+                  "the paired tokens/s ratios.", "", "| layout | tokens/s vs unpacked |", "| --- | --- |"]
         lines += [f"| {name} | {value:.2f}x |" for name, value in row_ratios.items()]
     (OUT_DIR / "bench_packing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -113,7 +113,7 @@ def test_packing_refuses_an_attention_kernel_it_cannot_mask(tiny_model_dir):
 
     from otr_cli.config import ConfigError
     from otr_cli.models import load_model
-    from otr_cli.train.token_loss_model import packed_attention_implementation
+    from otr_cli.train.packed_attention import packed_attention_implementation
 
     lm = load_model(str(tiny_model_dir), dtype=torch.float32)
     assert packed_attention_implementation(lm) == "sdpa"

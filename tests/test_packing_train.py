@@ -23,8 +23,8 @@ def test_packed_run_logs_the_same_otr_losses_as_an_unpacked_run(tiny_model_dir, 
     common = ["loss=otr", "loss.k=8", "loss.beta=-0.1", "trainer.max_steps=3", "trainer.micro_batch_size=6",
               "data.max_length=96"]
     main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "unpacked", *common)])
-    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "packed", *common, "data.packing=true",
-                                   "data.pack_length=200")])
+    # The default packed layout: sdpa per example, each micro-batch one row without padding.
+    main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "packed", *common, "data.packing=true")])
     unpacked, packed = losses(tmp_path / "unpacked"), losses(tmp_path / "packed")
     assert [r["step"] for r in packed] == [1, 2, 3]
     for left, right in zip(unpacked, packed):
@@ -32,6 +32,9 @@ def test_packed_run_logs_the_same_otr_losses_as_an_unpacked_run(tiny_model_dir, 
         assert right["tokens"] == left["tokens"]  # real tokens: padding is never counted
         for key in ("loss", "ce", "match_rate"):
             assert right[key] == pytest.approx(left[key], rel=1e-4, abs=1e-7), key
+    # The kernel otr switched to for training is not written into the exported model.
+    exported = (tmp_path / "packed" / "final" / "config.json").read_text()
+    assert "otr_sdpa_varlen" not in exported
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """Padding-free micro-batches: the examples of a micro-batch packed into a few rows (``data.packing``).
 
-Each row holds whole examples, concatenated, at most ``row_capacity`` tokens (``data.pack_length``,
-default ``data.max_length``). Bounded rows keep the attention cost of a packed row, quadratic in its
-length, at what one unpacked example of the longest length already pays; one long row per
-micro-batch would spend the saved compute on attention across a block-diagonal mask that is mostly
-empty (docs/benchmarks/bench_packing.md measures both).
+Each row holds whole examples, concatenated. With an attention kernel that attends within each
+example by itself (sdpa's per-example form, flash attention's variable-length path:
+train/packed_attention.py) a micro-batch is one row with no padding at all. Eager attention needs a
+block-causal mask, quadratic in the row's length, so its rows hold at most ``data.pack_length``
+tokens (default ``data.max_length``): one long masked row per micro-batch would spend the saved
+compute on a mostly empty block-diagonal mask (docs/benchmarks/bench_packing.md measures both).
 
 What keeps packed training equal to unpacked training (tests/test_packing.py):
 - position ids restart at 0 at every example;
@@ -17,6 +18,8 @@ What keeps packed training equal to unpacked training (tests/test_packing.py):
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -57,8 +60,12 @@ def pack_rows(lengths: list[int], row_capacity: int) -> list[list[int]]:
     return balanced
 
 
-def collate_packed(examples: list[TokenizedExample], pad_token_id: int, row_capacity: int) -> dict[str, torch.Tensor]:
+def collate_packed(examples: list[TokenizedExample], pad_token_id: int,
+                   row_capacity: Optional[int]) -> dict[str, torch.Tensor]:
     """Pack a micro-batch's examples into rows of at most `row_capacity` tokens, right-padded to the longest row.
+
+    row_capacity None: one row holding the whole micro-batch, without any padding (for the attention
+    kernels that find the examples themselves, train/packed_attention.py).
 
     Returns [R, T] tensors (R rows, T = longest row's tokens):
       input_ids (int64): the examples' tokens, `pad_token_id` after the row's last example;
@@ -76,7 +83,7 @@ def collate_packed(examples: list[TokenizedExample], pad_token_id: int, row_capa
     for index, example in enumerate(examples):
         if len(example.labels) != lengths[index]:
             raise ValueError(f"example {index}: {lengths[index]} input ids but {len(example.labels)} labels")
-    rows = pack_rows(lengths, row_capacity)
+    rows = [list(range(len(examples)))] if row_capacity is None else pack_rows(lengths, row_capacity)
     longest = max(sum(lengths[i] for i in row) for row in rows)
     shape = (len(rows), longest)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)

@@ -13,7 +13,8 @@ from otr_cli.models import apply_lora, default_dtype, load_model
 from otr_cli.train.ds_config import build_deepspeed_config, resolve_precision
 from otr_cli.train.host_memory import large_frees_return_to_os
 from otr_cli.train.optimizer import build_torch_adamw, deepspeed_builds_optimizer
-from otr_cli.train.token_loss_model import TokenLossLM, packed_attention_implementation
+from otr_cli.train.packed_attention import prepare_for_packing
+from otr_cli.train.token_loss_model import TokenLossLM
 
 
 def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
@@ -81,7 +82,8 @@ def _build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> Traini
                     attn_implementation=cfg.model.attn_implementation, zero3_config=ds_config if zero3 else None)
     lm.config.use_cache = False
     if cfg.data.packing:
-        packed_attention_implementation(lm)  # refuses flex and other kernels now, not at the first step
+        # Refuses flex and other kernels now, not at the first step; sdpa goes per example.
+        prepare_for_packing(lm)
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora.enabled:

@@ -28,6 +28,7 @@ from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine
 from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
+from otr_cli.train.packed_attention import packed_attention_implementation, packed_row_capacity
 from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
@@ -105,6 +106,9 @@ class Trainer:
         self.metrics = MetricsLog(run_dir.root / "metrics.jsonl", enabled=dist_info.is_main,
                                   trackers=open_trackers(cfg, run_dir.root) if dist_info.is_main else None)
         self.pad_id = tokenizer.pad_token_id
+        # Tokens per packed row (None: one row per micro-batch), set by the attention kernel.
+        self.packed_row_capacity = (packed_row_capacity(cfg.data, packed_attention_implementation(engine.lm))
+                                    if cfg.data.packing else None)
         # Evaluations made during training, by phase name (e.g. the end of the SFT warm-up).
         self.phase_evals: dict[str, dict] = {}
 
@@ -200,7 +204,7 @@ class Trainer:
     def collate_train(self, examples) -> dict[str, torch.Tensor]:
         """A training micro-batch: packed rows with data.packing (data/packing.py), else padded rows."""
         if self.cfg.data.packing:
-            return collate_packed(examples, self.pad_id, self.cfg.data.pack_length or self.cfg.data.max_length)
+            return collate_packed(examples, self.pad_id, self.packed_row_capacity)
         return collate_batch(examples, self.pad_id)
 
     def evaluate_current_model(self, eval_cfg, out_dir: Path) -> dict[str, Any]:

@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from otr_cli.config import ConfigError
 from otr_cli.data import IGNORE_INDEX
 from otr_cli.data.packing import block_causal_mask
 from otr_cli.losses import LossOptions, fused_token_loss, reference_token_loss
+from otr_cli.train.packed_attention import (VARLEN_SDPA, base_model, example_spans,
+                                            packed_attention_implementation)
 
 
 def sampling_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -32,7 +33,7 @@ def sampling_generator(seed: int, step: int, micro_step: int, rank: int, device:
 
 
 def _decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft wraps the LM
+    base = base_model(lm)
     return base.get_decoder(), base.get_output_embeddings()
 
 
@@ -69,7 +70,7 @@ class TokenLossLM(nn.Module):
         packed = position_ids is not None
         if packed:
             hidden = decoder(input_ids=input_ids, position_ids=position_ids,
-                             attention_mask=self._packed_attention_mask(sequence_index, head.weight.dtype)
+                             **self._packed_attention_arguments(attention_mask, sequence_index, head.weight.dtype)
                              ).last_hidden_state
         else:
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -90,23 +91,16 @@ class TokenLossLM(nn.Module):
         weights = supervised_weights.to(torch.promote_types(supervised_hidden.dtype, torch.float32))
         return loss_fn(supervised_hidden, head_weight, supervised_targets, options, weights=weights, generator=generator)
 
-    def _packed_attention_mask(self, sequence_index: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """The block-causal mask for sdpa and eager attention; None for flash attention, which finds
-        the examples from the restarting position ids itself (its variable-length path)."""
+    def _packed_attention_arguments(self, attention_mask: torch.Tensor, sequence_index: torch.Tensor,
+                                    dtype: torch.dtype) -> dict:
+        """How the model's attention kernel is told where each packed example ends (packed_attention.py).
+
+        sdpa's per-example form: the examples' spans, and the 2-D padding mask (all ones in a one-row
+        micro-batch, so Transformers builds no 4-D mask). Flash attention: no mask; it finds the examples
+        from the restarting position ids. sdpa (not switched) and eager: the block-causal 4-D mask."""
         implementation = packed_attention_implementation(self.lm)
+        if implementation == VARLEN_SDPA:
+            return {"attention_mask": attention_mask, "packed_spans": example_spans(sequence_index)}
         if implementation.startswith("flash_attention"):
-            return None
-        return block_causal_mask(sequence_index, implementation, dtype)
-
-
-PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
-
-
-def packed_attention_implementation(lm: nn.Module) -> str:
-    """The model's attention implementation, if packed rows can be given to it; ConfigError otherwise."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    implementation = getattr(base.config, "_attn_implementation", None) or "eager"
-    if implementation not in PACKED_ATTENTION:
-        raise ConfigError(f"data.packing=true needs model.attn_implementation in {list(PACKED_ATTENTION)}; this model "
-                         f"uses {implementation!r}: set model.attn_implementation=sdpa or data.packing=false")
-    return implementation
+            return {"attention_mask": None}
+        return {"attention_mask": block_causal_mask(sequence_index, implementation, dtype)}
