@@ -128,3 +128,29 @@ def test_dry_run_prints_the_token_budget_arithmetic(capsys):
     main(["train", "dry_run=true", "data.packing=true", "trainer.max_tokens_per_batch=4096", "trainer.grad_accum=2"])
     out = " ".join(capsys.readouterr().out.split())
     assert "micro-batches of up to 4096 tokens x grad accumulation 2 x world size 1 = up to 8192 tokens per step" in out
+
+
+def test_resume_check_allows_other_ranks_with_the_same_global_batches_and_names_what_changed(tmp_path):
+    import json
+
+    from otr_cli.train.checkpoints import CheckpointError, check_same_data_order
+
+    checkpoint = tmp_path / "step-2"
+    checkpoint.mkdir()
+    saved = budget_plan(world_size=1, grad_accum=2)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "data_order": saved.order_settings()}))
+    check_same_data_order(checkpoint, budget_plan(world_size=2, grad_accum=1).order_settings())  # same batches
+    unpacked = StepPlan(len(LENGTHS), micro_batch_size=4, grad_accum=2, world_size=1, seed=5)
+    assert unpacked.order_settings() == StepPlan(len(LENGTHS), micro_batch_size=2, grad_accum=2, world_size=2,
+                                                 seed=5).order_settings()
+    with pytest.raises(CheckpointError, match=r"trainer.grad_accum x ranks: 2 -> 4.*model.name_or_path="):
+        check_same_data_order(checkpoint, budget_plan(world_size=2, grad_accum=2).order_settings())
+    with pytest.raises(CheckpointError, match=r"seed: 5 -> 6"):
+        check_same_data_order(checkpoint, budget_plan(seed=6).order_settings())
+    grouped = StepPlan(len(LENGTHS), micro_batch_size=4, grad_accum=2, world_size=1, seed=5, lengths=LENGTHS,
+                       group_by_length=True)
+    with pytest.raises(CheckpointError, match=r"data.group_by_length: False -> True"):
+        check_same_data_order(checkpoint, grouped.order_settings())
+    # Checkpoints written before otr recorded the order are resumed unchecked.
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    check_same_data_order(checkpoint, grouped.order_settings())

@@ -38,7 +38,8 @@ def test_packed_run_logs_the_same_otr_losses_as_an_unpacked_run(tiny_model_dir, 
 
 
 @pytest.mark.slow
-def test_packed_run_with_a_token_budget_resumes_exactly(tiny_model_dir, tmp_path):
+def test_packed_run_with_a_token_budget_resumes_exactly_and_refuses_another_budget(tiny_model_dir, tmp_path,
+                                                                                   capsys):
     common = ["loss=otr", "loss.k=8", "data.packing=true", "trainer.max_tokens_per_batch=300",
               "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.save_steps=2"]
     full = tmp_path / "full"
@@ -51,6 +52,15 @@ def test_packed_run_with_a_token_budget_resumes_exactly(tiny_model_dir, tmp_path
     shutil.rmtree(cut / "final")
     shutil.rmtree(cut / "checkpoints" / "step-4")
     (cut / "run_state.json").write_text('{"status": "running"}')
+    # Resuming with another token budget would train the remaining steps on other batches: refused,
+    # before the model loads, with the run's files left as they were.
+    changed_budget = [*common[:3], "trainer.max_tokens_per_batch=400", *common[4:]]
+    files_before = {path: path.read_bytes() for path in cut.rglob("*") if path.is_file()}
+    with pytest.raises(SystemExit) as refused:
+        main(["train", *tiny_overrides(tiny_model_dir, cut, *changed_budget)])
+    assert refused.value.code == 2
+    assert "trainer.max_tokens_per_batch: 300 -> 400" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in cut.rglob("*") if path.is_file()} == files_before
     main(["train", *tiny_overrides(tiny_model_dir, cut, *common)])
     expected, resumed = losses(full), losses(cut)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]

@@ -62,6 +62,21 @@ class StepPlan:
         """Examples per optimizer step; with a token budget, the nominal micro_batch_size x grad_accum x ranks."""
         return self.micro_batch_size * self.grad_accum * self.world_size
 
+    def order_settings(self) -> dict:
+        """What decides which examples each step trains on (recorded in checkpoints, compared on resume).
+
+        Ranks may change on resume when the global batch does not: the global batches stay the same.
+        """
+        settings = {"seed": self.seed, "shuffle": self.shuffle, "num_examples": self.num_examples,
+                    "group_by_length": self.group_by_length, "max_tokens_per_batch": self.max_tokens_per_batch}
+        if self.max_tokens_per_batch:
+            settings["micro_batches_per_step"] = self.micro_batches_per_step
+        else:
+            settings["global_batch"] = self.global_batch
+        if self.group_by_length:
+            settings["micro_batch_size"] = self.micro_batch_size  # grouping cuts sorted runs into micro-batches
+        return settings
+
     def steps_for_epochs(self, epochs: float) -> int:
         if self.max_tokens_per_batch:
             whole = int(epochs)
@@ -208,7 +223,8 @@ def loss_weights(batch: dict[str, torch.Tensor], reduction: str, global_tokens: 
         if sequence_index is None:
             sequence_index = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
         slot = sequence_index.clamp(min=0)  # padding is unsupervised: its slot's count is never read
-        per_sequence = torch.zeros(int(slot.max()) + 1, dtype=torch.float32, device=labels.device)
+        # Sized by positions, an upper bound on the examples: reading slot.max() would wait for the GPU.
+        per_sequence = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
         per_sequence.index_add_(0, slot.reshape(-1), supervised.reshape(-1))
         shares = supervised / per_sequence[slot].clamp(min=1) * (replicas / max(global_sequences, 1))
     return shares if data_weights is None else shares * data_weights.to(shares.device, torch.float32)

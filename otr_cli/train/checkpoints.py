@@ -161,3 +161,32 @@ def resolve_resume(run_dir: RunDirectory, resume: str) -> Optional[Path]:
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+# StepPlan.order_settings keys, as the user sets them.
+ORDER_SETTING_KEYS = {
+    "seed": "seed",
+    "shuffle": "data.shuffle",
+    "num_examples": "the number of training examples (data.source, data.max_examples, data.validation_*)",
+    "group_by_length": "data.group_by_length",
+    "max_tokens_per_batch": "trainer.max_tokens_per_batch",
+    "micro_batches_per_step": "trainer.grad_accum x ranks",
+    "global_batch": "trainer.micro_batch_size x trainer.grad_accum x ranks",
+    "micro_batch_size": "trainer.micro_batch_size",
+}
+
+
+def check_same_data_order(checkpoint: Path, order_settings: dict[str, Any]) -> None:
+    """CheckpointError if resuming from `checkpoint` would train the remaining steps on other examples
+    than the run that wrote it (train/batches.StepPlan.order_settings); checkpoints from before otr
+    recorded the order pass unchecked."""
+    saved = read_trainer_state(checkpoint).get("data_order")
+    if saved is None:
+        return
+    changed = [f"{ORDER_SETTING_KEYS.get(key, key)}: {saved.get(key)} -> {order_settings.get(key)}"
+               for key in sorted(saved.keys() | order_settings.keys()) if saved.get(key) != order_settings.get(key)]
+    if changed:
+        raise CheckpointError(
+            f"{checkpoint}: resuming with these settings would train the remaining steps on other batches than "
+            f"the run that wrote it ({'; '.join(changed)}). Set them back to resume exactly, or start a new run "
+            f"from this checkpoint's weights: model.name_or_path={checkpoint} run.output_dir=<a new directory>.")

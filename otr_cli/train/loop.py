@@ -23,7 +23,8 @@ from otr_cli.losses.objectives import ROLLOUT_STAT_NAMES, STAT_NAMES, stat_names
 from otr_cli.models import load_tokenizer
 from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
-from otr_cli.train.checkpoints import DS_TAG, RunDirectory, RunExistsError, read_trainer_state, resolve_resume
+from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, check_same_data_order, read_trainer_state,
+                                      resolve_resume)
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine
 from otr_cli.train.export import export_hf_model
@@ -136,6 +137,7 @@ class Trainer:
                     "step": self.step, "epoch": self.plan.epoch_at(self.step), "total_steps": self.total_steps,
                     "global_batch": self.plan.global_batch, "seed": self.cfg.seed,
                     "max_tokens_per_batch": self.plan.max_tokens_per_batch,
+                    "data_order": self.plan.order_settings(),
                 })
 
         checkpoint = timed_save(lambda: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit),
@@ -453,16 +455,12 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     run_dir = RunDirectory(output_dir, dist_info)
     check_output_dir(run_dir, cfg)
     run_dir.prepare(overwrite=cfg.trainer.overwrite)
-    if dist_info.is_main:
-        write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
                                revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     data = _build_data_once(cfg, tokenizer, dist_info)
-    if dist_info.is_main:
-        write_json_atomic(output_dir / "data_report.json", data.report.as_dict())
 
     plan = StepPlan(len(data.train), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, dist_info.world_size,
                     seed=cfg.seed, shuffle=cfg.data.shuffle,
@@ -470,13 +468,19 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                     group_by_length=cfg.data.group_by_length, max_tokens_per_batch=cfg.trainer.max_tokens_per_batch)
     total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else plan.steps_for_epochs(cfg.trainer.epochs)
 
+    checkpoint = resolve_resume(run_dir, cfg.trainer.resume)
+    if checkpoint is not None:  # before the model loads: a resume that would change the batches is refused now
+        check_same_data_order(checkpoint, plan.order_settings())
+    if dist_info.is_main:  # after that check, so that a refused resume leaves the run's files as they were
+        write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        write_json_atomic(output_dir / "data_report.json", data.report.as_dict())
+
     before = None
     if cfg.eval.benchmarks and cfg.eval.before_training:
         before = _evaluate(cfg, cfg.model.name_or_path, output_dir / "eval" / "before", dist_info, tokenizer)
 
     engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size)
     trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, engine, total_steps, plan)
-    checkpoint = resolve_resume(run_dir, cfg.trainer.resume)
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
     run_dir.mark("running", step=trainer.step, total_steps=total_steps)

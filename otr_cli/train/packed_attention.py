@@ -39,9 +39,11 @@ def example_spans(sequence_index: torch.Tensor) -> ExampleSpans:
     sequence_index: [R, T] int64 (data/packing.collate_packed; -1 on the padding tail, which becomes
     a span of its own so that every position gets an output). One host read per micro-batch.
     """
+    length = sequence_index.shape[1]
+    starts = (sequence_index[:, 1:] != sequence_index[:, :-1]).cpu()
     rows = []
-    for row in sequence_index.cpu().tolist():
-        edges = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
+    for row_starts in starts:
+        edges = [0, *(row_starts.nonzero().squeeze(1) + 1).tolist(), length]
         rows.append(tuple(zip(edges[:-1], edges[1:])))
     return tuple(rows)
 
