@@ -53,14 +53,19 @@ def test_packed_run_with_a_token_budget_resumes_exactly_and_refuses_another_budg
     shutil.rmtree(cut / "checkpoints" / "step-4")
     (cut / "run_state.json").write_text('{"status": "running"}')
     # Resuming with another token budget would train the remaining steps on other batches: refused,
-    # before the model loads, with the run's files left as they were.
+    # before the model loads, with the run's files left as they were (run_state.json says why it failed).
     changed_budget = [*common[:3], "trainer.max_tokens_per_batch=400", *common[4:]]
-    files_before = {path: path.read_bytes() for path in cut.rglob("*") if path.is_file()}
+
+    def run_files():
+        return {path: path.read_bytes() for path in cut.rglob("*") if path.is_file() and path.name != "run_state.json"}
+
+    files_before = run_files()
     with pytest.raises(SystemExit) as refused:
         main(["train", *tiny_overrides(tiny_model_dir, cut, *changed_budget)])
     assert refused.value.code == 2
     assert "trainer.max_tokens_per_batch: 300 -> 400" in capsys.readouterr().err
-    assert {path: path.read_bytes() for path in cut.rglob("*") if path.is_file()} == files_before
+    assert run_files() == files_before
+    assert json.loads((cut / "run_state.json").read_text())["status"] == "failed"
     main(["train", *tiny_overrides(tiny_model_dir, cut, *common)])
     expected, resumed = losses(full), losses(cut)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]

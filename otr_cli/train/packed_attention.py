@@ -68,15 +68,14 @@ def sdpa_per_example(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         raise ConfigError("data.packing with sdpa does not support sliding-window attention layers: set "
                           "model.attn_implementation=eager (or flash_attention_2 on GPU)")
     rows = []
-    for row, spans in enumerate(packed_spans):
+    for row_query, row_key, row_value, spans in zip(query.split(1), key.split(1), value.split(1), packed_spans):
         # split, not slicing: its backward is one concatenation, where each slice's backward would
         # add a zero-filled full-length gradient per example.
         lengths = [end - start for start, end in spans]
         pieces = [sdpa_attention_forward(module, example_query, example_key, example_value, None, dropout=dropout,
                                          scaling=scaling, is_causal=True)[0]
                   for example_query, example_key, example_value in zip(
-                      query[row:row + 1].split(lengths, dim=2), key[row:row + 1].split(lengths, dim=2),
-                      value[row:row + 1].split(lengths, dim=2))]
+                      row_query.split(lengths, dim=2), row_key.split(lengths, dim=2), row_value.split(lengths, dim=2))]
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
 
