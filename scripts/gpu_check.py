@@ -10,8 +10,10 @@ Steps, each in its own process with a time limit, each recorded as ok / failed /
    set so that test_loss_plan's device tests run the fused kernel on this device (float32, bf16).
 2. ``bench_loss``: scripts/bench_loss.py in bf16, fused sft / otr / otr_exact and Liger's fused
    linear cross-entropy (skipped when liger_kernel is not importable): time and peak memory.
-3. ``train_sft``, ``train_otr``: ``otr train`` of a randomly initialised Qwen3 model (cuda: the
-   Qwen3-1.7B shape, bf16; cpu: a few-MB one), 20 steps (cpu: 3): tokens/s and peak memory.
+3. ``train_sft``, ``train_otr``, ``train_otr-packed``: ``otr train`` of a randomly initialised Qwen3
+   model (cuda: the Qwen3-1.7B shape, bf16; cpu: a few-MB one), 20 steps (cpu: 3): tokens/s and peak
+   memory; otr-packed is otr with data.packing=true (sdpa per example, or flash attention's
+   variable-length path where flash_attn is installed).
 4. ``eval_hf``, ``eval_vllm``: ``otr eval`` of the same random model on a few synthetic problems
    with each backend (vllm skipped when not importable); greedy completions compared.
 
@@ -43,8 +45,8 @@ PROFILES = {
         "model": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
         "train_steps": 20, "micro_batch": 8, "num_train": 320, "otr_k": 256, "eval_limit": 8, "max_new_tokens": 64,
-        # Worst case 10.5 min; expected well under 8 (vLLM's start-up, with its compilation, is the unknown).
-        "timeouts": {"loss_tests": 90, "bench_loss": 150, "train": 100, "eval_hf": 60, "eval_vllm": 150},
+        # Worst case 11.5 min (three trainings); expected well under 9 (vLLM's start-up, with its compilation, is the unknown).
+        "timeouts": {"loss_tests": 90, "bench_loss": 150, "train": 80, "eval_hf": 60, "eval_vllm": 150},
     },
     "cpu": {
         "bench_shapes": "128x32x4096", "bench_rounds": 2,
@@ -143,13 +145,19 @@ def make_random_model(device: str, profile: dict, directory: Path, tokenizer_sou
 
 
 def step_train(device: str, out: Path, profile: dict, model_dir: Path, objective: str) -> dict:
+    """objective: sft, otr, or otr-packed (otr with data.packing=true)."""
     run_dir = out / f"train_{objective}"
+    loss, _, layout = objective.partition("-")
     overrides = [f"model.name_or_path={model_dir}", f"run.output_dir={run_dir}", "trainer.overwrite=true",
                  f"data.synthetic.num_train={profile['num_train']}", "data.synthetic.num_validation=8",
                  f"trainer.max_steps={profile['train_steps']}", f"trainer.micro_batch_size={profile['micro_batch']}",
                  "trainer.progress=false", "trainer.save_steps=0", "eval=none", "loss.sft_warmup_steps=0",
-                 f"loss={objective}"]
-    if objective == "otr":
+                 f"loss={loss}"]
+    if layout == "packed":
+        overrides += ["data.packing=true"]
+        if has_module("flash_attn") and device == "cuda":
+            overrides += ["model.attn_implementation=flash_attention_2"]
+    if loss == "otr":
         overrides += [f"loss.k={profile['otr_k']}", "loss.temperature=1.3", "loss.beta=-0.1"]
     if device == "cuda":
         overrides += ["model.dtype=bfloat16", "deepspeed.precision=bf16"]
@@ -163,7 +171,7 @@ def step_train(device: str, out: Path, profile: dict, model_dir: Path, objective
         timed = steps[1:] or steps  # the first step pays for warm-up
         result["tokens_per_s"] = round(sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed), 1)
         result["steps"] = len(steps)
-        result["final_loss"] = steps[-1]["loss"]
+        result["first_loss"], result["final_loss"] = steps[0]["loss"], steps[-1]["loss"]
         result.update(json.loads(peak_file.read_text()))
     return result
 
@@ -260,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help=f"tokenizer directory or name (default: {TOKENIZER_DIR} if present, else {BUILTIN_TOKENIZER})")
     parser.add_argument("--steps", default="loss_tests,bench_loss,train,eval", help="comma-separated subset")
-    parser.add_argument("--objectives", default="sft,otr", help="the objectives of the train step (sft,otr)")
+    parser.add_argument("--objectives", default="sft,otr,otr-packed",
+                        help="the objectives of the train step (sft,otr,otr-packed)")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         import torch
