@@ -60,7 +60,8 @@ def run_case(name: str, steps: int, batch: int, k: int, data: Path, workdir: Pat
     timed = steps_logged[1:]
     return {"tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed),
             "step_time_s": statistics.median(r["step_time_s"] for r in timed),
-            "losses": [r["loss"] for r in steps_logged], "tokens": [r["tokens"] for r in steps_logged]}
+            "losses": [r["loss"] for r in steps_logged], "tokens": [r["tokens"] for r in steps_logged],
+            "step_times": [r["step_time_s"] for r in steps_logged]}
 
 
 # Layout name: (attention kernel, tokens per packed row; None: one row per micro-batch).
@@ -123,13 +124,49 @@ def row_lengths_case(batch: int, micro_batches: int, data: Path) -> dict:
     return {name: statistics.median(values) for name, values in ratios.items()}
 
 
+def case_command(name: str, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--batch", str(args.batch),
+            "--k", str(args.k), "--data", str(args.data)]
+
+
+def case_result(name: str, returncode: int, stdout: str, stderr: str) -> dict:
+    if returncode != 0:
+        raise RuntimeError(f"case {name} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def run_case_in_subprocess(name: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--batch", str(args.batch),
-               "--k", str(args.k), "--data", str(args.data)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    if result.returncode != 0:
-        raise RuntimeError(f"case {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    result = subprocess.run(case_command(name, args), capture_output=True, text=True, cwd=REPO)
+    return case_result(name, result.returncode, result.stdout, result.stderr)
+
+
+def run_side_by_side(names: list[str], args: argparse.Namespace) -> dict:
+    """The cases at the same time, each pinned to its own core with one thread: whatever this VM's
+    speed does meanwhile, it does to all of them (the sequential rounds drifted by up to 1.7x)."""
+    import os
+
+    processes = {}
+    for core, name in enumerate(names):
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        processes[name] = subprocess.Popen(["taskset", "-c", str(core), *case_command(name, args)], cwd=REPO, env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate()
+        results[name] = case_result(name, process.returncode, stdout, stderr)
+    # Once the faster case ends, the other runs alone (more cache and memory bandwidth): count only the
+    # steps both ran side by side, from the end of each one's first step (the start-ups are alike).
+    overlap = min(sum(result["step_times"]) for result in results.values())
+    for result in results.values():
+        ends, timed = 0.0, []
+        for index, (seconds, tokens) in enumerate(zip(result["step_times"], result["tokens"])):
+            ends += seconds
+            if index > 0 and ends <= overlap:
+                timed.append((seconds, tokens))
+        result["tokens_per_s_whole_run"] = result["tokens_per_s"]
+        result["tokens_per_s"] = sum(tokens for _, tokens in timed) / sum(seconds for seconds, _ in timed)
+        result["steps_side_by_side"] = len(timed)
+    return results
 
 
 def curve_agreement(left: list[float], right: list[float]) -> float:
@@ -151,6 +188,9 @@ def main() -> None:
                         help="micro-batches timed for the row-length comparison (0: skip it)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the report from docs/benchmarks/bench_packing.json's measurements")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="run each objective's unpacked case and one other layout at the same time, one core "
+                             "each (2 cases per run: a 2-core machine); rounds alternate the cores")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -172,7 +212,19 @@ def main() -> None:
     for round_index in range(args.rounds):
         shift = round_index % len(names)
         order = names[shift:] + names[:shift]
-        rounds.append({name: run_case_in_subprocess(name, args) for name in order})
+        if args.side_by_side:
+            layouts = [name.split("-", 1) for name in names if not name.endswith("-unpacked")]
+            if len({objective for objective, _ in layouts}) != len(layouts):
+                parser.error("--side-by-side pairs each objective's unpacked case with one other layout")
+            rounds.append({})
+            for name in names:
+                objective, layout = name.split("-", 1)
+                if layout != "unpacked":
+                    pair = [f"{objective}-unpacked", name]
+                    measured = run_side_by_side(pair if round_index % 2 == 0 else pair[::-1], args)
+                    rounds[-1].update({f"{objective}-unpacked": measured[pair[0]], name: measured[name]})
+        else:
+            rounds.append({name: run_case_in_subprocess(name, args) for name in order})
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
             f"{name} {rounds[-1][name]['tokens_per_s']:.0f} tok/s" for name in names), flush=True)
 
@@ -187,12 +239,15 @@ def main() -> None:
         print("row lengths: " + ", ".join(f"{k} {v:.2f}x" for k, v in row_ratios.items()), flush=True)
     command = (f"python scripts/bench_packing.py --steps {args.steps} --batch {args.batch} --rounds {args.rounds}"
                + ("" if names == DEFAULT_CASES else f" --cases {args.cases}")
+               + (" --side-by-side" if args.side_by_side else "")
                + f" --row-micro-batches {args.row_micro_batches}")
-    write_report(command, args.steps, args.batch, args.k, rounds, row_ratios)
+    write_report(command, args.steps, args.batch, args.k, rounds, row_ratios,
+                 stem="bench_packing_side_by_side" if args.side_by_side else "bench_packing")
 
 
-def write_report(command: str, steps: int, batch: int, k: int, rounds: list[dict], row_ratios: dict) -> None:
-    """bench_packing.json (every measurement) and bench_packing.md (the table) from the rounds' results."""
+def write_report(command: str, steps: int, batch: int, k: int, rounds: list[dict], row_ratios: dict,
+                 stem: str = "bench_packing") -> None:
+    """<stem>.json (every measurement) and <stem>.md (the table) from the rounds' results."""
     names = list(rounds[0])
     cases = {name: {"tokens_per_s": statistics.median(r[name]["tokens_per_s"] for r in rounds),
                     "step_time_s": statistics.median(r[name]["step_time_s"] for r in rounds),
@@ -216,7 +271,7 @@ def write_report(command: str, steps: int, batch: int, k: int, rounds: list[dict
               "ratios_vs_unpacked": ratios, "loss_curves": curves,
               "row_lengths_tokens_per_s_vs_unpacked": row_ratios}
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "bench_packing.json").write_text(json.dumps(report, indent=2))
+    (OUT_DIR / f"{stem}.json").write_text(json.dumps(report, indent=2))
     lines = ["# Packing and length grouping: otr train tokens/s on GSM8K", "", f"Command: `{command}`", "",
              f"SmolLM2-135M-Instruct, float32 on CPU, micro batch {batch}, {steps} steps, data.max_length 512; "
              "tokens are real (non-padding) tokens. Medians over rounds; ratios are medians of within-round ratios.",
@@ -238,7 +293,7 @@ def write_report(command: str, steps: int, batch: int, k: int, rounds: list[dict
                   f"the same micro-batches of {batch}, each layout of a micro-batch timed back to back; median of "
                   "the paired tokens/s ratios.", "", "| layout | tokens/s vs unpacked |", "| --- | --- |"]
         lines += [f"| {name} | {value:.2f}x |" for name, value in row_ratios.items()]
-    (OUT_DIR / "bench_packing.md").write_text("\n".join(lines) + "\n")
+    (OUT_DIR / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
