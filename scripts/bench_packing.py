@@ -61,6 +61,7 @@ def run_case(name: str, steps: int, batch: int, k: int, data: Path, workdir: Pat
     return {"tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed),
             "step_time_s": statistics.median(r["step_time_s"] for r in timed),
             "losses": [r["loss"] for r in steps_logged], "tokens": [r["tokens"] for r in steps_logged],
+            "padding_frac": [r["padding_frac"] for r in steps_logged],
             "step_times": [r["step_time_s"] for r in steps_logged]}
 
 
@@ -169,6 +170,15 @@ def run_side_by_side(names: list[str], args: argparse.Namespace) -> dict:
     return results
 
 
+def positions_per_token(case: dict) -> float | None:
+    """Positions the model computed per real token over the timed steps (1.00: no padding); None for
+    measurements made before the trainer logged padding_frac."""
+    if "padding_frac" not in case:
+        return None
+    pairs = list(zip(case["tokens"], case["padding_frac"]))[1:]
+    return sum(tokens / (1.0 - frac) for tokens, frac in pairs) / sum(tokens for tokens, _ in pairs)
+
+
 def curve_agreement(left: list[float], right: list[float]) -> float:
     """Largest step-by-step difference between two loss curves, relative to the curve's largest |loss|
     (OTR's surrogate loss crosses zero, where a per-step relative difference means nothing)."""
@@ -191,6 +201,8 @@ def main() -> None:
     parser.add_argument("--side-by-side", action="store_true",
                         help="run each objective's unpacked case and one other layout at the same time, one core "
                              "each (2 cases per run: a 2-core machine); rounds alternate the cores")
+    parser.add_argument("--output-stem", help="file names under docs/benchmarks/ (default bench_packing, or "
+                                              "bench_packing_side_by_side with --side-by-side)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -240,9 +252,10 @@ def main() -> None:
     command = (f"python scripts/bench_packing.py --steps {args.steps} --batch {args.batch} --rounds {args.rounds}"
                + ("" if names == DEFAULT_CASES else f" --cases {args.cases}")
                + (" --side-by-side" if args.side_by_side else "")
-               + f" --row-micro-batches {args.row_micro_batches}")
+               + f" --row-micro-batches {args.row_micro_batches}"
+               + (f" --output-stem {args.output_stem}" if args.output_stem else ""))
     write_report(command, args.steps, args.batch, args.k, rounds, row_ratios,
-                 stem="bench_packing_side_by_side" if args.side_by_side else "bench_packing")
+                 stem=args.output_stem or ("bench_packing_side_by_side" if args.side_by_side else "bench_packing"))
 
 
 def write_report(command: str, steps: int, batch: int, k: int, rounds: list[dict], row_ratios: dict,
@@ -250,6 +263,8 @@ def write_report(command: str, steps: int, batch: int, k: int, rounds: list[dict
     """<stem>.json (every measurement) and <stem>.md (the table) from the rounds' results."""
     names = list(rounds[0])
     cases = {name: {"tokens_per_s": statistics.median(r[name]["tokens_per_s"] for r in rounds),
+                    # positions computed per real token: the most that removing padding can gain
+                    "positions_per_token": positions_per_token(rounds[0][name]),
                     "step_time_s": statistics.median(r[name]["step_time_s"] for r in rounds),
                     "losses": rounds[0][name]["losses"]} for name in names}
     ratios, curves = {}, {}
@@ -275,8 +290,8 @@ def write_report(command: str, steps: int, batch: int, k: int, rounds: list[dict
     lines = ["# Packing and length grouping: otr train tokens/s on GSM8K", "", f"Command: `{command}`", "",
              f"SmolLM2-135M-Instruct, float32 on CPU, micro batch {batch}, {steps} steps, data.max_length 512; "
              "tokens are real (non-padding) tokens. Medians over rounds; ratios are medians of within-round ratios.",
-             "", "| case | tokens/s | median step (s) | tokens/s vs unpacked | loss curve vs unpacked |",
-             "| --- | --- | --- | --- | --- |"]
+             "", "| case | tokens/s | median step (s) | positions computed per token | tokens/s vs unpacked "
+             "| loss curve vs unpacked |", "| --- | --- | --- | --- | --- | --- |"]
     for name, case in cases.items():
         ratio = f"{ratios[name]:.2f}x" if name in ratios else ""
         curve = ""
@@ -286,7 +301,9 @@ def write_report(command: str, steps: int, batch: int, k: int, rounds: list[dict
                      if "packed" in name
                      else f"last-half mean {c['mean_loss_last_half']:.4f} vs {c['baseline_mean_loss_last_half']:.4f} "
                           f"(step sd {c['baseline_step_to_step_sd']:.4f})")
-        lines.append(f"| {name} | {case['tokens_per_s']:.0f} | {case['step_time_s']:.2f} | {ratio} | {curve} |")
+        padding = f"{case['positions_per_token']:.2f}" if case["positions_per_token"] else ""
+        lines.append(f"| {name} | {case['tokens_per_s']:.0f} | {case['step_time_s']:.2f} | {padding} | {ratio} "
+                     f"| {curve} |")
     lines += ["", "Target: packed >= 1.35x unpacked tokens/s, with the same loss curve within noise."]
     if row_ratios:
         lines += ["", f"Attention kernel and row length (`data.pack_length`): forward + backward of loss=sft on "

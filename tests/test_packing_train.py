@@ -30,6 +30,8 @@ def test_packed_run_logs_the_same_otr_losses_as_an_unpacked_run(tiny_model_dir, 
     for left, right in zip(unpacked, packed):
         assert right["supervised_tokens"] == left["supervised_tokens"]
         assert right["tokens"] == left["tokens"]  # real tokens: padding is never counted
+        assert right["padding_frac"] == 0.0  # one row per micro-batch, nothing padded
+        assert 0.0 < left["padding_frac"] < 1.0
         for key in ("loss", "ce", "match_rate"):
             assert right[key] == pytest.approx(left[key], rel=1e-4, abs=1e-7), key
     # The kernel otr switched to for training is not written into the exported model.

@@ -163,10 +163,10 @@ class Trainer:
         replicas = cfg.trainer.grad_accum * self.dist.world_size
         lr = self.engine.deepspeed.get_lr()[0]
 
-        # [loss, supervised count, input tokens, count-weighted statistics...], summed on the device
-        # and read once per step (after the all-reduce): float(stats[...]) per micro-step would
-        # wait for the GPU every time.
-        sums = torch.zeros(3 + len(STAT_KEYS), dtype=torch.float64, device=self.device)
+        # [loss, supervised count, input tokens, positions computed (input tokens + padding),
+        # count-weighted statistics...], summed on the device and read once per step (after the
+        # all-reduce): float(stats[...]) per micro-step would wait for the GPU every time.
+        sums = torch.zeros(4 + len(STAT_KEYS), dtype=torch.float64, device=self.device)
         for micro_step, examples in enumerate(micro_examples):
             batch = {k: v.to(self.device) for k, v in self.collate_train(examples).items()}
             weights = loss_weights(batch, cfg.loss.reduction, int(global_tokens), int(global_sequences), replicas)
@@ -180,11 +180,13 @@ class Trainer:
             self.engine.deepspeed.step()
             micro_count = stats["count"].to(sums)
             absent = torch.zeros((), dtype=sums.dtype, device=sums.device)
-            sums += torch.stack([loss.detach().to(sums) / replicas, micro_count, batch["attention_mask"].sum().to(sums)]
+            positions = torch.tensor(batch["input_ids"].numel(), dtype=sums.dtype, device=sums.device)
+            sums += torch.stack([loss.detach().to(sums) / replicas, micro_count, batch["attention_mask"].sum().to(sums),
+                                 positions]
                                 + [stats[key].to(sums) * micro_count if key in stats else absent for key in STAT_KEYS])
 
         reduced = all_reduce_sum(sums, self.device)
-        loss_global, count_global, tokens_global = reduced[:3]
+        loss_global, count_global, tokens_global, positions_global = reduced[:4]
         self.step += 1
         record: dict[str, Any] = {
             "step": self.step,
@@ -196,9 +198,11 @@ class Trainer:
             "grad_norm": grad_norm if grad_norm is not None else _as_float(self.engine.deepspeed.get_global_grad_norm()),
             "tokens": int(tokens_global),
             "supervised_tokens": int(count_global),
+            # Share of the positions the model computed that were padding (0 with data.packing).
+            "padding_frac": 1.0 - float(tokens_global) / max(float(positions_global), 1.0),
         }
         reported = stat_names(options.objective)
-        for key, total in zip(STAT_KEYS, reduced[3:]):
+        for key, total in zip(STAT_KEYS, reduced[4:]):
             if key in reported:
                 record[key] = total / max(count_global, 1.0)
         return record

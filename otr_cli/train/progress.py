@@ -70,7 +70,7 @@ def print_summary(records: list[dict[str, Any]], summary: dict[str, Any]) -> Non
     table.add_column("first step", justify="right")
     table.add_column("last step", justify="right")
     for key in ("loss", "ce", "p_target", "entropy", "match_rate", "no_match_frac", "unreachable_frac", "reward_mean",
-                "tokens_per_s"):
+                "tokens_per_s", "padding_frac"):
         values = [r[key] for r in steps if key in r and r[key] is not None]
         if values:
             table.add_row(key, f"{values[0]:.4g}", f"{values[-1]:.4g}")
