@@ -180,7 +180,8 @@ class Trainer:
             self.engine.deepspeed.step()
             micro_count = stats["count"].to(sums)
             absent = torch.zeros((), dtype=sums.dtype, device=sums.device)
-            positions = torch.tensor(batch["input_ids"].numel(), dtype=sums.dtype, device=sums.device)
+            # a fill on the device: torch.tensor(value, device=cuda) would copy from the host and wait
+            positions = torch.full((), float(batch["input_ids"].numel()), dtype=sums.dtype, device=sums.device)
             sums += torch.stack([loss.detach().to(sums) / replicas, micro_count, batch["attention_mask"].sum().to(sums),
                                  positions]
                                 + [stats[key].to(sums) * micro_count if key in stats else absent for key in STAT_KEYS])
