@@ -199,7 +199,7 @@ class Trainer:
             "grad_norm": grad_norm if grad_norm is not None else _as_float(self.engine.deepspeed.get_global_grad_norm()),
             "tokens": int(tokens_global),
             "supervised_tokens": int(count_global),
-            # Share of the positions the model computed that were padding (0 with data.packing).
+            # Share of the positions the model computed that were padding (0 when packed into one row).
             "padding_frac": 1.0 - float(tokens_global) / max(float(positions_global), 1.0),
         }
         reported = stat_names(options.objective)
