@@ -318,6 +318,10 @@ class LauncherConfig:
     # A collective that waits longer than this fails (a hung or dead rank stops the run instead of hanging
     # it). Rank 0 alone saves models and runs benchmarks while the others wait: keep it generous.
     dist_timeout_min: float = 30.0
+    # The longest wait at start-up for one rank's solo work on the data (rank 0 reading and hashing the
+    # records, then merging a first tokenization that every rank shared): those waits use a process group
+    # of their own, so a large data set does not need a large dist_timeout_min.
+    data_timeout_min: float = 360.0
 
 
 @dataclass
@@ -623,6 +627,7 @@ def validate_launcher(launcher: LauncherConfig) -> None:
     _positive("launcher.signal_delay_s", launcher.signal_delay_s, strict=False)
     _positive("launcher.max_requeues", launcher.max_requeues, strict=False)
     _positive("launcher.dist_timeout_min", launcher.dist_timeout_min)
+    _positive("launcher.data_timeout_min", launcher.data_timeout_min)
     _choice("launcher.signal", launcher.signal, PREEMPT_SIGNALS)
     if launcher.gpus_per_node and launcher.tasks_per_node != launcher.gpus_per_node:
         raise ConfigError(

@@ -32,7 +32,7 @@ def examples(tokenizer) -> list[TokenizedExample]:
     data_cfg = DataConfig(max_length=96)
     data_cfg.synthetic.num_train = 7
     data_cfg.synthetic.num_validation = 0
-    train = build_datasets(data_cfg, tokenizer, seed=3).train
+    train = list(build_datasets(data_cfg, tokenizer, seed=3).train)
     weighted = train[2]
     train[2] = dataclasses.replace(weighted, weights=[0.5 if label != IGNORE_INDEX else 0.0 for label in weighted.labels])
     return train

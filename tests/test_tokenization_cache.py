@@ -7,15 +7,16 @@ import copy
 import dataclasses
 import json
 import logging
-import threading
 from pathlib import Path
 
 import pytest
 
 from helpers import read_jsonl, tiny_overrides
 from otr_cli.config import DataConfig
-from otr_cli.data import DataError, build_datasets, pipeline
-from otr_cli.data.cache import EXAMPLES_FILE, META_FILE, REPORT_LOOKUP_FIELDS
+from otr_cli.data import build_datasets, pipeline
+from otr_cli.data.cache import META_FILE, REPORT_LOOKUP_FIELDS
+
+EXAMPLES_FILE = "train.input_ids.npy"  # the largest array of an entry
 
 
 def _qa_file(path: Path, count: int = 12, answer: str = "The answer is") -> Path:
@@ -69,7 +70,10 @@ def test_second_build_is_a_cache_hit_that_tokenizes_nothing_and_returns_the_same
     assert encodes["n"] == 12 and first.report.cache == "miss"
     [entry] = _entries(cache_dir)
     assert first.report.cache_path == str(entry)
-    assert {p.name for p in entry.iterdir()} == {EXAMPLES_FILE, META_FILE}
+    assert {p.name for p in entry.iterdir()} == {META_FILE} | {
+        f"{split}.{array}.npy" for split in ("train", "validation")
+        for array in ("input_ids", "supervised", "offsets", "num_supervised")}
+    assert not any(p.name.endswith(".partial") for p in cache_dir.iterdir()), "the chunks go once the entry is stored"
 
     with caplog.at_level(logging.INFO, logger="otr_cli.data.pipeline"):
         second = build_datasets(cfg, tokenizer, seed=1)
@@ -149,6 +153,7 @@ def test_a_broken_entry_is_rebuilt_with_a_warning(tokenizer, data_file, cache_di
     cfg = _cfg(data_file, cache_dir)
     first = build_datasets(cfg, tokenizer, seed=1)
     entry = Path(first.report.cache_path)
+    expected = list(first.train)  # read before the damage: `first` maps the files it damages
     examples = entry / EXAMPLES_FILE
     if damage == "truncated examples":
         examples.write_bytes(examples.read_bytes()[: examples.stat().st_size // 2])
@@ -159,7 +164,7 @@ def test_a_broken_entry_is_rebuilt_with_a_warning(tokenizer, data_file, cache_di
     with caplog.at_level(logging.WARNING):
         rebuilt = build_datasets(cfg, tokenizer, seed=1)
     assert "unreadable" in caplog.text and str(entry) in caplog.text
-    assert rebuilt.report.cache == "miss" and rebuilt.train == first.train and encodes["n"] == 24
+    assert rebuilt.report.cache == "miss" and rebuilt.train == expected and encodes["n"] == 24
     assert build_datasets(cfg, tokenizer, seed=1).report.cache == "hit"  # the rebuilt entry is good
 
 
@@ -185,48 +190,6 @@ def test_cache_dir_defaults_to_the_environment_variable(tokenizer, data_file, tm
     monkeypatch.setenv("OTR_CACHE_DIR", str(tmp_path / "from-env"))
     bundle = build_datasets(DataConfig(source=str(data_file), max_length=64), tokenizer, seed=1)
     assert Path(bundle.report.cache_path).parent == tmp_path / "from-env"
-
-
-def _run_ranks(monkeypatch, cfg, tokenizer, local_ranks: list[int]) -> list:
-    """_build_data_once on len(local_ranks) threads standing in for ranks, with a real barrier between them;
-    returns each rank's bundle or exception."""
-    from otr_cli.config import TrainConfig
-    from otr_cli.train import loop
-    from otr_cli.train.distributed import DistInfo
-
-    world = len(local_ranks)
-    gate = threading.Barrier(world, timeout=60)
-    monkeypatch.setattr(loop, "barrier", gate.wait)
-    train_cfg = TrainConfig()
-    train_cfg.data, train_cfg.seed = cfg, 1
-    results: list = [None] * world
-
-    def rank(index: int) -> None:
-        try:
-            results[index] = loop._build_data_once(train_cfg, tokenizer, DistInfo(index, world, local_ranks[index]))
-        except Exception as exc:  # handed to the test to inspect
-            results[index] = exc
-
-    threads = [threading.Thread(target=rank, args=(i,)) for i in range(world)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
-
-
-def test_four_ranks_on_two_nodes_tokenize_once(tokenizer, data_file, cache_dir, encodes, monkeypatch):
-    results = _run_ranks(monkeypatch, _cfg(data_file, cache_dir), tokenizer, local_ranks=[0, 1, 0, 1])
-    assert encodes["n"] == 12, "only rank 0 tokenizes; the others read its cache entry"
-    assert [r.report.cache for r in results] == ["miss", "hit", "hit", "hit"]
-    assert all(r.train == results[0].train for r in results)
-
-
-def test_a_data_error_on_rank_0_reaches_every_rank_instead_of_a_hang(tokenizer, tmp_path, cache_dir, monkeypatch):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "Q?", "answer": "A."}\n{"question": "Q2?"\n')
-    results = _run_ranks(monkeypatch, _cfg(bad, cache_dir), tokenizer, local_ranks=[0, 1])
-    assert all(isinstance(r, DataError) and "bad.jsonl:2" in str(r) for r in results)
 
 
 @pytest.mark.slow

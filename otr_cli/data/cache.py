@@ -4,6 +4,8 @@ An entry is keyed on everything the result depends on (``cache_key``):
 
 - the records, hashed in order (blake2b over canonical JSON), as ``read_split`` returned them:
   content, not file names or mtimes, so an edited file misses and a touched one still hits;
+  generated records (synthetic_arith) are keyed on their generator's code instead, since the
+  settings in the key say which records it makes: a hit then needs no records at all;
 - every ``data.*`` setting except ``FIELDS_NOT_IN_KEY`` (where the cache lives, whether it is on, how
   examples are batched),
   and the run's seed (shuffling and data.max_examples pick the examples by it);
@@ -13,12 +15,14 @@ An entry is keyed on everything the result depends on (``cache_key``):
 - ``FORMAT_VERSION``: bump it whenever the encoding code (data/pipeline.py, chat.py, formats.py,
   weights.py) or the stored layout changes, so that old entries miss instead of being reused.
 
-An entry is a directory ``<root>/<key>/`` holding ``examples.safetensors`` (per split: flat int32
-``input_ids`` and ``labels``, int64 ``lengths``, and float64 ``weights`` with a uint8 ``has_weights``
-per example when any example is weighted) and ``meta.json`` (format version, key, what the key
-covers, the DataReport). Safetensors over ``datasets.save_to_disk``: one file, one read, and
-rebuilding the Python lists the trainer uses is the whole cost (about 1.2 s for 97k GSM8K-sized
-examples against 1.9 s through Arrow, docs/data.md).
+An entry is a directory ``<root>/<key>/`` holding, per split, the flat arrays of a TokenizedSplit as
+``{split}.{array}.npy`` (int32 token ids, a uint8 supervised flag per token, int64 offsets and
+supervised counts, and float32 weights where examples are weighted: data/tokenized.py) and
+``meta.json`` (format version, key, what the key covers, the DataReport). Readers memory-map the
+arrays, so loading takes milliseconds and the ranks of a node share one copy in the page cache.
+
+While a first tokenization runs, finished chunks of it are kept in ``<root>/.<key>.partial/``
+(data/shared_encoding.py): a run killed half-way starts again from what was done.
 
 Writers build the entry in a uniquely named temporary sibling and rename it into place, so a killed
 writer leaves a ``.tmp`` directory that no reader takes for an entry. An entry that cannot be read
@@ -28,26 +32,26 @@ is removed with a warning and rebuilt; a cache directory that cannot be written 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from otr_cli.atomic import fsync_directory
-from otr_cli.data.examples import DataBundle, DataReport, TokenizedExample
+from otr_cli.data.examples import DataBundle, DataReport
+from otr_cli.data.tokenized import TokenizedSplit
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CACHE_DIR_ENV = "OTR_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/otr/tokenized"
 # DataConfig fields that cannot change the tokenized result: where the cache lives and whether it is used.
@@ -55,7 +59,6 @@ DEFAULT_CACHE_DIR = "~/.cache/otr/tokenized"
 FIELDS_NOT_IN_KEY = frozenset({"cache", "cache_dir", "packing", "pack_length", "group_by_length"})
 # DataReport fields that describe this lookup, not the data: never stored, set on every load.
 REPORT_LOOKUP_FIELDS = ("cache", "cache_path")
-EXAMPLES_FILE = "examples.safetensors"
 META_FILE = "meta.json"
 SPLITS = ("train", "validation")
 STALE_TMP_SECONDS = 24 * 3600  # a writer's temporary directory older than this belongs to a dead writer
@@ -136,77 +139,37 @@ def tokenizer_fingerprint(tokenizer: Any, template: Optional[str]) -> dict[str, 
     }
 
 
+def generated_records_digest(data_cfg: Any) -> Optional[str]:
+    """For records that a generator makes from the data settings (data.source=synthetic_arith): a hash of the
+    generator's code, so that a key needs neither the records nor the time to generate them (the settings,
+    in the key already, say which records). None for records read from a file or the hub."""
+    from otr_cli.data import synthetic_arith
+    from otr_cli.data.sources import SYNTHETIC_SOURCE
+
+    if getattr(data_cfg, "source", None) != SYNTHETIC_SOURCE:
+        return None
+    code = hashlib.blake2b(Path(synthetic_arith.__file__).read_bytes(), digest_size=20).hexdigest()
+    # random.Random's draws may change between Python versions: the interpreter is part of the generator
+    return f"generator:python{sys.version_info[0]}.{sys.version_info[1]}:{code}"
+
+
 def cache_key(data_cfg: Any, tokenizer: Any, template: Optional[str], seed: int,
-              record_sets: Iterable[Optional[Iterable[Mapping]]]) -> tuple[str, dict[str, Any]]:
-    """(hex key, the inputs it hashes) of build_datasets(data_cfg, tokenizer, seed) on these records."""
+              record_sets: Optional[Iterable[Optional[Iterable[Mapping]]]]) -> tuple[str, dict[str, Any]]:
+    """(hex key, the inputs it hashes) of build_datasets(data_cfg, tokenizer, seed) on these records
+    (None: generated records, keyed on their generator: generated_records_digest)."""
     fingerprint = tokenizer_fingerprint(tokenizer, template)
+    records = generated_records_digest(data_cfg) if record_sets is None else records_digest(record_sets)
+    if records is None:
+        raise ValueError("records are needed to key data that is not generated")
     inputs = {
         "format_version": FORMAT_VERSION,
         "data": data_settings(data_cfg),
         "seed": seed,
-        "records": records_digest(record_sets),
+        "records": records,
         "tokenizer": {key: value for key, value in fingerprint.items() if key != "name"},
     }
     key = hashlib.blake2b(_canonical(inputs), digest_size=20).hexdigest()
     return key, {**inputs, "tokenizer": fingerprint}
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector: creating ~100k lists of ints otherwise triggers collections that
-    walk every list made so far (7 s instead of 0.5 s for 97k examples). Lists of ints hold no cycles."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _split_arrays(split: str, examples: list[TokenizedExample]) -> dict[str, Any]:
-    """One split as flat arrays: `{split}.lengths` [N] int64, `.input_ids` / `.labels` [sum of lengths] int32,
-    and, when any example is weighted, `.weights` [sum of lengths] float64 and `.has_weights` [N] uint8."""
-    import numpy as np
-
-    lengths = np.fromiter((len(example.input_ids) for example in examples), dtype=np.int64, count=len(examples))
-    total = int(lengths.sum())
-    arrays = {
-        f"{split}.lengths": lengths,
-        f"{split}.input_ids": np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32, count=total),
-        f"{split}.labels": np.fromiter((t for e in examples for t in e.labels), dtype=np.int32, count=total),
-    }
-    if any(example.weights is not None for example in examples):
-        arrays[f"{split}.has_weights"] = np.fromiter((e.weights is not None for e in examples), dtype=np.uint8,
-                                                     count=len(examples))
-        arrays[f"{split}.weights"] = np.fromiter(
-            (w for e in examples for w in (e.weights if e.weights is not None else [0.0] * len(e.input_ids))),
-            dtype=np.float64, count=total)
-    return arrays
-
-
-def _split_examples(split: str, arrays: Mapping[str, Any], expected: int) -> list[TokenizedExample]:
-    """The inverse of _split_arrays; raises ValueError when the arrays do not fit together."""
-    import numpy as np
-
-    lengths = arrays[f"{split}.lengths"]
-    input_ids, labels = arrays[f"{split}.input_ids"], arrays[f"{split}.labels"]
-    has_weights, weights = arrays.get(f"{split}.has_weights"), arrays.get(f"{split}.weights")
-    total = int(lengths.sum())
-    if len(lengths) != expected or len(input_ids) != total or len(labels) != total:
-        raise ValueError(f"{split}: {len(lengths)} examples and {len(input_ids)} / {len(labels)} tokens stored, "
-                         f"{expected} examples and {total} tokens expected")
-    if (has_weights is None) != (weights is None) or (weights is not None and
-                                                       (len(weights) != total or len(has_weights) != expected)):
-        raise ValueError(f"{split}: weights do not match the examples")
-    ends = np.cumsum(lengths).tolist()
-    starts = [0] + ends[:-1]
-    flags = has_weights.tolist() if has_weights is not None else [0] * expected
-    with _gc_paused():
-        # Per-example tolist of a slice beats one tolist of the whole array and list slicing (1.2 s vs 2.4 s).
-        return [TokenizedExample(input_ids[start:end].tolist(), labels[start:end].tolist(),
-                                 weights[start:end].tolist() if flag else None)
-                for start, end, flag in zip(starts, ends, flags)]
 
 
 def _stored_report(report: DataReport) -> dict[str, Any]:
@@ -224,6 +187,11 @@ class CacheEntry:
     key: str
     inputs: dict[str, Any]
 
+    @property
+    def partial_dir(self) -> Path:
+        """Where a first tokenization keeps its finished chunks until the entry is stored (data/shared_encoding.py)."""
+        return self.path.with_name(f".{self.key}.partial")
+
     def load(self) -> Optional[DataBundle]:
         """The stored bundle (report.cache "hit"), or None when there is none or it is unreadable (then it is
         removed, with a warning, so that the caller's rebuild can store a good one)."""
@@ -237,9 +205,23 @@ class CacheEntry:
             self._discard()
             return None
 
-    def _read(self) -> DataBundle:
-        from safetensors.numpy import load
+    def read_published(self, wait_s: float = 120.0) -> DataBundle:
+        """The entry another rank just stored (or found), retried for up to `wait_s` while a shared file system
+        does not show it yet. Never removes it: only the rank that decided to use it may judge it broken."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._read()
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    from otr_cli.data.errors import DataError
 
+                    raise DataError(f"the tokenized cache entry {self.path} that rank 0 stored cannot be read here "
+                                    f"after {wait_s:.0f} s ({type(exc).__name__}: {exc}); is data.cache_dir on a "
+                                    f"file system every node shares?") from exc
+                time.sleep(1.0)
+
+    def _read(self) -> DataBundle:
         meta = json.loads((self.path / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format_version") != FORMAT_VERSION or meta.get("key") != self.key:
             raise ValueError(f"{META_FILE} is for format {meta.get('format_version')} key {meta.get('key')}")
@@ -247,9 +229,14 @@ class CacheEntry:
         if set(meta["report"]) != report_fields:
             raise ValueError(f"its report has fields {sorted(set(meta['report']) ^ report_fields)} that this "
                              f"version's DataReport does not (or the reverse)")
-        arrays = load((self.path / EXAMPLES_FILE).read_bytes())
-        bundle = DataBundle(train=_split_examples("train", arrays, meta["examples"]["train"]),
-                            validation=_split_examples("validation", arrays, meta["examples"]["validation"]),
+        splits = {}
+        for split in SPLITS:
+            splits[split] = TokenizedSplit.load(self.path, split)
+            expected = meta["examples"][split], meta["tokens"][split]
+            if (len(splits[split]), splits[split].num_tokens) != tuple(expected):
+                raise ValueError(f"{split}: {len(splits[split])} examples and {splits[split].num_tokens} tokens "
+                                 f"stored, {expected[0]} and {expected[1]} expected")
+        bundle = DataBundle(train=splits["train"], validation=splits["validation"],
                             report=DataReport(**meta["report"]))
         bundle.report.cache, bundle.report.cache_path = "hit", str(self.path)
         return bundle
@@ -259,8 +246,6 @@ class CacheEntry:
 
         Another process storing the same key first is fine: both wrote the same data, the first rename wins.
         """
-        from safetensors.numpy import save_file
-
         root = self.path.parent
         tmp: Optional[Path] = None
         try:
@@ -268,17 +253,18 @@ class CacheEntry:
             _remove_stale_tmp(root)
             tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.", suffix=".tmp", dir=root))
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache_dir's entries from teammates
-            arrays: dict[str, Any] = {}
-            for split in SPLITS:
-                arrays.update(_split_arrays(split, getattr(bundle, split)))
-            save_file(arrays, str(tmp / EXAMPLES_FILE))
+            written = []
+            splits = {split: as_split(getattr(bundle, split)) for split in SPLITS}
+            for split, tokenized in splits.items():
+                written += tokenized.save(tmp, split)
             meta = {"format_version": FORMAT_VERSION, "key": self.key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "inputs": self.inputs,
-                    "examples": {split: len(getattr(bundle, split)) for split in SPLITS},
+                    "examples": {split: len(splits[split]) for split in SPLITS},
+                    "tokens": {split: splits[split].num_tokens for split in SPLITS},
                     "report": _stored_report(bundle.report)}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            for name in (EXAMPLES_FILE, META_FILE):
-                _fsync_file(tmp / name)
+            for path in [*written, tmp / META_FILE]:
+                _fsync_file(path)
             fsync_directory(tmp)
             os.rename(tmp, self.path)  # atomic; fails if the entry exists (another writer was first)
             fsync_directory(root)
@@ -303,6 +289,11 @@ class CacheEntry:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def as_split(examples) -> TokenizedSplit:
+    """A TokenizedSplit as it is, or a list of TokenizedExample flattened into one."""
+    return examples if isinstance(examples, TokenizedSplit) else TokenizedSplit.from_examples(examples)
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -320,8 +311,9 @@ def _remove_stale_tmp(root: Path) -> None:
 
 
 def cache_entry(data_cfg: Any, tokenizer: Any, template: Optional[str], seed: int,
-                record_sets: Iterable[Optional[Iterable[Mapping]]]) -> Optional[CacheEntry]:
-    """The entry for build_datasets(data_cfg, tokenizer, seed) on these records; None when data.cache is false."""
+                record_sets: Optional[Iterable[Optional[Iterable[Mapping]]]]) -> Optional[CacheEntry]:
+    """The entry for build_datasets(data_cfg, tokenizer, seed) on these records (None: generated records);
+    None when data.cache is false."""
     if not getattr(data_cfg, "cache", True):
         return None
     key, inputs = cache_key(data_cfg, tokenizer, template, seed, record_sets)

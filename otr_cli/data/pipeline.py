@@ -22,17 +22,22 @@ the seed and the tokenizer, and read back on the next start instead of being red
 from __future__ import annotations
 
 import logging
+import os
 import random
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from otr_cli.config import check_chat_template_kwargs, validate_data
-from otr_cli.data.cache import cache_entry
+from otr_cli.data.cache import CacheEntry, cache_entry, generated_records_digest
 from otr_cli.data.chat import encode_conversation, resolve_chat_template
 from otr_cli.data.errors import DataError
 from otr_cli.data.examples import IGNORE_INDEX, DataBundle, DataReport, TokenizedExample
 from otr_cli.data.formats import detect_format, to_messages
+from otr_cli.data.shared_encoding import ONE_PROCESS, ChunkPlan, DataRanks, encode_in_rounds, read_chunk
 from otr_cli.data.sources import SYNTHETIC_SOURCE, RecordSet, read_split
+from otr_cli.data.tokenized import TokenizedSplit
 from otr_cli.data.weights import WeightCounts, example_weight, split_turn_weights
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,20 @@ class _SplitCounts:
     supervised_tokens: int = 0
     total_tokens: int = 0
     weights: WeightCounts = field(default_factory=WeightCounts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> "_SplitCounts":
+        return cls(**{**stored, "weights": WeightCounts(**stored["weights"])})
+
+    def add(self, other: "_SplitCounts") -> None:
+        for name in ("kept", "truncated", "dropped_too_long", "dropped_no_supervised", "unused", "supervised_tokens",
+                     "total_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in asdict(self.weights):
+            setattr(self.weights, name, getattr(self.weights, name) + getattr(other.weights, name))
 
 
 def _with_example_weight(example: TokenizedExample, weight: float) -> TokenizedExample:
@@ -77,13 +96,17 @@ def _fit_length(example: TokenizedExample, max_length: int, truncation: str,
     return TokenizedExample(example.input_ids[:max_length], example.labels[:max_length], weights)
 
 
+def _split_format(records: RecordSet, order: list[int], data_cfg: Any) -> str:
+    """The record format of a whole split, detected on its first record in encoding order."""
+    return detect_format(records[order[0]], data_cfg, records.where(order[0])) if order else data_cfg.format
+
+
 def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer: Any, template: Optional[str],
-                  template_kwargs: dict[str, Any], limit: Optional[int]
-                  ) -> tuple[list[TokenizedExample], _SplitCounts, str]:
-    """Encode records[order[...]] until `limit` are kept; returns examples, counts, format name."""
+                  template_kwargs: dict[str, Any], limit: Optional[int], record_format: str
+                  ) -> tuple[list[TokenizedExample], _SplitCounts]:
+    """Encode records[order[...]] in `record_format` until `limit` are kept; returns examples and counts."""
     counts = _SplitCounts()
     examples: list[TokenizedExample] = []
-    record_format = detect_format(records[order[0]], data_cfg, records.where(order[0])) if order else data_cfg.format
     for position, index in enumerate(order):
         if limit is not None and len(examples) >= limit:
             counts.unused = len(order) - position
@@ -109,7 +132,7 @@ def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer
         counts.kept += 1
         counts.supervised_tokens += supervised
         counts.total_tokens += len(example.input_ids)
-    return examples, counts, record_format
+    return examples, counts
 
 
 def _holdout_size(validation_size: float, available: int) -> int:
@@ -153,70 +176,215 @@ def _validation_records(data_cfg: Any, train_records: RecordSet) -> tuple[Option
     return None, [], train_order
 
 
-def build_datasets(data_cfg: Any, tokenizer: Any, seed: int) -> DataBundle:
+@dataclass
+class _Inputs:
+    """The records to encode, in encoding order: what every rank reads before a first tokenization."""
+
+    train_records: RecordSet
+    train_order: list[int]  # shuffled with the run's seed when data.shuffle
+    validation_records: Optional[RecordSet]
+    validation_order: list[int]
+
+
+def _read_inputs(data_cfg: Any, seed: int) -> _Inputs:
+    train_records = read_split(data_cfg, data_cfg.split)
+    if len(train_records) == 0:
+        raise DataError(f"{train_records.description} has no records (data.source / data.split)")
+    validation_records, validation_order, train_order = _validation_records(data_cfg, train_records)
+    if data_cfg.shuffle:
+        random.Random(seed).shuffle(train_order)
+    return _Inputs(train_records, train_order, validation_records, validation_order)
+
+
+def build_datasets(data_cfg: Any, tokenizer: Any, seed: int, ranks: DataRanks = ONE_PROCESS) -> DataBundle:
     """Tokenized training and validation examples and a report of what was kept and why.
 
     data_cfg: ``DataConfig`` (or a DictConfig with the same keys).
     tokenizer: a fast Hugging Face tokenizer with a chat template (or set data.chat_template).
     seed: shuffles the training order (data.shuffle); the validation hold-out does not depend on it.
+    ranks: the ranks of a distributed run, every one of which calls this (data/shared_encoding.py). Rank 0
+        alone reads and hashes the records to find the cache entry; on a hit every rank memory-maps it, on a
+        miss every rank encodes a share of the records and rank 0 stores the entry. With data.cache=false
+        every rank builds its own copy and no rank waits for another.
     With data.cache (the default) the result is read from the tokenized-data cache when an entry for the
     same records, settings, seed and tokenizer exists, and stored there otherwise (data/cache.py);
-    ``report.cache`` says which.
+    ``report.cache`` says which. The splits are TokenizedSplit (flat arrays, data/tokenized.py).
     Raises DataError for bad records, templates or settings, and when no example is left.
     """
     validate_data(data_cfg)
     template = resolve_chat_template(tokenizer, data_cfg.chat_template)
     template_kwargs = check_chat_template_kwargs("data.chat_template_kwargs", data_cfg.chat_template_kwargs)
-    train_records = read_split(data_cfg, data_cfg.split)
-    if len(train_records) == 0:
-        raise DataError(f"{train_records.description} has no records (data.source / data.split)")
-    validation_records, validation_order, train_order = _validation_records(data_cfg, train_records)
-
-    separate_validation = validation_records if validation_records is not train_records else None
-    entry = cache_entry(data_cfg, tokenizer, template, seed,
-                        [train_records.records, separate_validation.records if separate_validation else None])
-    bundle = entry.load() if entry is not None else None
-    if bundle is None:
-        bundle = _encode_bundle(data_cfg, tokenizer, seed, template, template_kwargs, train_records,
-                                train_order, validation_records, validation_order)
-        if entry is not None:
-            bundle.report.cache = "miss"
-            bundle.report.cache_path = str(entry.path) if entry.store(bundle) else ""
+    if not getattr(data_cfg, "cache", True):
+        ranks = ONE_PROCESS  # nothing stored to share: every rank builds its own copy
+    inputs: Optional[_Inputs] = None
+    entry: Optional[CacheEntry] = None
+    bundle: Optional[DataBundle] = None
+    decision: dict[str, Any] = {}
+    failure: Optional[Exception] = None
+    if ranks.is_main:
+        try:
+            if generated_records_digest(data_cfg) is not None:
+                # Generated records: the key needs none of them, and a hit never makes them.
+                entry = cache_entry(data_cfg, tokenizer, template, seed, None)
+            else:
+                inputs = _read_inputs(data_cfg, seed)
+                separate = inputs.validation_records if inputs.validation_records is not inputs.train_records else None
+                entry = cache_entry(data_cfg, tokenizer, template, seed,
+                                    [inputs.train_records.records, separate.records if separate else None])
+            bundle = entry.load() if entry is not None else None
+            decision = {"hit": bundle is not None, "entry": [str(entry.path), entry.key] if entry else None,
+                        "progress": _progress_dir(entry) if entry is not None and bundle is None else None}
+        except Exception as exc:  # every rank must hear of it, or they wait for rank 0 until the timeout
+            if ranks.world_size == 1:
+                raise
+            failure, decision = exc, {"error": f"{type(exc).__name__}: {exc}"}
+    decision = ranks.broadcast(decision)
+    if "error" in decision:
+        if failure is not None:
+            raise failure
+        raise DataError(f"rank 0 could not prepare the data: {decision['error']}")
+    if entry is None and decision["entry"]:
+        entry = CacheEntry(Path(decision["entry"][0]), decision["entry"][1], {})
+    if decision["hit"]:
+        bundle = bundle if bundle is not None else entry.read_published()
+    else:
+        inputs = inputs if inputs is not None else _read_inputs(data_cfg, seed)
+        progress = Path(decision["progress"]) if decision["progress"] else None
+        # Without a progress directory no rank can see another's chunks: each builds all of them.
+        bundle = _build(data_cfg, tokenizer, template, template_kwargs, inputs, entry, progress,
+                        ranks if progress is not None else ONE_PROCESS)
     for line in bundle.report.summary_lines():
         log.info(line)
     return bundle
 
 
-def _encode_bundle(data_cfg: Any, tokenizer: Any, seed: int, template: Optional[str],
-                   template_kwargs: dict[str, Any], train_records: RecordSet, train_order: list[int],
-                   validation_records: Optional[RecordSet], validation_order: list[int]) -> DataBundle:
-    """Shuffle, render, tokenize and count: the work the cache saves. Changing what this (or anything it
-    calls) produces for the same inputs needs a bump of cache.FORMAT_VERSION."""
-    if data_cfg.shuffle:
-        random.Random(seed).shuffle(train_order)
-    train, counts, record_format = _encode_split(train_records, train_order, data_cfg, tokenizer, template,
-                                                 template_kwargs, data_cfg.max_examples)
-    if not train:
-        raise _nothing_left_error("training", train_records, counts, data_cfg)
+def _progress_dir(entry: CacheEntry) -> Optional[str]:
+    """The entry's progress directory, created; None (with a warning) when the cache cannot be written."""
+    try:
+        entry.partial_dir.mkdir(parents=True, exist_ok=True)
+        probe = entry.partial_dir / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return str(entry.partial_dir)
+    except OSError as exc:
+        log.warning("data: could not write the tokenized cache in %s (%s); every rank tokenizes on its own and "
+                    "the next start tokenizes again. Set data.cache_dir (or $OTR_CACHE_DIR) to a writable "
+                    "directory, or data.cache=false", entry.path.parent, exc)
+        return None
 
+
+def _build(data_cfg: Any, tokenizer: Any, template: Optional[str], template_kwargs: dict[str, Any],
+           inputs: _Inputs, entry: Optional[CacheEntry], progress: Optional[Path], ranks: DataRanks) -> DataBundle:
+    """A first tokenization: every rank of `ranks` encodes chunks in rounds, rank 0 merges and stores them."""
+    memory: dict[str, dict] = {"train": {}, "validation": {}}
+    held = None if progress is not None else memory
+
+    def encoder(records: RecordSet, record_format: str):
+        def encode(indices: list[int], limit: Optional[int]) -> tuple[TokenizedSplit, dict]:
+            examples, counts = _encode_split(records, indices, data_cfg, tokenizer, template, template_kwargs, limit,
+                                             record_format)
+            return TokenizedSplit.from_examples(examples), counts.as_dict()
+        return encode
+
+    train_format = _split_format(inputs.train_records, inputs.train_order, data_cfg)
+    encode_train = encoder(inputs.train_records, train_format)
+    train_plan = encode_in_rounds("train", inputs.train_order, data_cfg.max_examples, encode_train, ranks, progress,
+                                  held and held["train"])
+    encode_validation = validation_plan = None
+    if inputs.validation_records is not None:
+        encode_validation = encoder(inputs.validation_records,
+                                    _split_format(inputs.validation_records, inputs.validation_order, data_cfg))
+        validation_plan = encode_in_rounds("validation", inputs.validation_order, None, encode_validation, ranks,
+                                           progress, held and held["validation"])
+
+    def merge() -> DataBundle:
+        train, counts = _merge_chunks("train", train_plan, data_cfg.max_examples, len(inputs.train_order),
+                                      encode_train, progress, held and held["train"])
+        validation = val_counts = None
+        if validation_plan is not None:
+            validation, val_counts = _merge_chunks("validation", validation_plan, None, len(inputs.validation_order),
+                                                   encode_validation, progress, held and held["validation"])
+        return _bundle(data_cfg, inputs, train_format, train, counts, validation, val_counts)
+
+    outcome: dict[str, Any] = {}
+    bundle: Optional[DataBundle] = None
+    failure: Optional[Exception] = None
+    if ranks.is_main:
+        try:
+            bundle = merge()
+            outcome = {"stored": entry.store(bundle) if entry is not None else False}
+        except Exception as exc:
+            if ranks.world_size == 1:
+                raise
+            failure, outcome = exc, {"error": f"{type(exc).__name__}: {exc}"}
+    outcome = ranks.broadcast(outcome)  # the others wait here while rank 0 merges (data group's timeout)
+    if "error" in outcome:
+        if failure is not None:
+            raise failure
+        raise DataError(f"rank 0 could not merge the tokenized data: {outcome['error']}")
+    if entry is None:
+        return bundle if bundle is not None else merge()
+    if outcome["stored"]:
+        # Every rank, rank 0 too, maps the stored entry: one copy per node in the page cache.
+        bundle = entry.read_published()
+        ranks.barrier()  # every rank has the entry: the chunks are no longer needed
+        if ranks.is_main and progress is not None:
+            shutil.rmtree(progress, ignore_errors=True)
+        bundle.report.cache = "miss"
+        return bundle
+    bundle = bundle if bundle is not None else merge()
+    bundle.report.cache, bundle.report.cache_path = "miss", ""
+    return bundle
+
+
+def _merge_chunks(name: str, plan: ChunkPlan, limit: Optional[int], num_records: int, encode: Any,
+                  progress: Optional[Path], memory: Optional[dict]) -> tuple[TokenizedSplit, _SplitCounts]:
+    """The chunks of `plan` as one split and its counts, exactly as one sequential pass would have made them.
+
+    The chunk in which `limit` is reached is encoded again with the limit that remains, so that the
+    examples and counts stop where a sequential pass stops (and records past it count as unused).
+    """
+    parts: list[TokenizedSplit] = []
+    counts = _SplitCounts()
+    kept = position = 0
+    for index, (chunk, chunk_kept) in enumerate(zip(plan.chunks, plan.kept)):
+        position += len(chunk)
+        if limit is not None and kept + chunk_kept >= limit:
+            split, stored = encode(chunk, limit - kept)
+            chunk_counts = _SplitCounts.from_dict(stored)
+            chunk_counts.unused += num_records - position
+            parts.append(split)
+            counts.add(chunk_counts)
+            break
+        split, stored = read_chunk(progress, memory, name, index)
+        parts.append(split)
+        counts.add(_SplitCounts.from_dict(stored))
+        kept += chunk_kept
+    return TokenizedSplit.concatenate(parts), counts
+
+
+def _bundle(data_cfg: Any, inputs: _Inputs, record_format: str, train: TokenizedSplit, counts: _SplitCounts,
+            validation: Optional[TokenizedSplit], val_counts: Optional[_SplitCounts]) -> DataBundle:
+    """The bundle and its report; raises DataError when a split kept nothing."""
+    if not len(train):
+        raise _nothing_left_error("training", inputs.train_records, counts, data_cfg)
     report = DataReport(
-        source=train_records.description, split=data_cfg.split, format=record_format,
-        max_length=data_cfg.max_length, truncation=data_cfg.truncation, loaded=len(train_records),
-        held_out=len(train_records) - len(train_order), unused=counts.unused, kept=counts.kept,
+        source=inputs.train_records.description, split=data_cfg.split, format=record_format,
+        max_length=data_cfg.max_length, truncation=data_cfg.truncation, loaded=len(inputs.train_records),
+        held_out=len(inputs.train_records) - len(inputs.train_order), unused=counts.unused, kept=counts.kept,
         truncated=counts.truncated, dropped_too_long=counts.dropped_too_long,
         dropped_no_supervised=counts.dropped_no_supervised, supervised_tokens=counts.supervised_tokens,
         total_tokens=counts.total_tokens, zero_weight_examples=counts.weights.zero_weight_examples,
         weighted_examples=counts.weights.weighted_examples, context_turns=counts.weights.context_turns,
         weighted_turns=counts.weights.weighted_turns,
     )
-    validation: list[TokenizedExample] = []
-    if validation_records is not None:
-        validation, val_counts, _ = _encode_split(validation_records, validation_order, data_cfg, tokenizer,
-                                                  template, template_kwargs, None)
-        if not validation and validation_order:
-            raise _nothing_left_error("validation", validation_records, val_counts, data_cfg)
-        report.validation_source = validation_records.description
-        report.validation_loaded = len(validation_order)
+    if validation is None:
+        validation = TokenizedSplit.from_examples([])
+    elif inputs.validation_records is not None and val_counts is not None:
+        if not len(validation) and inputs.validation_order:
+            raise _nothing_left_error("validation", inputs.validation_records, val_counts, data_cfg)
+        report.validation_source = inputs.validation_records.description
+        report.validation_loaded = len(inputs.validation_order)
         report.validation_kept = val_counts.kept
         report.validation_truncated = val_counts.truncated
         report.validation_dropped = val_counts.dropped_too_long + val_counts.dropped_no_supervised

@@ -469,7 +469,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     plan = StepPlan(len(data.train), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, dist_info.world_size,
                     seed=cfg.seed, shuffle=cfg.data.shuffle,
-                    lengths=tuple(len(example.input_ids) for example in data.train),
+                    lengths=tuple(data.train.lengths.tolist()),
                     group_by_length=cfg.data.group_by_length, max_tokens_per_batch=cfg.trainer.max_tokens_per_batch)
     total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else plan.steps_for_epochs(cfg.trainer.epochs)
 
@@ -520,29 +520,17 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _build_data_once(cfg: TrainConfig, tokenizer, dist_info: DistInfo) -> DataBundle:
-    """build_datasets on every rank, tokenizing once: with data.cache and several ranks, rank 0 builds and
-    stores the cache entry while the others wait at a barrier, then each node's first rank loads it (or, with
-    a node-local data.cache_dir, tokenizes once for its node), then every other rank loads it.
+    """build_datasets on every rank, tokenizing once (data/shared_encoding.py): rank 0 finds the cache entry,
+    on a miss every rank encodes a share in short rounds, and every rank memory-maps the stored entry.
 
-    The waiting ranks sit in a barrier for the whole first tokenization, which must therefore finish within
-    launcher.dist_timeout_min. An error on a rank is raised after the barriers, so no rank waits forever for
-    one that failed (the others hit the same bad record themselves).
+    The waits on rank 0's solo work (reading and hashing the records, merging the chunks) happen in a gloo
+    group of their own whose timeout is launcher.data_timeout_min, so a data set larger than the training
+    collectives' timeout allows (launcher.dist_timeout_min) still starts.
     """
-    if not cfg.data.cache or dist_info.world_size == 1:
-        return build_datasets(cfg.data, tokenizer, seed=cfg.seed)
-    data: Optional[DataBundle] = None
-    failure: Optional[Exception] = None
-    for my_turn in (dist_info.is_main, dist_info.local_rank == 0, True):
-        if my_turn and data is None and failure is None:
-            try:
-                data = build_datasets(cfg.data, tokenizer, seed=cfg.seed)
-            except Exception as exc:  # re-raised below, once every rank has passed the barriers
-                failure = exc
-        barrier()
-    if failure is not None:
-        raise failure
-    assert data is not None
-    return data
+    from otr_cli.data.shared_encoding import data_ranks
+
+    ranks = data_ranks(cfg.launcher.data_timeout_min) if dist_info.world_size > 1 else None
+    return build_datasets(cfg.data, tokenizer, seed=cfg.seed, **({"ranks": ranks} if ranks else {}))
 
 
 def _evaluate(cfg: TrainConfig, model: str, out_dir: Path, dist_info: DistInfo, tokenizer) -> Optional[dict]:
