@@ -24,11 +24,11 @@ from otr_cli.eval.benchmarks import (BENCHMARK_NAMES, BenchmarkError, Problem, f
 from otr_cli.eval.choice_grader import grade_choice
 from otr_cli.eval.code_grader import grade_code_many
 from otr_cli.eval.generation import (GenerationSettings, VllmEngineSettings, generate_hf, generate_vllm,
-                                     length_sorted_batches, prompt_lengths, vllm_child_command)
+                                     prompt_lengths, vllm_child_command)
 from otr_cli.eval.generation_cache import GenerationCache, cache_key, model_fingerprint
 from otr_cli.eval.math_grader import grade_math
 from otr_cli.eval.prompts import prompt_template_kwargs, render_prompts
-from otr_cli.eval.sharding import SHARD_DIR, EvalShard, cache_files, merge_shards, write_shard
+from otr_cli.eval.sharding import SHARD_DIR, EvalShard, cache_files, merge_shards, plan_batches, write_shard
 from otr_cli.eval.sandbox import SandboxLimits
 from otr_cli.eval.stats import pass_at_k, wilson_interval
 
@@ -215,13 +215,21 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
     fingerprint = model_fingerprint(model_path, model_cfg.revision)
     lazy = _LazyModel(model_path, model_cfg, model)
     rows_of: dict[str, list[dict]] = {}
+    prompts_of: dict[str, list[str]] = {}
     for name, problems in problem_sets.items():
         if not problems:
             raise BenchmarkError(f"benchmark {name!r} has no problems")
-        prompts = render_prompts(problems, prompt_style(name, eval_cfg), tokenizer, data_cfg.system_prompt,
-                                 data_cfg.chat_template, examples[name], template_kwargs)
+        prompts_of[name] = render_prompts(problems, prompt_style(name, eval_cfg), tokenizer, data_cfg.system_prompt,
+                                          data_cfg.chat_template, examples[name], template_kwargs)
+    # The batches of all benchmarks are dealt at once: dealt per benchmark, rank 0 took the first batch
+    # of each, and a benchmark of one batch left every other rank idle.
+    plan = plan_batches({name: prompt_lengths(tokenizer, prompts) for name, prompts in prompts_of.items()},
+                        eval_cfg.batch_size, eval_cfg.max_new_tokens, eval_cfg.num_samples)
+    owned = shard.owned(plan)
+    for name, problems in problem_sets.items():
+        prompts = prompts_of[name]
         keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
-        batches = shard.owned(length_sorted_batches(prompt_lengths(tokenizer, prompts), eval_cfg.batch_size))
+        batches = [list(batch.indices) for batch in owned if batch.benchmark == name]
         mine = sorted(i for batch in batches for i in batch)
         completions = _generate(prompts, keys, batches, cache, lazy, tokenizer, settings, name, vllm_engine(eval_cfg),
                                 eval_cfg.vllm.python)
