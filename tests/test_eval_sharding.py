@@ -31,6 +31,9 @@ def test_the_deal_balances_expected_tokens_within_one_batch():
         heaviest_batch = max(batch.tokens for batch in plan)
         assert max(loads) - sum(loads) / world <= heaviest_batch, world
         assert min(loads) > 0
+    # Rank 0 takes the heaviest batch: its longest stretch between stop checks is the evaluation's.
+    heaviest = max(plan, key=lambda batch: batch.tokens)
+    assert heaviest in deal_batches(plan, 8)[0]
 
 
 def test_the_ranks_together_generate_one_processs_batches_each_once():
