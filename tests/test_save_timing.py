@@ -86,3 +86,11 @@ def test_the_dry_run_prints_the_checkpoint_size_per_rank_and_in_total(tiny_model
     assert "per rank: rank 0 writes" in out and "each other rank" in out
     assert "in total over 8 rank(s)" in out
     assert "dry run: nothing was loaded or written." in out
+
+
+def test_the_longest_evaluation_stretch_counts_against_the_signal_notice():
+    # Issue #25 item 10: a signal during an evaluation waits for the current batch before the save starts.
+    assert slow_save_warning(30.0, signal_delay_s=120, evaluation_s=29.0) is None
+    warning = slow_save_warning(30.0, signal_delay_s=120, evaluation_s=45.0)
+    assert "took 30.0 s and an evaluation can go 45.0 s" in warning and "75.0 s together" in warning
+    assert "at least 150" in warning and "eval.batch_size" in warning
