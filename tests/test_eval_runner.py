@@ -211,3 +211,21 @@ def test_a_missing_rank_shard_is_a_clear_error(tiny_model_dir, tmp_path):
 
     with pytest.raises(RuntimeError, match=r"gsm8k\.rank1-of-2\.jsonl is missing: rank 1 did not finish gsm8k"):
         runner.evaluate_model(str(tiny_model_dir), cfg(), DataConfig(), tmp_path, shard=EvalShard(0, 2))
+
+
+def test_every_rank_generates_when_each_benchmark_is_a_single_batch(tiny_model_dir, tmp_path):
+    # Issue #25 item 6: three benchmarks of 6 problems in batches of 32 are three batches in all; dealt per
+    # benchmark from rank 0, rank 0 generated all 18 completions and ranks 1 and 2 none.
+    from otr_cli.eval.sharding import EvalShard
+
+    settings = cfg(benchmarks=["gsm8k", "svamp", "synthetic_arith"], limit=6, batch_size=32)
+    single = runner.evaluate_model(str(tiny_model_dir), settings, DataConfig(), tmp_path / "single")
+    out = tmp_path / "sharded"
+    for rank in reversed(range(3)):  # rank 0 last: it merges after the (here empty) barrier
+        result = runner.evaluate_model(str(tiny_model_dir), settings, DataConfig(), out, shard=EvalShard(rank, 3))
+        assert result == ({} if rank else single)
+    generated = {rank: len(read_jsonl(EvalShard(rank, 3).cache_file(out))) if EvalShard(rank, 3).cache_file(out).is_file()
+                 else 0 for rank in range(3)}
+    assert generated == {0: 6, 1: 6, 2: 6}
+    for name in settings.benchmarks:
+        assert read_jsonl(out / f"{name}.jsonl") == read_jsonl(tmp_path / "single" / f"{name}.jsonl")

@@ -6,10 +6,11 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from helpers import read_jsonl, run_cli, start_cli, tiny_overrides
+from helpers import SHARED_DATA, read_jsonl, run_cli, start_cli, tiny_overrides
 from otr_cli.cli import main
 from otr_cli.train import preemption
 from ranks import start_ranks, wait_all
@@ -160,3 +161,83 @@ def test_watching_turns_signals_into_a_request_and_restores_the_handlers():
     assert signal.getsignal(signal.SIGUSR1) is before
     with preemption.watching():  # a new run starts with no request
         assert not preemption.stop_requested(device="cpu")
+
+
+# Checkpoints at the evaluated steps, so both the interrupted and the resumed evaluation generate with
+# that checkpoint's export (one cache key); a model in memory has a name of its own.
+EVALUATING = ["deepspeed=zero2", "trainer.max_steps=4", "trainer.save_steps=2", "eval=quick",
+              "eval.benchmarks=[gsm8k,svamp]", f"eval.data_dir={SHARED_DATA}", "eval.batch_size=2",
+              "eval.max_new_tokens=8", "eval.every_steps=2", "eval.every_steps_limit=6"]
+
+
+def generated_per_rank(evaluation_dir) -> list[int]:
+    return [len(read_jsonl(path)) if path.is_file() else 0
+            for path in (evaluation_dir / "generation_cache.jsonl", evaluation_dir / "generation_cache.rank1.jsonl")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", ["0,1", "1"])
+def test_a_signal_during_an_evaluation_stops_it_at_the_next_batch_and_saves(tiny_model_dir, tmp_path, signalled):
+    # Issue #25 item 10: the stop check ran after the evaluation, so a signal with 120 s notice that
+    # came during one waited for the whole evaluation and was followed by SIGKILL before the save.
+    out = tmp_path / "run"
+    args = ["train", *tiny_overrides(tiny_model_dir, out, *COMMON, *EVALUATING)]
+    processes = start_ranks(args, tmp_path, extra_env={"OTR_SIGNAL_RANKS": signalled},
+                            script=str(Path(__file__).parent / "signal_in_evaluation.py"))
+    try:
+        codes = wait_all(processes, timeout=400)
+    finally:
+        for process in processes:
+            process.kill()
+    logs = [(tmp_path / f"rank{r}.log").read_text()[-3000:] for r in (0, 1)]
+    assert codes == [preemption.PREEMPTED_EXIT] * 2, logs
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["status"] == "preempted" and state["step"] == 2
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    evaluation = out / "eval" / "step-2"
+    assert not (evaluation / "summary.json").exists()
+    generated = generated_per_rank(evaluation)
+    # 12 prompts in 6 batches of 2 over 2 ranks: a signalled rank stopped after its first batch; a rank
+    # without the signal finished its share (it learns of the stop when the ranks agree at the end).
+    for rank, count in enumerate(generated):
+        if str(rank) in signalled.split(","):
+            assert count == 2, (generated, logs)
+        else:
+            assert 2 < count < 12, (generated, logs)
+    assert not [r for r in read_jsonl(out / "metrics.jsonl") if "eval/gsm8k" in r]
+    if signalled != "0,1":
+        return
+
+    # The same command resumes at step 2, finishes that evaluation from its cache and the run.
+    processes = start_ranks(["train", *tiny_overrides(tiny_model_dir, out, *COMMON, *EVALUATING)], tmp_path)
+    try:
+        codes = wait_all(processes, timeout=400)
+    finally:
+        for process in processes:
+            process.kill()
+    assert codes == [0, 0], [(tmp_path / f"rank{r}.log").read_text()[-3000:] for r in (0, 1)]
+    assert json.loads((out / "run_state.json").read_text())["status"] == "finished"
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "eval/gsm8k" in r] == [2]
+    assert sum(generated_per_rank(evaluation)) == 12  # the 4 cached completions were not generated again
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_step_before_an_evaluation_stops_without_starting_it(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    from otr_cli.train import loop
+
+    out = tmp_path / "before"
+    original_step = loop.Trainer.train_step
+
+    def step_then_signal(self):
+        record = original_step(self)
+        if self.step == 2:  # the step after which an evaluation is due (eval.every_steps=2)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return record
+
+    monkeypatch.setattr(loop.Trainer, "train_step", step_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *tiny_overrides(tiny_model_dir, out, *COMMON, *EVALUATING[1:])])
+    assert stopped.value.code == preemption.PREEMPTED_EXIT
+    assert json.loads((out / "run_state.json").read_text())["step"] == 2
+    assert not (out / "eval" / "step-2").exists()  # not a single batch generated before the stop-save

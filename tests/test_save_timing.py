@@ -86,3 +86,28 @@ def test_the_dry_run_prints_the_checkpoint_size_per_rank_and_in_total(tiny_model
     assert "per rank: rank 0 writes" in out and "each other rank" in out
     assert "in total over 8 rank(s)" in out
     assert "dry run: nothing was loaded or written." in out
+
+
+def test_the_longest_evaluation_stretch_counts_against_the_signal_notice():
+    # Issue #25 item 10: a signal during an evaluation waits for the current batch before the save starts.
+    assert slow_save_warning(30.0, signal_delay_s=120, evaluation_s=29.0) is None
+    warning = slow_save_warning(30.0, signal_delay_s=120, evaluation_s=45.0)
+    assert "took 30.0 s and an evaluation can go 45.0 s" in warning and "75.0 s together" in warning
+    assert "at least 150" in warning and "eval.batch_size" in warning
+
+
+@pytest.mark.slow
+def test_a_save_after_an_evaluation_is_warned_about_with_the_evaluations_stretch(tiny_model_dir, tmp_path):
+    from helpers import SHARED_DATA
+
+    out = tmp_path / "evaluating"
+    # signal_delay_s=0: every save warns. The save at step 2 comes before that step's evaluation, the one at
+    # step 4 after it, so only the second counts an evaluation's stretch.
+    main(["train", *tiny_overrides(tiny_model_dir, out, "trainer.max_steps=4", "trainer.save_steps=2",
+                                   "launcher.signal_delay_s=0", "eval=quick", "eval.benchmarks=[gsm8k]",
+                                   f"eval.data_dir={SHARED_DATA}", "eval.batch_size=2", "eval.max_new_tokens=4",
+                                   "eval.every_steps=2", "eval.every_steps_limit=2")])
+    warnings = {r["step"]: r["warning"] for r in read_jsonl(out / "metrics.jsonl") if "warning" in r}
+    assert sorted(warnings) == [2, 4]
+    assert "an evaluation can go" not in warnings[2]
+    assert "an evaluation can go" in warnings[4] and "s together" in warnings[4]

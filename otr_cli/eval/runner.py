@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -24,16 +25,51 @@ from otr_cli.eval.benchmarks import (BENCHMARK_NAMES, BenchmarkError, Problem, f
 from otr_cli.eval.choice_grader import grade_choice
 from otr_cli.eval.code_grader import grade_code_many
 from otr_cli.eval.generation import (GenerationSettings, VllmEngineSettings, generate_hf, generate_vllm,
-                                     length_sorted_batches, prompt_lengths, vllm_child_command)
+                                     prompt_lengths, vllm_child_command)
 from otr_cli.eval.generation_cache import GenerationCache, cache_key, model_fingerprint
 from otr_cli.eval.math_grader import grade_math
 from otr_cli.eval.prompts import prompt_template_kwargs, render_prompts
-from otr_cli.eval.sharding import SHARD_DIR, EvalShard, cache_files, merge_shards, write_shard
+from otr_cli.eval.sharding import SHARD_DIR, EvalShard, cache_files, merge_shards, plan_batches, write_shard
 from otr_cli.eval.sandbox import SandboxLimits
 from otr_cli.eval.stats import pass_at_k, wilson_interval
 
 log = logging.getLogger("otr.eval")
 CACHE_FILE = "generation_cache.jsonl"
+
+
+class EvaluationStopped(Exception):
+    """A stop (preemption signal) was requested during an evaluation: raised on every rank at the same
+    point, after each rank stopped at its next batch boundary. Nothing is merged or written but the
+    generation cache, from which a later evaluation of the same model resumes."""
+
+
+@dataclass
+class StopCheck:
+    """How an evaluation inside `otr train` learns of a stop request, and how long a request may wait.
+
+    received: this rank's own flag, no collective; polled before each benchmark, after each generated
+    batch and before grading, so a rank stops within one batch of a signal.
+    agreed: a collective (an all-reduce): every rank calls it exactly once per evaluation, after its
+    share is done or abandoned; True on every rank when any rank stopped. Polled per benchmark instead,
+    it would make every rank wait for the slowest at each benchmark, undoing the deal of the batches.
+    longest_s: the longest stretch between two polls so far, seconds (from its creation: an export,
+    a model load, one batch, a grading): how long a signal can go unnoticed by this rank.
+    """
+
+    received: Callable[[], bool]
+    agreed: Callable[[], bool]
+    longest_s: float = 0.0
+    _last: float = field(default_factory=time.perf_counter, repr=False)  # the first stretch starts here
+
+    def poll(self) -> bool:
+        now = time.perf_counter()
+        self.longest_s = max(self.longest_s, now - self._last)
+        self._last = now
+        return self.received()
+
+
+class _StopNow(Exception):
+    """This rank's stop flag was seen: abandon its share of the evaluation (caught in evaluate_model)."""
 
 
 def check_eval_config(eval_cfg: EvalConfig) -> None:
@@ -100,9 +136,10 @@ class _LazyModel:
 
 def _generate(prompts: list[str], keys: list[str], batches: list[list[int]], cache: GenerationCache,
               lazy: _LazyModel, tokenizer, settings: GenerationSettings, name: str,
-              engine: VllmEngineSettings = VllmEngineSettings(), python: Optional[str] = None
-              ) -> list[Optional[list[str]]]:
+              engine: VllmEngineSettings = VllmEngineSettings(), python: Optional[str] = None,
+              after_batch: Callable[[], None] = lambda: None) -> list[Optional[list[str]]]:
     """Completions of the prompts in `batches` (None for the others), generating only what the cache lacks.
+    `after_batch` runs once each generated batch is cached (it may raise to stop).
 
     A batch is all cached or all missing after an interruption (completions are cached per batch), so
     a resumed evaluation generates exactly the batches an uninterrupted one would have.
@@ -119,6 +156,7 @@ def _generate(prompts: list[str], keys: list[str], batches: list[list[int]], cac
             cache.put_many([(keys[i], samples) for i, samples in zip(indices, batch)])
             done[0] += len(indices)
             log.info("%s: %d/%d generated (%.0f s)", name, done[0], missing, time.time() - started)
+            after_batch()
 
         if settings.backend == "vllm":
             subset = [i for batch in missing_batches for i in batch]
@@ -188,13 +226,14 @@ def _scores(rows: list[dict], num_samples: int) -> dict[str, Any]:
 
 def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, out_dir: Path, tokenizer=None,
                    *, model_cfg: Optional[ModelConfig] = None, model=None, print_table: bool = False,
-                   shard: EvalShard = EvalShard()) -> dict[str, Any]:
+                   shard: EvalShard = EvalShard(), stop: Optional[StopCheck] = None) -> dict[str, Any]:
     """Scores per benchmark: {name: {"accuracy", "correct", "n", "metric", "value", "ci95", ...}}.
 
     model_path: hub id, local directory, .gguf or "smollm2-135m-instruct"; model_cfg supplies
     dtype, revision and gguf_file (defaults otherwise); `model` skips loading when given.
     With `shard` of several ranks every rank calls this: each generates and grades its share of
     the problems (sharding.py), rank 0 writes the files and returns the scores, the others {}.
+    `stop` (inside `otr train`): raises EvaluationStopped on every rank when a stop was requested.
     """
     check_eval_config(eval_cfg)
     template_kwargs = prompt_template_kwargs(eval_cfg, data_cfg)
@@ -215,24 +254,46 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
     fingerprint = model_fingerprint(model_path, model_cfg.revision)
     lazy = _LazyModel(model_path, model_cfg, model)
     rows_of: dict[str, list[dict]] = {}
+    prompts_of: dict[str, list[str]] = {}
     for name, problems in problem_sets.items():
         if not problems:
             raise BenchmarkError(f"benchmark {name!r} has no problems")
-        prompts = render_prompts(problems, prompt_style(name, eval_cfg), tokenizer, data_cfg.system_prompt,
-                                 data_cfg.chat_template, examples[name], template_kwargs)
-        keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
-        batches = shard.owned(length_sorted_batches(prompt_lengths(tokenizer, prompts), eval_cfg.batch_size))
-        mine = sorted(i for batch in batches for i in batch)
-        completions = _generate(prompts, keys, batches, cache, lazy, tokenizer, settings, name, vllm_engine(eval_cfg),
-                                eval_cfg.vllm.python)
-        mine_completions = [completions[i] for i in mine]
-        rows = _rows([problems[i] for i in mine], [prompts[i] for i in mine], mine_completions,
-                     _grade([problems[i] for i in mine], mine_completions, eval_cfg))
-        if shard.world_size == 1:
-            rows_of[name] = rows
-            write_jsonl_atomic(out_dir / f"{name}.jsonl", rows)
-        else:
-            write_shard(shard, out_dir, name, [{"index": i, **row} for i, row in zip(mine, rows)])
+        prompts_of[name] = render_prompts(problems, prompt_style(name, eval_cfg), tokenizer, data_cfg.system_prompt,
+                                          data_cfg.chat_template, examples[name], template_kwargs)
+    # The batches of all benchmarks are dealt at once: dealt per benchmark, rank 0 took the first batch
+    # of each, and a benchmark of one batch left every other rank idle.
+    plan = plan_batches({name: prompt_lengths(tokenizer, prompts) for name, prompts in prompts_of.items()},
+                        eval_cfg.batch_size, eval_cfg.max_new_tokens, eval_cfg.num_samples)
+    owned = shard.owned(plan)
+
+    def stop_point() -> None:
+        if stop is not None and stop.poll():
+            raise _StopNow
+
+    try:
+        for name, problems in problem_sets.items():
+            stop_point()
+            prompts = prompts_of[name]
+            keys = [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts]
+            batches = [list(batch.indices) for batch in owned if batch.benchmark == name]
+            mine = sorted(i for batch in batches for i in batch)
+            completions = _generate(prompts, keys, batches, cache, lazy, tokenizer, settings, name,
+                                    vllm_engine(eval_cfg), eval_cfg.vllm.python, after_batch=stop_point)
+            stop_point()
+            mine_completions = [completions[i] for i in mine]
+            rows = _rows([problems[i] for i in mine], [prompts[i] for i in mine], mine_completions,
+                         _grade([problems[i] for i in mine], mine_completions, eval_cfg))
+            if shard.world_size == 1:
+                rows_of[name] = rows
+                write_jsonl_atomic(out_dir / f"{name}.jsonl", rows)
+            else:
+                write_shard(shard, out_dir, name, [{"index": i, **row} for i, row in zip(mine, rows)])
+        if stop is not None:
+            stop.poll()  # the stretch of the last grading counts too
+    except _StopNow:
+        log.info("stop requested: evaluation of %s left after this rank's current batch", model_path)
+    if stop is not None and stop.agreed():  # every rank, once, here: its share done or abandoned
+        raise EvaluationStopped(f"evaluation of {model_path} stopped on a stop request")
     if shard.world_size > 1:
         shard.barrier()  # every rank's shards are written
         if not shard.is_main:

@@ -1,15 +1,19 @@
 """An evaluation split over the ranks of a distributed run: who generates what, and how rank 0 collects it.
 
-Every rank renders all prompts and cuts them into the same length-sorted batches; rank r owns batches
-r, r + W, ... (round-robin, so every rank gets short and long prompts alike). Each rank generates and
-grades its own batches with its own copy of the model, so no rank waits in a collective while another
-generates, and writes its graded rows to a shard file; after one barrier rank 0 merges the shards in
-problem order and writes the result files. Because the batches are those of one process, a greedy
+Every rank renders all prompts of every benchmark and cuts each benchmark into the length-sorted
+batches one process would generate (`plan_batches`); the batches of all benchmarks together are then
+dealt over the ranks, heaviest first, each to the rank with the fewest expected tokens so far
+(`deal_batches`). The deal is a pure function of the prompts' token lengths and the settings, so
+every rank computes the same one without a collective. Each rank generates and grades its own
+batches with its own copy of the model, so no rank waits in a collective while another generates,
+and writes its graded rows to a shard file per benchmark; after one barrier rank 0 merges the shards
+in problem order and writes the result files. Because the batches are those of one process, a greedy
 evaluation on W ranks writes exactly what one process writes.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +41,9 @@ class EvalShard:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def owned(self, batches: list[list[int]]) -> list[list[int]]:
-        """The batches this rank generates."""
-        return batches[self.rank::self.world_size]
+    def owned(self, batches: list["EvalBatch"]) -> list["EvalBatch"]:
+        """The batches of the whole plan (`plan_batches`) this rank generates, in plan order."""
+        return deal_batches(batches, self.world_size)[self.rank]
 
     def cache_file(self, out_dir: Path) -> Path:
         """The generation cache this rank appends to (rank 0 keeps the single-process name)."""
@@ -48,6 +52,55 @@ class EvalShard:
 
     def shard_file(self, out_dir: Path, benchmark: str) -> Path:
         return out_dir / SHARD_DIR / f"{benchmark}.rank{self.rank}-of-{self.world_size}.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """One batch of an evaluation, as one process would generate it.
+
+    benchmark: its name; indices: positions of its prompts in that benchmark's problem list, shortest
+    prompt first; tokens: the positions it computes, rows x samples x (longest prompt + max_new_tokens)
+    in tokens (left padding makes every row as long as the longest), the cost the deal balances.
+    """
+
+    benchmark: str
+    indices: tuple[int, ...]
+    tokens: int
+
+
+def plan_batches(lengths_of: dict[str, list[int]], batch_size: int, max_new_tokens: int,
+                 num_samples: int) -> list[EvalBatch]:
+    """Every benchmark's length-sorted batches of `batch_size` prompts, benchmarks in the given order.
+
+    lengths_of: {benchmark: token length of each rendered prompt, in problem order}. The batches do not
+    depend on the number of ranks, so a sharded or resumed evaluation generates one process's batches.
+    """
+    from otr_cli.eval.generation import length_sorted_batches
+
+    plan = []
+    for name, lengths in lengths_of.items():
+        for indices in length_sorted_batches(lengths, batch_size):
+            longest = max(lengths[i] for i in indices)
+            plan.append(EvalBatch(name, tuple(indices), len(indices) * num_samples * (longest + max_new_tokens)))
+    return plan
+
+
+def deal_batches(plan: list[EvalBatch], world_size: int) -> list[list[EvalBatch]]:
+    """The batches of each rank: heaviest batch first, each to the rank with the fewest tokens so far
+    (ties: the lower rank). Each rank's list keeps plan order.
+
+    Every rank gets a batch when there are at least `world_size` of them, and no rank's total exceeds
+    the mean by more than one batch's tokens. Integer costs and fixed tie-breaks keep the deal the same
+    on every rank.
+    """
+    heaviest_first = sorted(range(len(plan)), key=lambda b: (-plan[b].tokens, b))
+    loads = [(0, rank) for rank in range(world_size)]  # a heap of (tokens dealt, rank)
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    for b in heaviest_first:
+        tokens, rank = heapq.heappop(loads)
+        owned[rank].append(b)
+        heapq.heappush(loads, (tokens + plan[b].tokens, rank))
+    return [[plan[b] for b in sorted(batches)] for batches in owned]
 
 
 def shard_from_environment(timeout_min: float = 30.0) -> EvalShard:

@@ -112,6 +112,9 @@ class Trainer:
                                     if cfg.data.packing else None)
         # Evaluations made during training, by phase name (e.g. the end of the SFT warm-up).
         self.phase_evals: dict[str, dict] = {}
+        # The longest time an evaluation on this rank went without looking for a stop signal (seconds):
+        # a signal's wait before the stop-save, counted in the slow-save warning.
+        self.longest_evaluation_stretch_s = 0.0
 
     # -- state ---------------------------------------------------------------------------------
     def resume_from(self, checkpoint: Path) -> None:
@@ -142,7 +145,8 @@ class Trainer:
 
         checkpoint = timed_save(lambda: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit),
                                 step=self.step, signal_delay_s=self.cfg.launcher.signal_delay_s,
-                                is_main=self.dist.is_main, write_metrics=self.metrics.write)
+                                is_main=self.dist.is_main, write_metrics=self.metrics.write,
+                                evaluation_s=self.longest_evaluation_stretch_s)
         self.saved_at = self.step
         return checkpoint
 
@@ -227,8 +231,13 @@ class Trainer:
         """
         import shutil
 
-        from otr_cli.eval.runner import evaluate_model
+        from otr_cli.eval.runner import EvaluationStopped, StopCheck, evaluate_model
 
+        # Before the export below (a collective, minutes under ZeRO-3): a signal that came during the step
+        # or the save stops the run now rather than after the evaluation.
+        if preemption.stop_requested(self.device):
+            raise EvaluationStopped(f"stop requested before the evaluation in {out_dir}")
+        stop = StopCheck(received=preemption.stop_received, agreed=lambda: preemption.stop_requested(self.device))
         states = rng_states()
         model_dir = self.run_dir.latest_checkpoint() if self.saved_at == self.step else None
         temporary = None
@@ -248,17 +257,23 @@ class Trainer:
         # A checkpoint's export names the model (its files fingerprint the generation cache); the model
         # in memory of a step without one gets a name of its own.
         label = str(model_dir) if model_dir is not None else f"{self.run_dir.root}@step-{self.step}"
+        stopped: Optional[EvaluationStopped] = None
         try:
             model_cfg = self.cfg.model if model is not None else exported_model_cfg(self.cfg.model, label)
             result = evaluate_model(label, eval_cfg, self.cfg.data, out_dir, tokenizer=self.tokenizer,
-                                    model_cfg=model_cfg, model=model, shard=self.eval_shard())
+                                    model_cfg=model_cfg, model=model, shard=self.eval_shard(), stop=stop)
+        except EvaluationStopped as raised:
+            stopped = raised  # raised on every rank at the same point, so the barrier below is reached by all
         finally:
             if model is not None:
                 model.train()
+            self.longest_evaluation_stretch_s = max(self.longest_evaluation_stretch_s, stop.longest_s)
         barrier()  # every rank is done with the temporary export
         if temporary is not None and self.dist.is_main:
             shutil.rmtree(temporary, ignore_errors=True)
-        restore_rng_states(states)
+        restore_rng_states(states)  # also on a stop: the checkpoint saved next keeps the training's states
+        if stopped is not None:
+            raise stopped
         return result
 
     def eval_shard(self):
@@ -354,7 +369,16 @@ class Trainer:
 
     def _maybe_evaluate(self, progress: TrainProgress, periodic_only: bool = False) -> None:
         """Benchmarks at phase ends (eval.after_warmup, on a checkpoint of that step) and every
-        eval.every_steps (on eval.every_steps_limit problems), both through evaluate_current_model."""
+        eval.every_steps (on eval.every_steps_limit problems), both through evaluate_current_model.
+        A stop request before or during one skips the rest: the caller's _maybe_stop saves and leaves."""
+        from otr_cli.eval.runner import EvaluationStopped
+
+        try:
+            self._evaluate_due(progress, periodic_only)
+        except EvaluationStopped as stopped:
+            log.info("%s: stopping", stopped)
+
+    def _evaluate_due(self, progress: TrainProgress, periodic_only: bool) -> None:
         eval_cfg = self.cfg.eval
         if not eval_cfg.benchmarks:
             return
@@ -393,6 +417,7 @@ class Trainer:
         if all_reduce_sum([missing], self.device)[0] > 0:  # rank 0 read the file; every rank must agree
             log.info("Resumed at step %d without its evaluation (eval.every_steps=%d): evaluating now", self.step, every)
             self._maybe_evaluate(progress, periodic_only=True)
+            self._maybe_stop()  # a stop during it: save and leave before another step
 
     def _maybe_stop(self) -> None:
         """A stop signal on any rank: all save at this step boundary and leave (preemption.py)."""

@@ -4,8 +4,9 @@ SLURM warns a job before its time limit (``sbatch --signal=USR1@120``) and on pr
 (SIGTERM, then SIGKILL after a grace time). Stopping in the middle of a step or of a
 checkpoint write would lose work or leave a half-written directory, so the signal handler
 only records the request; the training loop asks ``stop_requested()`` after every optimizer
-step, all ranks agree on the answer (an all-reduce), save a checkpoint together and raise
-``Preempted``. ``otr train`` then requeues the SLURM job (``scontrol requeue``) and exits; the
+step and before each evaluation, all ranks agree on the answer (an all-reduce), save a checkpoint
+together and raise ``Preempted``. During an evaluation each rank looks at its own flag between
+batches (``stop_received``) and the ranks agree once at its end (eval/runner.py StopCheck). ``otr train`` then requeues the SLURM job (``scontrol requeue``) and exits; the
 requeued job runs the same command, which resumes from that checkpoint (trainer.resume=auto).
 
 Later signals only log: a second SIGTERM while the checkpoint is being written must not
@@ -84,6 +85,12 @@ def watching() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stop_received() -> bool:
+    """Whether this rank got a stop signal; no collective, so a rank may ask it at points of its own
+    (between its evaluation batches). Ranks act on it together only after `stop_requested`."""
+    return _state.received is not None
 
 
 def stop_requested(device) -> bool:

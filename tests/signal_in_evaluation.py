@@ -1,0 +1,30 @@
+"""`otr` whose chosen ranks get SIGUSR1 once their first evaluation batch is cached, for the preemption
+tests (run as a rank by tests/ranks.py): a signal that arrives in the middle of an evaluation.
+
+OTR_SIGNAL_RANKS: the ranks to signal, comma-separated.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from otr_cli.cli import main
+from otr_cli.eval.generation_cache import GenerationCache
+
+original_put_many = GenerationCache.put_many
+signalled = [False]
+
+
+def put_many_then_signal(self, items):
+    original_put_many(self, items)
+    if not signalled[0] and os.environ.get("RANK", "0") in os.environ["OTR_SIGNAL_RANKS"].split(","):
+        signalled[0] = True
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+GenerationCache.put_many = put_many_then_signal
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
