@@ -149,3 +149,62 @@ def test_preempted_job_saves_requeues_itself_and_ends_like_an_uninterrupted_run(
             if key in left:
                 assert right[key] == pytest.approx(left[key], rel=1e-6, abs=1e-9), (left["step"], key)
     assert json.loads((sweep / "0" / "run_state.json").read_text())["status"] == "finished"
+
+
+def sbatch(script: str, cluster: SlurmCluster, cwd: Path, tasks: int = 2) -> tuple[subprocess.CompletedProcess, str]:
+    """`sbatch --wait --ntasks=<tasks>` of a bash script run in `cwd`: (sbatch's result, the job's output)."""
+    (cwd / "job.sh").write_text("#!/bin/bash\n" + script)
+    result = subprocess.run(["sbatch", "--wait", f"--ntasks={tasks}", f"--chdir={cwd}", "--output=job.log", "job.sh"],
+                            cwd=cwd, env=subprocess_env() | cluster.env, capture_output=True, text=True, timeout=300)
+    return result, (cwd / "job.log").read_text()
+
+
+def test_otr_train_in_a_batch_script_without_srun_fails_at_once_with_the_srun_command(slurm, tiny_model_dir,
+                                                                                      tmp_path):
+    # Before: the batch shell (SLURM_PROCID=0, SLURM_NTASKS=2) became rank 0 of 2 and waited for a peer.
+    command = [sys.executable, "-m", "otr_cli.cli", "train",
+               *tiny_overrides(tiny_model_dir, tmp_path / "run", "launcher.dist_timeout_min=1")]
+    # Timed inside the job: `sbatch --wait` itself polls at growing intervals.
+    script = " ".join(command) + '\nstatus=$?\necho "otr exited after $SECONDS s"\nexit $status\n'
+    result, log = sbatch(script, slurm, tmp_path)
+    assert result.returncode == 2, log[-3000:]
+    message = " ".join(log.split())
+    assert "error: otr was not started by srun but runs in the shell of SLURM job" in message, log[-3000:]
+    assert "which has 2 tasks" in message and "`srun otr train ...`" in message and "Traceback" not in log
+    elapsed = int(re.search(r"otr exited after (\d+) s", log).group(1))
+    assert elapsed < 60, f"{elapsed} s: it waited for a rendezvous"
+
+
+STEP_PROBE = """\
+import os, sys, time
+from datetime import timedelta
+import torch, torch.distributed as dist
+from otr_cli.train.distributed import populate_env_from_launcher
+populate_env_from_launcher()
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+time.sleep(3)  # the steps hold their rendezvous at the same time
+total = torch.tensor([dist.get_rank() + 1])
+dist.all_reduce(total)
+print(f"step={os.environ['SLURM_STEP_ID']} rank={dist.get_rank()} world={dist.get_world_size()} "
+      f"port={os.environ['MASTER_PORT']} sum={int(total)}", flush=True)
+"""
+
+
+def test_concurrent_steps_of_one_job_each_meet_among_their_own_tasks(slurm, tmp_path):
+    # Before: both 2-task steps took the port of the job id; one failed with EADDRINUSE, the other timed out.
+    (tmp_path / "probe.py").write_text(STEP_PROBE)
+    probe = f"srun --overlap --ntasks={{}} {sys.executable} probe.py &\n"
+    result, log = sbatch(probe.format(2) + probe.format(2) + probe.format(1) + "wait\n", slurm, tmp_path)
+    assert result.returncode == 0, log[-5000:]
+    steps: dict[str, list[dict]] = {}
+    for line in log.splitlines():
+        if line.startswith("step="):
+            fields = dict(item.split("=") for item in line.split())
+            steps.setdefault(fields["step"], []).append(fields)
+    # Step ids follow the order in which the background sruns reached the controller.
+    shapes = sorted((len(tasks), sorted(f["rank"] for f in tasks), {(f["world"], f["sum"], f["port"]) for f in tasks})
+                    for tasks in steps.values())
+    assert [(count, ranks, len(agreed)) for count, ranks, agreed in shapes] == [
+        (1, ["0"], 1), (2, ["0", "1"], 1), (2, ["0", "1"], 1)], log
+    assert [next(iter(agreed))[:2] for _, _, agreed in shapes] == [("1", "1"), ("2", "3"), ("2", "3")], log
+    assert shapes[1][2] != shapes[2][2], f"two steps on one port:\n{log}"

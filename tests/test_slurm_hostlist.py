@@ -1,14 +1,16 @@
-"""The rendezvous host under srun: the first host of SLURM_JOB_NODELIST, in every host-list form."""
+"""The rendezvous host under srun: the first host of the step's node list, in every host-list form.
+
+Which processes become ranks, and the port: tests/test_slurm_tasks.py.
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
 import pytest
 
-from otr_cli.train.distributed import expand_hostlist, first_slurm_host, populate_env_from_launcher
+from otr_cli.train.distributed import expand_hostlist, first_slurm_host
 
 FORMS = {
     "node7": ["node7"],
@@ -54,18 +56,3 @@ def test_first_host_without_scontrol_comes_from_the_parser(monkeypatch):
 def test_first_host_asks_scontrol_when_it_works(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", str(_minimal_slurm_conf(tmp_path)))
     assert first_slurm_host("gpu01,gpu[03-04]") == "gpu01"
-
-
-def test_srun_tasks_rendezvous_at_the_first_host_of_the_job(monkeypatch):
-    monkeypatch.setattr(shutil, "which", lambda name: None)  # parsed here; scontrol is checked above
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "9")
-    monkeypatch.setenv("SLURM_NTASKS", "16")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu07,gpu[10-11]")
-    populate_env_from_launcher()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("9", "16", "1")
-    assert os.environ["MASTER_ADDR"] == "gpu07"
-    assert os.environ["MASTER_PORT"] == str(20000 + 4242 % 20000)

@@ -91,21 +91,82 @@ def first_slurm_host(nodelist: str) -> str:
     return hosts[0] if hosts else "127.0.0.1"
 
 
+# SLURM's step ids from 0xFFFFFFF0 up name no launched step (slurm.h: the batch script's shell, the extern
+# step, the interactive step, pending): a process there is no task of an srun.
+FIRST_RESERVED_STEP_ID = 0xFFFFFFF0
+# Steps of one job that may run at once and get distinct rendezvous ports; jobs whose ids are less than
+# 20000 / STEPS_PER_JOB_PORTS apart (a sweep's array elements sharing a node) never collide either.
+STEPS_PER_JOB_PORTS = 16
+
+
+@dataclass(frozen=True)
+class SlurmTask:
+    """This process as one task of an srun job step: its rank among the step's tasks, not the job's."""
+
+    job_id: int
+    step_id: int
+    rank: int
+    num_tasks: int
+    local_rank: int
+    nodelist: str  # the step's hosts (SLURM host-list form); rank 0 runs on the first
+
+
+def slurm_task(env=os.environ) -> SlurmTask | None:
+    """The srun task this process is, from the variables srun sets for its tasks; None when SLURM did not
+    start it as a task (no SLURM, a batch script's shell, an salloc shell, a reserved step)."""
+    try:
+        step_id = int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "")))
+        job_id = int(env["SLURM_JOB_ID"])
+        rank = int(env["SLURM_PROCID"])
+    except (KeyError, ValueError):
+        return None
+    if step_id >= FIRST_RESERVED_STEP_ID:
+        return None
+    # srun also sets SLURM_NTASKS / SLURM_NODELIST to the step's values; the STEP_ names are unambiguous.
+    num_tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    return SlurmTask(job_id, step_id, rank, num_tasks, int(env.get("SLURM_LOCALID", "0")), nodelist)
+
+
+def slurm_rendezvous_port(job_id: int, step_id: int) -> int:
+    """The port every task of one job step computes without talking, distinct for the job's other steps."""
+    return 20000 + (job_id * STEPS_PER_JOB_PORTS + step_id % STEPS_PER_JOB_PORTS) % 20000
+
+
+def check_not_a_shell_of_several_tasks(env=os.environ) -> None:
+    """Refuse a process in a SLURM allocation of several tasks that srun did not start.
+
+    A batch script's shell (or salloc's) sees SLURM_NTASKS of the whole job; run there, otr would be one
+    process using one task's share of the allocation, with a global batch 1/N of the one asked for.
+    """
+    from otr_cli.errors import UserError
+
+    tasks = int(env.get("SLURM_NTASKS", "1") or "1")
+    if "RANK" in env or "SLURM_JOB_ID" not in env or tasks <= 1 or slurm_task(env) is not None:
+        return
+    raise UserError(f"otr was not started by srun but runs in the shell of SLURM job {env['SLURM_JOB_ID']}, which "
+                    f"has {tasks} tasks: it would train alone on one task's share. Launch it as `srun otr train ...` "
+                    f"(one rank per task), or `srun --ntasks=1 otr train ...` for a single process.")
+
+
 def populate_env_from_launcher() -> None:
     """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT when absent.
 
-    torchrun and the deepspeed launcher set them; under ``srun`` SLURM's own variables are
-    mapped; a plain single process gets a world of one on a free loopback port.
+    torchrun and the deepspeed launcher set them; a task that ``srun`` started gets its rank among its
+    job step's tasks, the step's first host and a port of the step's own; a plain single process gets
+    a world of one on a free loopback port. Raises UserError in the shell of a SLURM allocation of
+    several tasks (srun was forgotten), rather than training on a fraction of it.
     """
     env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        # Every task of a job must agree on the port without talking: derive it from the job id.
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    task = None if "RANK" in env else slurm_task(env)
+    if task is not None and task.num_tasks > 1:
+        env["RANK"] = str(task.rank)
+        env["WORLD_SIZE"] = str(task.num_tasks)
+        env["LOCAL_RANK"] = str(task.local_rank)
+        env.setdefault("MASTER_ADDR", first_slurm_host(task.nodelist))
+        env.setdefault("MASTER_PORT", str(slurm_rendezvous_port(task.job_id, task.step_id)))
     if "RANK" not in env:
+        check_not_a_shell_of_several_tasks(env)
         env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
@@ -135,9 +196,11 @@ def world_size_from_env() -> int:
     """World size a launch will have, without initialising anything (for dry runs)."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    if "SLURM_NTASKS" in os.environ:
-        return int(os.environ["SLURM_NTASKS"])
-    return 1
+    task = slurm_task()
+    if task is not None:
+        return task.num_tasks
+    # A batch script's shell: the tasks `srun otr train` would start there.
+    return int(os.environ.get("SLURM_NTASKS", "1") or "1")
 
 
 def barrier() -> None:
