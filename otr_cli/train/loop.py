@@ -6,12 +6,10 @@ Read top to bottom: ``run_training`` builds everything, ``Trainer.train`` is the
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -31,6 +29,8 @@ from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.packed_attention import packed_attention_implementation, packed_row_capacity
 from otr_cli.train.progress import TrainProgress, print_summary
+from otr_cli.train.random_state import (restore_rank_states, restore_rng_states, rng_states, save_rank_states,
+                                         seed_everything, seed_for_rank)
 from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
@@ -53,27 +53,6 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().runtime.output_dir)
     return Path("outputs") / cfg.run.name
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
@@ -119,8 +98,8 @@ class Trainer:
                                                       load_lr_scheduler_states=True)
         state = read_trainer_state(checkpoint)
         self.step = int(state["step"])
-        if client_state and "rng" in client_state:
-            restore_rng_states(client_state["rng"])
+        restore_rank_states(Path(checkpoint) / DS_TAG, self.dist.rank, self.dist.world_size, self.cfg.seed, self.step,
+                            single_process_states=(client_state or {}).get("rng"))
         self.metrics.truncate_after(self.step)
         self.resumed_at = self.step
         latest = self.run_dir.latest_checkpoint()
@@ -130,7 +109,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         def write(tmp_dir: Path) -> None:
-            self.engine.deepspeed.save_checkpoint(str(tmp_dir), tag=DS_TAG, client_state={"rng": rng_states()})
+            self.engine.deepspeed.save_checkpoint(str(tmp_dir), tag=DS_TAG)
+            save_rank_states(tmp_dir / DS_TAG, self.dist.rank, self.dist.world_size)  # ZeRO 0-2 saves rank 0's alone
             export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main)
             if self.dist.is_main:
                 write_json_atomic(tmp_dir / "trainer_state.json", {
@@ -486,6 +466,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size)
     trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, engine, total_steps, plan)
+    # Seeded alike up to here (the initial weights); from here on each rank's dropout draws its own masks.
+    seed_for_rank(cfg.seed, dist_info.rank)
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
     run_dir.mark("running", step=trainer.step, total_steps=total_steps)
