@@ -27,6 +27,7 @@ from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine
 from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
+from otr_cli.train.micro_batch import MicroBatch, micro_batch_to_device
 from otr_cli.train.packed_attention import packed_attention_implementation, packed_row_capacity
 from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.random_state import (restore_rank_states, restore_rng_states, rng_states, save_rank_states,
@@ -132,7 +133,6 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
-        cfg = self.cfg
         phase = phase_at(self.phases, self.step)
         options = phase.options
         micro_indices = self.plan.rank_micro_batches(self.step, self.dist.rank)
@@ -140,7 +140,6 @@ class Trainer:
         local_tokens = sum(ex.num_supervised for examples in micro_examples for ex in examples)
         local_sequences = sum(1 for examples in micro_examples for ex in examples if ex.num_supervised > 0)
         global_tokens, global_sequences = all_reduce_sum([local_tokens, local_sequences], self.device)
-        replicas = cfg.trainer.grad_accum * self.dist.world_size
         lr = self.engine.deepspeed.get_lr()[0]
 
         # [loss, supervised count, input tokens, positions computed (input tokens + padding),
@@ -148,23 +147,11 @@ class Trainer:
         # all-reduce): float(stats[...]) per micro-step would wait for the GPU every time.
         sums = torch.zeros(4 + len(STAT_KEYS), dtype=torch.float64, device=self.device)
         for micro_step, examples in enumerate(micro_examples):
-            batch = {k: v.to(self.device) for k, v in self.collate_train(examples).items()}
-            weights = loss_weights(batch, cfg.loss.reduction, int(global_tokens), int(global_sequences), replicas)
-            generator = sampling_generator(cfg.seed, self.step, micro_step, self.dist.rank, self.device)
-            packed = {k: batch[k] for k in ("position_ids", "sequence_index") if "position_ids" in batch}
-            loss, stats = self.engine.deepspeed(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      weights.to(self.device), options, generator, **packed)
-            self.engine.deepspeed.backward(loss)
+            batch = micro_batch_to_device(self.collate_train(examples), self.device)
+            sums += self.forward_backward(batch, micro_step, options, (int(global_tokens), int(global_sequences)))
             if micro_step == len(micro_examples) - 1:
                 grad_norm = self._grad_norm_before_step()
             self.engine.deepspeed.step()
-            micro_count = stats["count"].to(sums)
-            absent = torch.zeros((), dtype=sums.dtype, device=sums.device)
-            # a fill on the device: torch.tensor(value, device=cuda) would copy from the host and wait
-            positions = torch.full((), float(batch["input_ids"].numel()), dtype=sums.dtype, device=sums.device)
-            sums += torch.stack([loss.detach().to(sums) / replicas, micro_count, batch["attention_mask"].sum().to(sums),
-                                 positions]
-                                + [stats[key].to(sums) * micro_count if key in stats else absent for key in STAT_KEYS])
 
         reduced = all_reduce_sum(sums, self.device)
         loss_global, count_global, tokens_global, positions_global = reduced[:4]
@@ -187,6 +174,30 @@ class Trainer:
             if key in reported:
                 record[key] = total / max(count_global, 1.0)
         return record
+
+    def forward_backward(self, batch: MicroBatch, micro_step: int, options, global_counts: tuple[int, int]
+                         ) -> torch.Tensor:
+        """Forward and backward of one micro-batch, reading nothing back from the device (what the
+        model needs to know about the batch was found on the host: micro_batch.py).
+
+        global_counts: (supervised tokens, sequences) of the global batch, host ints. Returns this
+        micro-step's float64 [4 + len(STAT_KEYS)] contribution to train_step's sums, on the device.
+        """
+        tensors = batch.tensors
+        replicas = self.cfg.trainer.grad_accum * self.dist.world_size
+        weights = loss_weights(tensors, self.cfg.loss.reduction, *global_counts, replicas)
+        generator = sampling_generator(self.cfg.seed, self.step, micro_step, self.dist.rank, self.device)
+        loss, stats = self.engine.deepspeed(tensors["input_ids"], tensors["attention_mask"], tensors["labels"],
+                                            weights, options, generator, **batch.model_kwargs())
+        self.engine.deepspeed.backward(loss)
+        dtype = torch.float64
+        # Fills on the device from host numbers: torch.tensor(value, device=cuda) would copy from the host and wait.
+        count = torch.full((), float(batch.supervised.count), dtype=dtype, device=self.device)
+        positions = torch.full((), float(tensors["input_ids"].numel()), dtype=dtype, device=self.device)
+        absent = torch.zeros((), dtype=dtype, device=self.device)
+        return torch.stack([loss.detach().to(dtype) / replicas, count, tensors["attention_mask"].sum().to(dtype),
+                            positions]
+                           + [stats[key].to(dtype) * count if key in stats else absent for key in STAT_KEYS])
 
     def collate_train(self, examples) -> dict[str, torch.Tensor]:
         """A training micro-batch: packed rows with data.packing (data/packing.py), else padded rows."""
