@@ -103,9 +103,10 @@ class TokenLossLM(nn.Module):
                                     dtype: torch.dtype, packed_spans: Optional[ExampleSpans] = None) -> dict:
         """How the model's attention kernel is told where each packed example ends (packed_attention.py).
 
-        sdpa's per-example form: the examples' spans, and the 2-D padding mask (all ones in a one-row
-        micro-batch, so Transformers builds no 4-D mask). Flash attention: no mask; it finds the examples
-        from the restarting position ids. sdpa (not switched) and eager: the block-causal 4-D mask."""
+        sdpa's per-example form: the examples' spans (`packed_spans`, found on the host, else read from
+        `sequence_index` here) and a mask it ignores: a 4-D placeholder with host spans (Transformers reads
+        no 4-D mask), else the 2-D padding mask. Flash attention: no mask; it finds the examples from the
+        restarting position ids. sdpa (not switched) and eager: the block-causal 4-D mask."""
         implementation = packed_attention_implementation(self.lm)
         if implementation == VARLEN_SDPA and packed_spans is not None:
             # The per-example kernel ignores the mask. Transformers would read a 2-D one back (is it all ones?),
