@@ -13,7 +13,8 @@ Steps, each in its own process with a time limit, each recorded as ok / failed /
 3. ``train_sft``, ``train_otr``, ``train_otr-packed``: ``otr train`` of a randomly initialised Qwen3
    model (cuda: the Qwen3-1.7B shape, bf16; cpu: a few-MB one), 20 steps (cpu: 3): tokens/s and peak
    memory; otr-packed is otr with data.packing=true (sdpa per example, or flash attention's
-   variable-length path where flash_attn is installed).
+   variable-length path where flash_attn is installed). On CUDA each micro-step's synchronising calls
+   (its host-to-device copy, forward and backward) are counted with torch.cuda.set_sync_debug_mode.
 4. ``eval_hf``, ``eval_vllm``: ``otr eval`` of the same random model on a few synthetic problems
    with each backend (vllm skipped when not importable); greedy completions compared.
 
@@ -206,6 +207,9 @@ def markdown(report: dict) -> str:
         if step["step"].startswith("train_") and step["status"] == "ok":
             detail = (f"{step['tokens_per_s']} tokens/s over steps 2-{step['steps']}, peak "
                       f"{step['peak_bytes'] / 2**30:.2f} GiB ({step['peak_method']}), final loss {step['final_loss']:.3f}")
+            if step.get("syncs_per_micro_step"):
+                syncs = step["syncs_per_micro_step"]
+                detail += f"; synchronisations per micro-step: first {syncs[0]}, then at most {max(syncs[1:] or [0])}"
         elif step["step"].startswith("eval_") and step["status"] == "ok":
             detail = f"{step['problems']} problems"
         elif step["step"] == "bench_loss" and step["status"] == "ok":
@@ -237,19 +241,62 @@ def describe_machine(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def count_micro_step_syncs() -> list[int]:
+    """On CUDA, count the synchronising CUDA calls of every training micro-step (the host-to-device copy of
+    the micro-batch, then the engine's forward and backward) with torch.cuda.set_sync_debug_mode("warn");
+    returns the list it fills, one count per micro-step. Nothing is counted without CUDA."""
+    import warnings
+
+    import torch
+
+    from otr_cli.train import loop
+
+    counts: list[int] = []
+    if not torch.cuda.is_available():
+        return counts
+    to_device, forward_backward = loop.micro_batch_to_device, loop.Trainer.forward_backward
+
+    def syncs_of(call):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = call()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return result, sum("synchroniz" in str(w.message) for w in caught)
+
+    def counted_to_device(*args, **kwargs):
+        batch, syncs = syncs_of(lambda: to_device(*args, **kwargs))
+        counts.append(syncs)
+        return batch
+
+    def counted_forward_backward(self, *args, **kwargs):
+        result, syncs = syncs_of(lambda: forward_backward(self, *args, **kwargs))
+        counts[-1] += syncs
+        return result
+
+    loop.micro_batch_to_device = counted_to_device
+    loop.Trainer.forward_backward = counted_forward_backward
+    return counts
+
+
 def run_otr_with_peak(peak_file: Path, argv: list[str]) -> None:
-    """`otr <argv>` in this process, then write its peak memory: CUDA's max allocated, else VmHWM."""
+    """`otr <argv>` in this process, then write its peak memory (CUDA's max allocated, else VmHWM) and, on
+    CUDA, the synchronisations of each training micro-step."""
     import torch
 
     from otr_cli.cli import main
 
+    syncs = count_micro_step_syncs()
     code = 0
     try:
         main(argv)
     except SystemExit as exit_:
         code = exit_.code or 0
     if torch.cuda.is_available():
-        peak = {"peak_bytes": torch.cuda.max_memory_allocated(), "peak_method": "torch.cuda.max_memory_allocated"}
+        peak = {"peak_bytes": torch.cuda.max_memory_allocated(), "peak_method": "torch.cuda.max_memory_allocated",
+                "syncs_per_micro_step": syncs}
     else:
         kib = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                    if line.startswith("VmHWM:"))

@@ -34,6 +34,7 @@ from otr_cli.losses.objectives import (
     rollout_weights,
     stat_names,
     summarise_stats,
+    loss_call_rows,
     supervised_rows,
     unreachable,
 )
@@ -461,6 +462,7 @@ def fused_token_loss(
     weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     policy: str | None = None,
+    all_supervised: bool = False,
     **knobs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token loss of an LM head without materialising the logits.
@@ -488,11 +490,13 @@ def fused_token_loss(
     reward_mean, unreachable_frac; and count. unreachable_frac: the fraction of positions whose
     target has rollout probability q(y) < ``UNREACHABLE_Q`` (1e-3). The statistics stay on the
     device: reading one (``float(...)``) synchronises, so callers read them once per logged step.
-    One host-device synchronisation per call (the count of supervised rows).
+    One host-device synchronisation per call (the count of supervised rows, read with the label check),
+    none with ``all_supervised=True``: the caller vouches that every label is a target in [0, V) (checked
+    on the host; TokenLossLM passes only supervised rows), so the count is N, known without the device.
     """
     options = options_from(options, knobs)
     hidden, labels, weights = check_inputs(hidden, weight, labels, weights, options.ignore_index)
-    supervised = supervised_rows(labels, weight.shape[0], options.ignore_index)
+    supervised = loss_call_rows(labels, weight.shape[0], options.ignore_index, all_supervised)
     chunk_rows = options.chunk_size or default_chunk_rows(weight.shape[0], weight.shape[1])
     plan = make_plan(policy or device_policy(hidden.device), weight.dtype, min(chunk_rows, max(supervised[1], 1)),
                      weight.shape[0], allow_tf32=options.allow_tf32)

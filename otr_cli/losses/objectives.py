@@ -264,6 +264,20 @@ def supervised_rows(labels: torch.Tensor, vocab: int, ignore_index: int) -> tupl
     return supervised.nonzero().squeeze(1), count  # a second synchronisation, on builds without it
 
 
+def all_rows_supervised(count: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """``supervised_rows``'s answer, (arange(count) [n] int64, n), for a caller whose every row is supervised
+    with a label it has checked on the host: no synchronisation."""
+    return torch.arange(count, device=device), count
+
+
+def loss_call_rows(labels: torch.Tensor, vocab: int, ignore_index: int, all_supervised: bool) -> tuple[torch.Tensor, int]:
+    """The supervised rows of a loss call: ``all_rows_supervised`` when the caller says every row is
+    (``all_supervised``), else ``supervised_rows`` (one synchronisation)."""
+    if all_supervised:
+        return all_rows_supervised(labels.numel(), labels.device)
+    return supervised_rows(labels, vocab, ignore_index)
+
+
 @functools.lru_cache(maxsize=None)
 def _has_nonzero_static(device_type: str) -> bool:
     """Whether ``torch.nonzero_static`` runs on this device type (probed once on 2 elements)."""

@@ -19,7 +19,7 @@ from otr_cli.losses.objectives import (
     rollout_rewards,
     rollout_weights,
     summarise_stats,
-    supervised_rows,
+    loss_call_rows,
     unreachable,
 )
 
@@ -32,13 +32,14 @@ def reference_token_loss(
     *,
     weights: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    all_supervised: bool = False,
     **knobs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Same contract as :func:`otr_cli.losses.fused_token_loss`; ``chunk_size`` is accepted and ignored
     (the reference always works on the whole batch at once)."""
     options = options_from(options, knobs)
     hidden, labels, weights = check_inputs(hidden, weight, labels, weights, options.ignore_index)
-    rows, count = supervised_rows(labels, weight.shape[0], options.ignore_index)
+    rows, count = loss_call_rows(labels, weight.shape[0], options.ignore_index, all_supervised)
     acc_dtype = accumulation_dtype(weight.dtype)
 
     # A low-precision matmul rounds the logits to that precision, exactly as the fused kernel does.

@@ -6,12 +6,10 @@ Read top to bottom: ``run_training`` builds everything, ``Trainer.train`` is the
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -29,8 +27,11 @@ from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine
 from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
+from otr_cli.train.micro_batch import MicroBatch, micro_batch_to_device
 from otr_cli.train.packed_attention import packed_attention_implementation, packed_row_capacity
 from otr_cli.train.progress import TrainProgress, print_summary
+from otr_cli.train.random_state import (restore_rank_states, restore_rng_states, rng_states, save_rank_states,
+                                         seed_everything, seed_for_rank)
 from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
@@ -53,27 +54,6 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().runtime.output_dir)
     return Path("outputs") / cfg.run.name
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def rng_states() -> dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
@@ -122,8 +102,8 @@ class Trainer:
                                                       load_lr_scheduler_states=True)
         state = read_trainer_state(checkpoint)
         self.step = int(state["step"])
-        if client_state and "rng" in client_state:
-            restore_rng_states(client_state["rng"])
+        restore_rank_states(Path(checkpoint) / DS_TAG, self.dist.rank, self.dist.world_size, self.cfg.seed, self.step,
+                            single_process_states=(client_state or {}).get("rng"))
         self.metrics.truncate_after(self.step)
         self.resumed_at = self.step
         latest = self.run_dir.latest_checkpoint()
@@ -133,7 +113,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         def write(tmp_dir: Path) -> None:
-            self.engine.deepspeed.save_checkpoint(str(tmp_dir), tag=DS_TAG, client_state={"rng": rng_states()})
+            self.engine.deepspeed.save_checkpoint(str(tmp_dir), tag=DS_TAG)
+            save_rank_states(tmp_dir / DS_TAG, self.dist.rank, self.dist.world_size)  # ZeRO 0-2 saves rank 0's alone
             export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main)
             if self.dist.is_main:
                 write_json_atomic(tmp_dir / "trainer_state.json", {
@@ -156,7 +137,6 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
-        cfg = self.cfg
         phase = phase_at(self.phases, self.step)
         options = phase.options
         micro_indices = self.plan.rank_micro_batches(self.step, self.dist.rank)
@@ -164,7 +144,6 @@ class Trainer:
         local_tokens = sum(ex.num_supervised for examples in micro_examples for ex in examples)
         local_sequences = sum(1 for examples in micro_examples for ex in examples if ex.num_supervised > 0)
         global_tokens, global_sequences = all_reduce_sum([local_tokens, local_sequences], self.device)
-        replicas = cfg.trainer.grad_accum * self.dist.world_size
         lr = self.engine.deepspeed.get_lr()[0]
 
         # [loss, supervised count, input tokens, positions computed (input tokens + padding),
@@ -172,23 +151,11 @@ class Trainer:
         # all-reduce): float(stats[...]) per micro-step would wait for the GPU every time.
         sums = torch.zeros(4 + len(STAT_KEYS), dtype=torch.float64, device=self.device)
         for micro_step, examples in enumerate(micro_examples):
-            batch = {k: v.to(self.device) for k, v in self.collate_train(examples).items()}
-            weights = loss_weights(batch, cfg.loss.reduction, int(global_tokens), int(global_sequences), replicas)
-            generator = sampling_generator(cfg.seed, self.step, micro_step, self.dist.rank, self.device)
-            packed = {k: batch[k] for k in ("position_ids", "sequence_index") if "position_ids" in batch}
-            loss, stats = self.engine.deepspeed(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      weights.to(self.device), options, generator, **packed)
-            self.engine.deepspeed.backward(loss)
+            batch = micro_batch_to_device(self.collate_train(examples), self.device)
+            sums += self.forward_backward(batch, micro_step, options, (int(global_tokens), int(global_sequences)))
             if micro_step == len(micro_examples) - 1:
                 grad_norm = self._grad_norm_before_step()
             self.engine.deepspeed.step()
-            micro_count = stats["count"].to(sums)
-            absent = torch.zeros((), dtype=sums.dtype, device=sums.device)
-            # a fill on the device: torch.tensor(value, device=cuda) would copy from the host and wait
-            positions = torch.full((), float(batch["input_ids"].numel()), dtype=sums.dtype, device=sums.device)
-            sums += torch.stack([loss.detach().to(sums) / replicas, micro_count, batch["attention_mask"].sum().to(sums),
-                                 positions]
-                                + [stats[key].to(sums) * micro_count if key in stats else absent for key in STAT_KEYS])
 
         reduced = all_reduce_sum(sums, self.device)
         loss_global, count_global, tokens_global, positions_global = reduced[:4]
@@ -211,6 +178,30 @@ class Trainer:
             if key in reported:
                 record[key] = total / max(count_global, 1.0)
         return record
+
+    def forward_backward(self, batch: MicroBatch, micro_step: int, options, global_counts: tuple[int, int]
+                         ) -> torch.Tensor:
+        """Forward and backward of one micro-batch, reading nothing back from the device (what the
+        model needs to know about the batch was found on the host: micro_batch.py).
+
+        global_counts: (supervised tokens, sequences) of the global batch, host ints. Returns this
+        micro-step's float64 [4 + len(STAT_KEYS)] contribution to train_step's sums, on the device.
+        """
+        tensors = batch.tensors
+        replicas = self.cfg.trainer.grad_accum * self.dist.world_size
+        weights = loss_weights(tensors, self.cfg.loss.reduction, *global_counts, replicas)
+        generator = sampling_generator(self.cfg.seed, self.step, micro_step, self.dist.rank, self.device)
+        loss, stats = self.engine.deepspeed(tensors["input_ids"], tensors["attention_mask"], tensors["labels"],
+                                            weights, options, generator, **batch.model_kwargs())
+        self.engine.deepspeed.backward(loss)
+        dtype = torch.float64
+        # Fills on the device from host numbers: torch.tensor(value, device=cuda) would copy from the host and wait.
+        count = torch.full((), float(batch.supervised.count), dtype=dtype, device=self.device)
+        positions = torch.full((), float(tensors["input_ids"].numel()), dtype=dtype, device=self.device)
+        absent = torch.zeros((), dtype=dtype, device=self.device)
+        return torch.stack([loss.detach().to(dtype) / replicas, count, tensors["attention_mask"].sum().to(dtype),
+                            positions]
+                           + [stats[key].to(dtype) * count if key in stats else absent for key in STAT_KEYS])
 
     def collate_train(self, examples) -> dict[str, torch.Tensor]:
         """A training micro-batch: packed rows with data.packing (data/packing.py), else padded rows."""
@@ -511,6 +502,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size)
     trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, engine, total_steps, plan)
+    # Seeded alike up to here (the initial weights); from here on each rank's dropout draws its own masks.
+    seed_for_rank(cfg.seed, dist_info.rank)
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
     run_dir.mark("running", step=trainer.step, total_steps=total_steps)
