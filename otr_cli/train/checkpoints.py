@@ -59,7 +59,16 @@ class RunDirectory:
                 found.append((int(match.group(1)), child))
         return sorted(found)
 
+    def checkpoint_path(self, step: int) -> Path:
+        """Where the checkpoint of `step` is published: the same path on every rank, from the step alone.
+
+        A rank acting on a checkpoint this run wrote uses this, never its own listing of checkpoints/
+        (NFS can show one rank an older listing: under ZeRO-3 it would then enter a collective alone).
+        """
+        return self.checkpoints / f"step-{step}"
+
     def latest_checkpoint(self) -> Optional[Path]:
+        """The newest complete checkpoint in this rank's listing (for resuming; may be stale on NFS)."""
         complete = self.complete_checkpoints()
         return complete[-1][1] if complete else None
 
@@ -98,7 +107,7 @@ class RunDirectory:
         `write_contents(tmp_dir)` is called on every rank (DeepSpeed shards are per rank);
         rank 0 then renames the directory into place and prunes old checkpoints.
         """
-        final_dir = self.checkpoints / f"step-{step}"
+        final_dir = self.checkpoint_path(step)
         tmp_dir = self.checkpoints / f".tmp-step-{step}"
         if self.dist.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -147,8 +147,8 @@ class Trainer:
         return checkpoint
 
     def checkpoint_now(self) -> Path:
-        """A complete checkpoint of the current step: the one just written, else a new one."""
-        return self.run_dir.latest_checkpoint() if self.saved_at == self.step else self.save_checkpoint()
+        """A complete checkpoint of the current step: the one just written, else a new one (same path on every rank)."""
+        return self.run_dir.checkpoint_path(self.step) if self.saved_at == self.step else self.save_checkpoint()
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -230,7 +230,8 @@ class Trainer:
         from otr_cli.eval.runner import evaluate_model
 
         states = rng_states()
-        model_dir = self.run_dir.latest_checkpoint() if self.saved_at == self.step else None
+        # Decided from the step every rank agrees on, not from a listing NFS may show stale to one rank.
+        model_dir = self.run_dir.checkpoint_path(self.step) if self.saved_at == self.step else None
         temporary = None
         model = None
         # vLLM loads a model from files in its own process: it gets this step's export, never a
