@@ -101,25 +101,27 @@ class RunDirectory:
         if self.dist.is_main:
             write_json_atomic(self.state_file, {"status": status, **info})
 
-    def save_checkpoint(self, step: int, write_contents: Callable[[Path], None], limit: Optional[int]) -> Path:
+    def save_checkpoint(self, step: int, write_contents: Callable[[Path], None], limit: Optional[int],
+                        wait: Callable[[], None] = barrier) -> Path:
         """Write a checkpoint atomically.
 
         `write_contents(tmp_dir)` is called on every rank (DeepSpeed shards are per rank);
-        rank 0 then renames the directory into place and prunes old checkpoints.
+        rank 0 then renames the directory into place and prunes old checkpoints. `wait` is the
+        barrier (save_timing.WaitClock.barrier times it).
         """
         final_dir = self.checkpoint_path(step)
         tmp_dir = self.checkpoints / f".tmp-step-{step}"
         if self.dist.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
-        barrier()
+        wait()
         try:
             write_contents(tmp_dir)
         except BaseException:
             if self.dist.is_main:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
-        barrier()
+        wait()
         if self.dist.is_main:
             if final_dir.exists():
                 # Same step saved again (e.g. the end of training right after a periodic save).
@@ -127,7 +129,7 @@ class RunDirectory:
             os.replace(tmp_dir, final_dir)
             fsync_directory(self.checkpoints)
             self._prune(limit, keep=final_dir)
-        barrier()
+        wait()
         return final_dir
 
     def _prune(self, limit: Optional[int], keep: Path) -> None:

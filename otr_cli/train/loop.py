@@ -140,9 +140,11 @@ class Trainer:
                     "data_order": self.plan.order_settings(),
                 })
 
-        checkpoint = timed_save(lambda: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit),
-                                step=self.step, signal_delay_s=self.cfg.launcher.signal_delay_s,
-                                is_main=self.dist.is_main, write_metrics=self.metrics.write)
+        checkpoint = timed_save(
+            lambda clock: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit, clock.barrier),
+            step=self.step, signal_delay_s=self.cfg.launcher.signal_delay_s, is_main=self.dist.is_main,
+            write_metrics=self.metrics.write, sum_over_ranks=lambda values: all_reduce_sum(values, self.device),
+            world_size=self.dist.world_size)
         self.saved_at = self.step
         return checkpoint
 

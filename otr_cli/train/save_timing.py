@@ -15,8 +15,21 @@ from typing import Callable, Optional
 
 from otr_cli.atomic import write_json_atomic
 from otr_cli.train.checkpoint_size import directory_bytes, format_bytes
+from otr_cli.train.distributed import barrier
 
 log = logging.getLogger("otr.train")
+
+
+class WaitClock:
+    """The wall-clock seconds (float) this rank spent in barriers: how long it waited for the others."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def barrier(self) -> None:
+        started = time.perf_counter()
+        barrier()
+        self.seconds += time.perf_counter() - started
 
 
 def slow_save_warning(seconds: float, signal_delay_s: float) -> Optional[str]:
@@ -44,20 +57,26 @@ def record_save(checkpoint: Path, seconds: float) -> int:
     return size
 
 
-def timed_save(save: Callable[[], Path], *, step: int, signal_delay_s: float, is_main: bool,
-               write_metrics: Callable[[dict], None]) -> Path:
-    """Run `save()` (collective: every rank calls it) and report how long it took on rank 0.
+def timed_save(save: Callable[[WaitClock], Path], *, step: int, signal_delay_s: float, is_main: bool,
+               write_metrics: Callable[[dict], None], sum_over_ranks: Callable[[list[float]], list[float]],
+               world_size: int) -> Path:
+    """Run `save(wait_clock)` (collective: every rank calls it) and report how long it took on rank 0.
 
     The time is logged and kept in the checkpoint's trainer_state.json; a save slower than half of
-    `signal_delay_s` also writes a warning line ({"step", "warning"}) to metrics.jsonl.
+    `signal_delay_s` also writes a warning line ({"step", "warning"}) to metrics.jsonl. The log also
+    gives the mean seconds the other ranks waited in the save's barriers (`save` times its barriers
+    with the clock), rank 0's work after the save included: GPUs idle while rank 0 works alone.
     """
     started = time.perf_counter()
-    checkpoint = save()
+    wait_clock = WaitClock()
+    checkpoint = save(wait_clock)
     seconds = time.perf_counter() - started
+    size = record_save(checkpoint, seconds) if is_main else 0
+    wait_clock.barrier()  # the others would otherwise wait for rank 0's work above in their next collective
+    waited = sum_over_ranks([0.0 if is_main else wait_clock.seconds])[0] / max(world_size - 1, 1)
     if is_main:
-        size = record_save(checkpoint, seconds)
-        log.info("checkpoint %s saved in %.1f s (%s as seen from rank 0)", checkpoint.name, seconds,
-                 format_bytes(size))
+        log.info("checkpoint %s saved in %.1f s (%s as seen from rank 0); the other ranks waited %.2f s",
+                 checkpoint.name, seconds, format_bytes(size), waited)
         warning = slow_save_warning(seconds, signal_delay_s)
         if warning:
             log.warning(warning)
