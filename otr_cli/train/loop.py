@@ -144,7 +144,7 @@ class Trainer:
             lambda clock: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit, clock.barrier),
             step=self.step, signal_delay_s=self.cfg.launcher.signal_delay_s, is_main=self.dist.is_main,
             write_metrics=self.metrics.write, sum_over_ranks=lambda values: all_reduce_sum(values, self.device),
-            world_size=self.dist.world_size)
+            world_size=self.dist.world_size, in_background=self.run_dir.background.submit)
         self.saved_at = self.step
         return checkpoint
 

@@ -41,42 +41,49 @@ def slow_save_warning(seconds: float, signal_delay_s: float) -> Optional[str]:
             f"{math.ceil(2 * seconds)}, or make saves faster (a faster file system, LoRA).")
 
 
-def record_save(checkpoint: Path, seconds: float) -> int:
-    """Add the save's duration and size to the checkpoint's trainer_state.json; returns the size in bytes.
+def record_save(checkpoint: Path, seconds: float) -> Optional[int]:
+    """Add the save's duration and size to the checkpoint's trainer_state.json; returns the size in bytes
+    (None: the checkpoint was pruned meanwhile).
 
-    Rank 0 only, after the checkpoint is in place: the file is replaced atomically, so a reader sees
+    Rank 0 only, after the checkpoint is in place, in the background (walking a checkpoint of
+    thousands of files on NFS takes a while): the file is replaced atomically, so a reader sees
     the old or the new metadata and the checkpoint stays complete either way.
     """
     import json
 
-    size = directory_bytes(checkpoint)
-    state_file = checkpoint / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    state.update({"save_time_s": round(seconds, 3), "checkpoint_bytes": size})
-    write_json_atomic(state_file, state)
+    try:
+        size = directory_bytes(checkpoint)
+        state_file = checkpoint / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        state.update({"save_time_s": round(seconds, 3), "checkpoint_bytes": size})
+        write_json_atomic(state_file, state)
+    except FileNotFoundError:
+        return None  # pruned by a later save before this ran: nothing left to describe
+    log.info("checkpoint %s: %s as seen from rank 0", checkpoint.name, format_bytes(size))
     return size
 
 
 def timed_save(save: Callable[[WaitClock], Path], *, step: int, signal_delay_s: float, is_main: bool,
                write_metrics: Callable[[dict], None], sum_over_ranks: Callable[[list[float]], list[float]],
-               world_size: int) -> Path:
+               world_size: int, in_background: Callable[[Callable[[], None]], None]) -> Path:
     """Run `save(wait_clock)` (collective: every rank calls it) and report how long it took on rank 0.
 
     The time is logged and kept in the checkpoint's trainer_state.json; a save slower than half of
     `signal_delay_s` also writes a warning line ({"step", "warning"}) to metrics.jsonl. The log also
     gives the mean seconds the other ranks waited in the save's barriers (`save` times its barriers
     with the clock), rank 0's work after the save included: GPUs idle while rank 0 works alone.
+    Sizing the checkpoint is left to `in_background` (rank 0's background file thread).
     """
     started = time.perf_counter()
     wait_clock = WaitClock()
     checkpoint = save(wait_clock)
     seconds = time.perf_counter() - started
-    size = record_save(checkpoint, seconds) if is_main else 0
-    wait_clock.barrier()  # the others would otherwise wait for rank 0's work above in their next collective
+    if is_main:
+        in_background(lambda: record_save(checkpoint, seconds))
+    wait_clock.barrier()  # counts any work rank 0 did alone above, which the others would wait for anyway
     waited = sum_over_ranks([0.0 if is_main else wait_clock.seconds])[0] / max(world_size - 1, 1)
     if is_main:
-        log.info("checkpoint %s saved in %.1f s (%s as seen from rank 0); the other ranks waited %.2f s",
-                 checkpoint.name, seconds, format_bytes(size), waited)
+        log.info("checkpoint %s saved in %.1f s; the other ranks waited %.2f s", checkpoint.name, seconds, waited)
         warning = slow_save_warning(seconds, signal_delay_s)
         if warning:
             log.warning(warning)
