@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from helpers import REPO, SHARED_DATA, read_jsonl, run_cli, subprocess_env, tiny_overrides
 from otr_cli.cli import main
@@ -196,3 +197,19 @@ def test_a_rank_with_a_stale_listing_of_checkpoints_evaluates_the_same_checkpoin
     assert codes == [0, 0], f"exit codes {codes}:\n{logs}"
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "eval/gsm8k" in r] == [2]
     assert not (out / "eval" / "step-2" / "model").exists()
+
+
+def test_without_an_export_in_each_checkpoint_zero3_evaluations_and_final_still_get_one(tiny_qwen3_model_dir, tmp_path):
+    # trainer.export_every_save=false: the step-2 evaluation exports the model temporarily (a collective every
+    # rank joins), and final/ is exported; the checkpoints hold DeepSpeed's state only.
+    out = tmp_path / "lean"
+    run_ranks(["train", *scale_path(tiny_qwen3_model_dir, out, "trainer.max_steps=3", "trainer.eval_steps=0",
+                                    "trainer.export_every_save=false")], tmp_path / "logs")
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "eval/gsm8k" in r] == [2]
+    assert not (out / "eval" / "step-2" / "model").exists()
+    for step in (2, 3):
+        assert not (out / "checkpoints" / f"step-{step}" / "model.safetensors").exists()
+    assert read_jsonl(out / "eval" / "final" / "gsm8k.jsonl")
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    log = " ".join((tmp_path / "logs" / "rank0.log").read_text().split())  # rich wraps long lines
+    assert "checkpoint step-2 saved in" in log and "the other ranks waited" in log

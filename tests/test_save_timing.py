@@ -34,6 +34,15 @@ def test_an_8b_zero3_checkpoint_is_estimated_at_about_115_gb():
     assert "per rank: rank 0 writes 28.7 GB, each other rank 12.3 GB" in lines
 
 
+def test_checkpoints_without_an_export_are_estimated_without_the_model_safetensors():
+    # trainer.export_every_save=false: Qwen3-8B under ZeRO-3 on 8 ranks, rank 0 writes what the others do.
+    estimate = estimate_checkpoint(ModelSize(8_190_735_360), dtype_bytes=2, zero_stage=3, world_size=8,
+                                   mixed_precision=True, hf_export=False)
+    assert estimate.total_bytes == pytest.approx(8_190_735_360 * 12, rel=1e-6)
+    assert estimate.rank0_bytes == estimate.other_rank_bytes
+    assert not any("Hugging Face" in what for what, _, _ in estimate.parts)
+
+
 def test_lora_checkpoints_hold_the_adapter_optimizer_state_only():
     full = estimate_checkpoint(ModelSize(1_000_000), dtype_bytes=4, zero_stage=2, world_size=2, mixed_precision=False)
     lora = estimate_checkpoint(ModelSize(1_000_000, lora_parameters=10_000), dtype_bytes=4, zero_stage=2,

@@ -131,7 +131,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         def write(tmp_dir: Path) -> None:
             self.engine.deepspeed.save_checkpoint(str(tmp_dir), tag=DS_TAG, client_state={"rng": rng_states()})
-            export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main)
+            if self.cfg.trainer.export_every_save:
+                export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main)
             if self.dist.is_main:
                 write_json_atomic(tmp_dir / "trainer_state.json", {
                     "step": self.step, "epoch": self.plan.epoch_at(self.step), "total_steps": self.total_steps,
@@ -232,8 +233,9 @@ class Trainer:
         from otr_cli.eval.runner import evaluate_model
 
         states = rng_states()
-        # Decided from the step every rank agrees on, not from a listing NFS may show stale to one rank.
-        model_dir = self.run_dir.checkpoint_path(self.step) if self.saved_at == self.step else None
+        # Decided from the step and the config every rank agrees on, not from a listing NFS may show stale.
+        has_export = self.saved_at == self.step and self.cfg.trainer.export_every_save
+        model_dir = self.run_dir.checkpoint_path(self.step) if has_export else None
         temporary = None
         model = None
         # vLLM loads a model from files in its own process: it gets this step's export, never a
@@ -413,7 +415,10 @@ class Trainer:
             final_record = {"step": self.step, "val_ce": val}
             self.metrics.write(final_record)
             records.append(final_record)
-        self.run_dir.publish_final(last)
+        # Without an export in the checkpoint, final/ gets one of its own (a collective).
+        export = None if self.cfg.trainer.export_every_save else (
+            lambda target: export_hf_model(self.engine, target, self.tokenizer, self.dist.is_main))
+        self.run_dir.publish_final(last, export)
         self.metrics.close()
         return records
 
