@@ -106,6 +106,10 @@ class RunDirectory:
 
     def mark(self, status: str, **info: Any) -> None:
         if self.dist.is_main:
+            if status == "finished":
+                # A finished run's files are final: deletions done, every checkpoint sized. At the very
+                # end, so that no rank waits for this while it could work (the final evaluation).
+                self.background.wait()
             write_json_atomic(self.state_file, {"status": status, **info})
 
     def save_checkpoint(self, step: int, write_contents: Callable[[Path], None], limit: Optional[int],
@@ -154,8 +158,7 @@ class RunDirectory:
         with `export` (a collective every rank calls: the checkpoint has no export), a new export.
 
         Hard links cost no time and no space, and final/ stays whole when the checkpoint is pruned
-        or deleted; where the file system refuses them the files are copied. Rank 0 then waits for
-        its background deletions and sizing, after the other ranks are released.
+        or deleted; where the file system refuses them the files are copied.
         """
         tmp = self.root / ".tmp-final"
         if self.dist.is_main:
@@ -173,8 +176,6 @@ class RunDirectory:
             os.replace(tmp, self.final)
             fsync_directory(self.root)
         wait()
-        if self.dist.is_main:
-            self.background.wait()
 
 
 def link_or_copy(source: str, target: str) -> None:
