@@ -211,6 +211,10 @@ class TrainerConfig:
     log_steps: int = 1
     save_steps: int = 0
     save_total_limit: Optional[int] = 2
+    # Every checkpoint also holds a Hugging Face export (model.safetensors, config.json, tokenizer) that
+    # from_pretrained loads. false: checkpoints hold DeepSpeed's state only, saves skip rank 0's export
+    # of the whole model; final/ and the models that evaluations load are still exported.
+    export_every_save: bool = True
     # "auto" | "never" | a checkpoint directory.
     resume: str = "auto"
     # Validation loss every N optimizer steps (0: only at the end, if there is a validation set).

@@ -15,8 +15,9 @@ import sys
 import time
 
 import pytest
+from transformers import AutoModelForCausalLM
 
-from helpers import SHARED_DATA, read_jsonl, run_cli, subprocess_env, tiny_overrides
+from helpers import REPO, SHARED_DATA, read_jsonl, run_cli, subprocess_env, tiny_overrides
 from otr_cli.cli import main
 from ranks import start_ranks, wait_all
 
@@ -178,3 +179,39 @@ def test_two_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterr
     for line in ("Preempted at step", "requeued", "Resumed from"):
         assert line in logs, f"no {line!r} in the job's logs:\n{job_logs(tmp_path)}"
     same_run(uninterrupted, sweep / "0")
+
+
+def test_a_rank_with_a_stale_listing_of_checkpoints_evaluates_the_same_checkpoint_as_the_others(
+        tiny_qwen3_model_dir, tmp_path):
+    # Rank 1 never sees the step-2 checkpoint in its listing (NFS attribute caching): it must still load
+    # the model from step-2 like rank 0, not join a gather alone (a hang under ZeRO-3) nor take an older one.
+    out = tmp_path / "stale"
+    (tmp_path / "logs").mkdir()
+    processes = start_ranks(["train", *scale_path(tiny_qwen3_model_dir, out, "trainer.max_steps=3",
+                                                  "trainer.eval_steps=0")],
+                            tmp_path / "logs", extra_env={"OTR_STALE_RANK": "1"},
+                            script=str(REPO / "tests" / "stale_listing.py"))
+    codes = wait_all(processes, 400)
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    logs = "\n".join(f"--- rank {r} ---\n" + (tmp_path / "logs" / f"rank{r}.log").read_text()[-3000:] for r in (0, 1))
+    assert codes == [0, 0], f"exit codes {codes}:\n{logs}"
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "eval/gsm8k" in r] == [2]
+    assert not (out / "eval" / "step-2" / "model").exists()
+
+
+def test_without_an_export_in_each_checkpoint_zero3_evaluations_and_final_still_get_one(tiny_qwen3_model_dir, tmp_path):
+    # trainer.export_every_save=false: the step-2 evaluation exports the model temporarily (a collective every
+    # rank joins), and final/ is exported; the checkpoints hold DeepSpeed's state only.
+    out = tmp_path / "lean"
+    run_ranks(["train", *scale_path(tiny_qwen3_model_dir, out, "trainer.max_steps=3", "trainer.eval_steps=0",
+                                    "trainer.export_every_save=false")], tmp_path / "logs")
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "eval/gsm8k" in r] == [2]
+    assert not (out / "eval" / "step-2" / "model").exists()
+    for step in (2, 3):
+        assert not (out / "checkpoints" / f"step-{step}" / "model.safetensors").exists()
+    assert read_jsonl(out / "eval" / "final" / "gsm8k.jsonl")
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    log = " ".join((tmp_path / "logs" / "rank0.log").read_text().split())  # rich wraps long lines
+    assert "checkpoint step-2 saved in" in log and "the other ranks waited" in log

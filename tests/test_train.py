@@ -267,3 +267,23 @@ def test_tensorboard_events_are_written_when_installed(shared_run):
     pytest.importorskip("tensorboard")
     out, _ = shared_run("loss=sft")  # trainer.report_to=[auto]: tensorboard when installed
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_without_export_every_save_checkpoints_hold_deepspeed_state_only_and_final_the_same_model(
+        tiny_model_dir, tmp_path, shared_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference, _ = shared_run("loss=sft")
+    out = tmp_path / "lean"
+    train(tiny_model_dir, out, "loss=sft", "trainer.save_steps=1", "trainer.export_every_save=false")
+    for step in (2, 3):  # save_total_limit=2
+        checkpoint = out / "checkpoints" / f"step-{step}"
+        assert (checkpoint / "ds").is_dir() and (checkpoint / "trainer_state.json").is_file()
+        assert not (checkpoint / "model.safetensors").exists() and not (checkpoint / "config.json").exists()
+    final, expected = load_file(out / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    assert final.keys() == expected.keys()
+    for key in final:
+        torch.testing.assert_close(final[key], expected[key], rtol=0, atol=0)
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    AutoTokenizer.from_pretrained(out / "final")

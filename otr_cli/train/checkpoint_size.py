@@ -8,7 +8,7 @@ A checkpoint (otr_cli/train/checkpoints.py) holds DeepSpeed's state and a Huggin
                        12 bytes per trainable parameter, split over the ranks (ZeRO >= 1, and bf16/fp16
                        at stage 0); at stage 0 in fp32 the two moments only, in rank 0's file
     model.safetensors  the (merged) model in the training dtype, written by rank 0; LoRA runs also
-                       write the adapter
+                       write the adapter (none with trainer.export_every_save=false)
     tokenizer files    copied from the model's tokenizer
 """
 
@@ -55,10 +55,11 @@ class CheckpointEstimate:
 
 
 def estimate_checkpoint(size: ModelSize, *, dtype_bytes: int, zero_stage: int, world_size: int,
-                        mixed_precision: bool) -> CheckpointEstimate:
+                        mixed_precision: bool, hf_export: bool = True) -> CheckpointEstimate:
     """The checkpoint of a model of `size` trained in a `dtype_bytes` dtype (2: bf16/fp16, 4: fp32).
 
     mixed_precision: bf16/fp16 training (DeepSpeed then keeps fp32 master weights, even at stage 0).
+    hf_export: the checkpoint holds a Hugging Face export (trainer.export_every_save).
     """
     estimate = CheckpointEstimate(world_size)
     lora = size.lora_parameters
@@ -78,6 +79,8 @@ def estimate_checkpoint(size: ModelSize, *, dtype_bytes: int, zero_stage: int, w
     else:
         shard = trainable * ADAM_BYTES // world_size
         estimate.add("optimizer (fp32 master + Adam moments)", shard, shard, "every rank, 1/world each")
+    if not hf_export:
+        return estimate
     estimate.add("Hugging Face export (model.safetensors)", size.parameters * dtype_bytes, 0, "rank 0")
     if lora:
         estimate.add("LoRA adapter", lora * dtype_bytes, 0, "rank 0")
@@ -171,4 +174,5 @@ def estimate_for_run(cfg: TrainConfig, on_gpu: bool, world_size: int) -> Checkpo
     dtype = default_dtype(cfg.model.dtype, torch.device("cuda" if on_gpu else "cpu"))
     dtype_bytes = 2 if mixed else dtype.itemsize
     return estimate_checkpoint(model_size_from_config(cfg), dtype_bytes=dtype_bytes,
-                               zero_stage=cfg.deepspeed.zero_stage, world_size=world_size, mixed_precision=mixed)
+                               zero_stage=cfg.deepspeed.zero_stage, world_size=world_size, mixed_precision=mixed,
+                               hf_export=cfg.trainer.export_every_save)

@@ -4,12 +4,14 @@
                                        model.safetensors, config.json, tokenizer files
                                        adapter/ (LoRA runs: the adapter alone, for peft)
                                        trainer_state.json
-    <output_dir>/final/                the last model, Hugging Face format
+    <output_dir>/final/                the last model, Hugging Face format (hard links to the last
+                                       checkpoint's export when it has one, else exported there)
     <output_dir>/run_state.json        {"status": "running" | "finished", ...}
 
 Every checkpoint is written into a hidden ``.tmp-step-N`` directory and renamed into place
 only when all ranks are done, so ``step-N`` existing means it is complete. A failure while
-writing leaves the earlier checkpoints untouched.
+writing leaves the earlier checkpoints untouched. Pruned checkpoints are renamed into hidden
+``.trash-*`` directories and deleted by a background thread of rank 0 (background_files.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable, Optional
 
 from otr_cli.atomic import fsync_directory, write_json_atomic
 from otr_cli.errors import UserError
+from otr_cli.train.background_files import BackgroundFiles, trash_in
 from otr_cli.train.distributed import DistInfo, barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -46,6 +49,8 @@ class RunDirectory:
         self.checkpoints = self.root / "checkpoints"
         self.final = self.root / "final"
         self.state_file = self.root / "run_state.json"
+        # Rank 0's deletions and sizing, off the ranks' critical path.
+        self.background = BackgroundFiles()
 
     # -- discovery ---------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[tuple[int, Path]]:
@@ -59,7 +64,16 @@ class RunDirectory:
                 found.append((int(match.group(1)), child))
         return sorted(found)
 
+    def checkpoint_path(self, step: int) -> Path:
+        """Where the checkpoint of `step` is published: the same path on every rank, from the step alone.
+
+        A rank acting on a checkpoint this run wrote uses this, never its own listing of checkpoints/
+        (NFS can show one rank an older listing: under ZeRO-3 it would then enter a collective alone).
+        """
+        return self.checkpoints / f"step-{step}"
+
     def latest_checkpoint(self) -> Optional[Path]:
+        """The newest complete checkpoint in this rank's listing (for resuming; may be stale on NFS)."""
         complete = self.complete_checkpoints()
         return complete[-1][1] if complete else None
 
@@ -75,74 +89,101 @@ class RunDirectory:
     def prepare(self, overwrite: bool) -> None:
         """Create the directory; with `overwrite`, delete a previous run's model files first."""
         if self.dist.is_main:
+            # Leftovers of a checkpoint that was being written, or deleted, when the process died.
+            stale = [*self.checkpoints.glob(".tmp-step-*"), *trash_in(self.checkpoints), *trash_in(self.root)]
             if overwrite:
                 for path in (self.checkpoints, self.final, self.state_file, self.root / "metrics.jsonl"):
                     if path.is_dir():
-                        shutil.rmtree(path)
+                        self.background.discard(path)
                     elif path.exists():
                         path.unlink()
             self.root.mkdir(parents=True, exist_ok=True)
             self.checkpoints.mkdir(exist_ok=True)
-            # Leftovers of a checkpoint that was being written when the process died.
-            for stale in self.checkpoints.glob(".tmp-step-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            for leftover in stale:
+                if leftover.exists():  # not inside checkpoints/ discarded above
+                    self.background.discard(leftover)
         barrier()
 
     def mark(self, status: str, **info: Any) -> None:
         if self.dist.is_main:
+            if status == "finished":
+                # A finished run's files are final: deletions done, every checkpoint sized. At the very
+                # end, so that no rank waits for this while it could work (the final evaluation).
+                self.background.wait()
             write_json_atomic(self.state_file, {"status": status, **info})
 
-    def save_checkpoint(self, step: int, write_contents: Callable[[Path], None], limit: Optional[int]) -> Path:
+    def save_checkpoint(self, step: int, write_contents: Callable[[Path], None], limit: Optional[int],
+                        wait: Callable[[], None] = barrier) -> Path:
         """Write a checkpoint atomically.
 
         `write_contents(tmp_dir)` is called on every rank (DeepSpeed shards are per rank);
-        rank 0 then renames the directory into place and prunes old checkpoints.
+        rank 0 then renames the directory into place and prunes old checkpoints. `wait` is the
+        barrier (save_timing.WaitClock.barrier times it).
         """
-        final_dir = self.checkpoints / f"step-{step}"
+        final_dir = self.checkpoint_path(step)
         tmp_dir = self.checkpoints / f".tmp-step-{step}"
         if self.dist.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
-        barrier()
+        wait()
         try:
             write_contents(tmp_dir)
         except BaseException:
             if self.dist.is_main:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
-        barrier()
+        wait()
         if self.dist.is_main:
             if final_dir.exists():
                 # Same step saved again (e.g. the end of training right after a periodic save).
-                shutil.rmtree(final_dir)
+                self.background.discard(final_dir)
             os.replace(tmp_dir, final_dir)
             fsync_directory(self.checkpoints)
             self._prune(limit, keep=final_dir)
-        barrier()
+        wait()
         return final_dir
 
     def _prune(self, limit: Optional[int], keep: Path) -> None:
+        """Move the checkpoints beyond `limit` out of sight now; the background thread deletes them."""
         if limit is None:
             return
         complete = self.complete_checkpoints()
         for _, path in complete[:-limit]:
             if path != keep:
-                shutil.rmtree(path, ignore_errors=True)
+                self.background.discard(path)
 
-    def publish_final(self, source_checkpoint: Path) -> None:
-        """Copy the Hugging Face files of a checkpoint to final/ (atomically)."""
-        if not self.dist.is_main:
-            barrier()
-            return
+    def publish_final(self, source_checkpoint: Path, export: Optional[Callable[[Path], None]] = None,
+                      wait: Callable[[], None] = barrier) -> None:
+        """Publish final/ atomically: hard links to the Hugging Face files of `source_checkpoint`, or,
+        with `export` (a collective every rank calls: the checkpoint has no export), a new export.
+
+        Hard links cost no time and no space, and final/ stays whole when the checkpoint is pruned
+        or deleted; where the file system refuses them the files are copied.
+        """
         tmp = self.root / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source_checkpoint, tmp, ignore=shutil.ignore_patterns(DS_TAG, "trainer_state.json", "latest",
-                                                                               "zero_to_fp32.py", "zero_to_torch.py"))
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(tmp, self.final)
-        fsync_directory(self.root)
-        barrier()
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if export is not None:
+            wait()
+            export(tmp)
+        elif self.dist.is_main:
+            shutil.copytree(source_checkpoint, tmp, copy_function=link_or_copy,
+                            ignore=shutil.ignore_patterns(DS_TAG, "trainer_state.json", "latest", "zero_to_fp32.py",
+                                                          "zero_to_torch.py"))
+        if self.dist.is_main:
+            if self.final.exists():
+                self.background.discard(self.final)
+            os.replace(tmp, self.final)
+            fsync_directory(self.root)
+        wait()
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """A hard link to `source` at `target`; a copy where the file system has none (or across devices)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def resolve_resume(run_dir: RunDirectory, resume: str) -> Optional[Path]:

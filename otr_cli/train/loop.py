@@ -115,7 +115,8 @@ class Trainer:
         def write(tmp_dir: Path) -> None:
             self.engine.deepspeed.save_checkpoint(str(tmp_dir), tag=DS_TAG)
             save_rank_states(tmp_dir / DS_TAG, self.dist.rank, self.dist.world_size)  # ZeRO 0-2 saves rank 0's alone
-            export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main)
+            if self.cfg.trainer.export_every_save:
+                export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main)
             if self.dist.is_main:
                 write_json_atomic(tmp_dir / "trainer_state.json", {
                     "step": self.step, "epoch": self.plan.epoch_at(self.step), "total_steps": self.total_steps,
@@ -124,16 +125,18 @@ class Trainer:
                     "data_order": self.plan.order_settings(),
                 })
 
-        checkpoint = timed_save(lambda: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit),
-                                step=self.step, signal_delay_s=self.cfg.launcher.signal_delay_s,
-                                is_main=self.dist.is_main, write_metrics=self.metrics.write,
-                                evaluation_s=self.longest_evaluation_stretch_s)
+        checkpoint = timed_save(
+            lambda clock: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit, clock.barrier),
+            step=self.step, signal_delay_s=self.cfg.launcher.signal_delay_s, is_main=self.dist.is_main,
+            write_metrics=self.metrics.write, sum_over_ranks=lambda values: all_reduce_sum(values, self.device),
+            world_size=self.dist.world_size, in_background=self.run_dir.background.submit,
+            evaluation_s=self.longest_evaluation_stretch_s)
         self.saved_at = self.step
         return checkpoint
 
     def checkpoint_now(self) -> Path:
-        """A complete checkpoint of the current step: the one just written, else a new one."""
-        return self.run_dir.latest_checkpoint() if self.saved_at == self.step else self.save_checkpoint()
+        """A complete checkpoint of the current step: the one just written, else a new one (same path on every rank)."""
+        return self.run_dir.checkpoint_path(self.step) if self.saved_at == self.step else self.save_checkpoint()
 
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -230,7 +233,9 @@ class Trainer:
             raise EvaluationStopped(f"stop requested before the evaluation in {out_dir}")
         stop = StopCheck(received=preemption.stop_received, agreed=lambda: preemption.stop_requested(self.device))
         states = rng_states()
-        model_dir = self.run_dir.latest_checkpoint() if self.saved_at == self.step else None
+        # Decided from the step and the config every rank agrees on, not from a listing NFS may show stale.
+        has_export = self.saved_at == self.step and self.cfg.trainer.export_every_save
+        model_dir = self.run_dir.checkpoint_path(self.step) if has_export else None
         temporary = None
         model = None
         # vLLM loads a model from files in its own process: it gets this step's export, never a
@@ -426,7 +431,10 @@ class Trainer:
             final_record = {"step": self.step, "val_ce": val}
             self.metrics.write(final_record)
             records.append(final_record)
-        self.run_dir.publish_final(last)
+        # Without an export in the checkpoint, final/ gets one of its own (a collective).
+        export = None if self.cfg.trainer.export_every_save else (
+            lambda target: export_hf_model(self.engine, target, self.tokenizer, self.dist.is_main))
+        self.run_dir.publish_final(last, export)
         self.metrics.close()
         return records
 

@@ -15,8 +15,21 @@ from typing import Callable, Optional
 
 from otr_cli.atomic import write_json_atomic
 from otr_cli.train.checkpoint_size import directory_bytes, format_bytes
+from otr_cli.train.distributed import barrier
 
 log = logging.getLogger("otr.train")
+
+
+class WaitClock:
+    """The wall-clock seconds (float) this rank spent in barriers: how long it waited for the others."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def barrier(self) -> None:
+        started = time.perf_counter()
+        barrier()
+        self.seconds += time.perf_counter() - started
 
 
 def slow_save_warning(seconds: float, signal_delay_s: float, evaluation_s: float = 0.0) -> Optional[str]:
@@ -38,37 +51,50 @@ def slow_save_warning(seconds: float, signal_delay_s: float, evaluation_s: float
             + (" and evaluation batches shorter (eval.batch_size, eval.max_new_tokens)." if evaluation_s > 0 else "."))
 
 
-def record_save(checkpoint: Path, seconds: float) -> int:
-    """Add the save's duration and size to the checkpoint's trainer_state.json; returns the size in bytes.
+def record_save(checkpoint: Path, seconds: float) -> Optional[int]:
+    """Add the save's duration and size to the checkpoint's trainer_state.json; returns the size in bytes
+    (None: the checkpoint was pruned meanwhile).
 
-    Rank 0 only, after the checkpoint is in place: the file is replaced atomically, so a reader sees
+    Rank 0 only, after the checkpoint is in place, in the background (walking a checkpoint of
+    thousands of files on NFS takes a while): the file is replaced atomically, so a reader sees
     the old or the new metadata and the checkpoint stays complete either way.
     """
     import json
 
-    size = directory_bytes(checkpoint)
-    state_file = checkpoint / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    state.update({"save_time_s": round(seconds, 3), "checkpoint_bytes": size})
-    write_json_atomic(state_file, state)
+    try:
+        size = directory_bytes(checkpoint)
+        state_file = checkpoint / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        state.update({"save_time_s": round(seconds, 3), "checkpoint_bytes": size})
+        write_json_atomic(state_file, state)
+    except FileNotFoundError:
+        return None  # pruned by a later save before this ran: nothing left to describe
+    log.info("checkpoint %s: %s as seen from rank 0", checkpoint.name, format_bytes(size))
     return size
 
 
-def timed_save(save: Callable[[], Path], *, step: int, signal_delay_s: float, is_main: bool,
-               write_metrics: Callable[[dict], None], evaluation_s: float = 0.0) -> Path:
-    """Run `save()` (collective: every rank calls it) and report how long it took on rank 0.
+def timed_save(save: Callable[[WaitClock], Path], *, step: int, signal_delay_s: float, is_main: bool,
+               write_metrics: Callable[[dict], None], sum_over_ranks: Callable[[list[float]], list[float]],
+               world_size: int, in_background: Callable[[Callable[[], None]], None],
+               evaluation_s: float = 0.0) -> Path:
+    """Run `save(wait_clock)` (collective: every rank calls it) and report how long it took on rank 0.
 
     The time is logged and kept in the checkpoint's trainer_state.json; a save that, after
     `evaluation_s` (see slow_save_warning), takes more than half of `signal_delay_s` also writes a
-    warning line ({"step", "warning"}) to metrics.jsonl.
+    warning line ({"step", "warning"}) to metrics.jsonl. The log also gives the mean seconds the other ranks waited in the save's barriers (`save` times its barriers
+    with the clock), rank 0's work after the save included: GPUs idle while rank 0 works alone.
+    Sizing the checkpoint is left to `in_background` (rank 0's background file thread).
     """
     started = time.perf_counter()
-    checkpoint = save()
+    wait_clock = WaitClock()
+    checkpoint = save(wait_clock)
     seconds = time.perf_counter() - started
     if is_main:
-        size = record_save(checkpoint, seconds)
-        log.info("checkpoint %s saved in %.1f s (%s as seen from rank 0)", checkpoint.name, seconds,
-                 format_bytes(size))
+        in_background(lambda: record_save(checkpoint, seconds))
+    wait_clock.barrier()  # counts any work rank 0 did alone above, which the others would wait for anyway
+    waited = sum_over_ranks([0.0 if is_main else wait_clock.seconds])[0] / max(world_size - 1, 1)
+    if is_main:
+        log.info("checkpoint %s saved in %.1f s; the other ranks waited %.2f s", checkpoint.name, seconds, waited)
         warning = slow_save_warning(seconds, signal_delay_s, evaluation_s)
         if warning:
             log.warning(warning)

@@ -1,0 +1,97 @@
+"""RunDirectory's file work at each save: pruning off the critical path, final/ without a copy (issue 25)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+from otr_cli.train.checkpoints import RunDirectory
+from otr_cli.train.distributed import DistInfo
+
+HF_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+def single_process_run(root: Path) -> RunDirectory:
+    run_dir = RunDirectory(root, DistInfo(rank=0, world_size=1, local_rank=0))
+    run_dir.prepare(overwrite=False)
+    return run_dir
+
+
+def write_checkpoint(step: int):
+    """A checkpoint's contents as save_checkpoint's write_contents: DeepSpeed's folder, an export, the state."""
+    def write(directory: Path) -> None:
+        (directory / "ds").mkdir()
+        (directory / "ds" / "optimizer.pt").write_bytes(b"o" * 1000)
+        for name in HF_FILES:
+            (directory / name).write_text(f"{name} of step {step}")
+        (directory / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return write
+
+
+def blocked_background(run_dir: RunDirectory) -> threading.Event:
+    """Hold the background thread in a job until the returned event is set (a slow NFS deletion)."""
+    release = threading.Event()
+    run_dir.background.submit(lambda: release.wait(timeout=60))
+    return release
+
+
+def test_a_pruned_checkpoint_disappears_at_once_and_is_deleted_in_the_background(tmp_path):
+    run_dir = single_process_run(tmp_path / "run")
+    for step in (1, 2):
+        run_dir.save_checkpoint(step, write_checkpoint(step), limit=1)
+    release = blocked_background(run_dir)
+    run_dir.save_checkpoint(3, write_checkpoint(3), limit=1)
+    # The save returned while the deletion waits: the pruned checkpoint is already out of sight.
+    assert [step for step, _ in run_dir.complete_checkpoints()] == [3]
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir() if not p.name.startswith(".trash-")) == ["step-3"]
+    assert len(list(run_dir.checkpoints.glob(".trash-step-2-*"))) == 1
+    release.set()
+    run_dir.background.wait()
+    assert [p.name for p in run_dir.checkpoints.iterdir()] == ["step-3"]
+
+
+def test_a_run_killed_while_deleting_leaves_trash_that_the_next_run_removes(tmp_path):
+    root = tmp_path / "run"
+    run_dir = single_process_run(root)
+    run_dir.save_checkpoint(1, write_checkpoint(1), limit=None)
+    # What a kill in the middle of a deletion leaves: a renamed, half-deleted directory.
+    half_deleted = run_dir.checkpoints / ".trash-step-0-123"
+    (half_deleted / "ds").mkdir(parents=True)
+    (half_deleted / "trainer_state.json").write_text(json.dumps({"step": 0}))
+    assert [step for step, _ in run_dir.complete_checkpoints()] == [1]
+    assert run_dir.latest_checkpoint() == run_dir.checkpoint_path(1)
+
+    resumed = single_process_run(root)
+    resumed.background.wait()
+    assert [p.name for p in resumed.checkpoints.iterdir()] == ["step-1"]
+
+
+def test_final_is_hard_links_to_the_last_checkpoints_export_and_outlives_it(tmp_path):
+    run_dir = single_process_run(tmp_path / "run")
+    checkpoint = run_dir.save_checkpoint(2, write_checkpoint(2), limit=None)
+    run_dir.publish_final(checkpoint)
+    assert sorted(p.name for p in run_dir.final.iterdir()) == sorted(HF_FILES)
+    for name in HF_FILES:
+        assert (run_dir.final / name).stat().st_ino == (checkpoint / name).stat().st_ino, name
+    # Published again (a resumed, finished run): the old final/ is replaced whole.
+    run_dir.publish_final(checkpoint)
+    shutil.rmtree(run_dir.checkpoints)  # a user freeing the space of the optimizer states
+
+    assert (run_dir.final / "model.safetensors").read_text() == "model.safetensors of step 2"
+
+
+def test_final_is_exported_afresh_when_the_checkpoint_holds_no_export(tmp_path):
+    run_dir = single_process_run(tmp_path / "run")
+    checkpoint = run_dir.save_checkpoint(2, lambda d: (d / "trainer_state.json").write_text("{}"), limit=None)
+
+    def export(target: Path) -> None:  # what export_hf_model writes on rank 0
+        target.mkdir()
+        for name in HF_FILES:
+            (target / name).write_text(f"{name} exported")
+
+    run_dir.publish_final(checkpoint, export=export)
+    assert sorted(p.name for p in run_dir.final.iterdir()) == sorted(HF_FILES)
+    assert (run_dir.final / "model.safetensors").read_text() == "model.safetensors exported"
+    assert not (tmp_path / "run" / ".tmp-final").exists()
