@@ -1,0 +1,148 @@
+"""The 8-64 rank path in miniature on 4 gloo ranks (issue 25): a random Qwen3-architecture model under ZeRO-3
+releasing its parameters, packed micro-batches filled to a token budget, a first tokenization that one process
+could not finish within the collective timeout, periodic benchmarks dealt over every rank, kill -9 of every rank
+and a resume, a resume onto 2 ranks, and a SLURM job of 4 tasks preempted and requeued.
+
+About 20 minutes on 2 cores: `make rehearsal` runs it, `make test` does not (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import SHARED_DATA, read_jsonl, subprocess_env, tiny_overrides
+from ranks import start_ranks
+from test_rehearsal import RELEASE_PARAMETERS, run_ranks, same_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.rehearsal4]
+
+WORLD = 4
+# GSM8K's 7,473 training records: about 25 s of tokenizing for one process here, past this 15 s timeout,
+# which every training collective keeps.
+SHORT_TIMEOUT = ["launcher.dist_timeout_min=0.25"]
+
+
+def four_rank_path(model_dir, out, *extra: str) -> list[str]:
+    overrides = [o for o in tiny_overrides(model_dir, out)
+                 if o != "eval=none" and not o.startswith(("data.synthetic", "data.max_length", "trainer.micro_batch_size"))]
+    return overrides + [
+        f"data.source={SHARED_DATA / 'gsm8k' / 'train.jsonl'}", "data.validation_size=6", "data.max_length=256",
+        "data.packing=true", "trainer.max_tokens_per_batch=600",
+        "loss=otr", "loss.k=8", "deepspeed=zero3", *RELEASE_PARAMETERS, *SHORT_TIMEOUT,
+        "trainer.max_steps=4", "trainer.save_steps=2", "trainer.eval_steps=2",
+        # 3 benchmarks of 4 problems in batches of 2: 6 batches, dealt so that each of the 4 ranks generates.
+        "eval=quick", "eval.benchmarks=[gsm8k,svamp,mmlu_stem]", f"eval.data_dir={SHARED_DATA}", "eval.limit=4",
+        "eval.batch_size=2", "eval.max_new_tokens=8", "eval.before_training=false", "eval.after_warmup=false",
+        "eval.every_steps=2", "eval.every_steps_limit=4", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen3_model_dir, tmp_path_factory):
+    """The 4-rank path once, uninterrupted, its first start tokenizing GSM8K (a cache miss)."""
+    out = tmp_path_factory.mktemp("rehearsal4") / "uninterrupted"
+    cache = out.parent / "tokenized"
+    run_ranks(["train", *four_rank_path(tiny_qwen3_model_dir, out, f"data.cache_dir={cache}")], out.parent / "logs",
+              world=WORLD, timeout=900)
+    return out
+
+
+def _generated_per_rank(directory) -> list[int]:
+    names = ["generation_cache.jsonl"] + [f"generation_cache.rank{r}.jsonl" for r in range(1, WORLD)]
+    return [len(read_jsonl(directory / name)) if (directory / name).is_file() else 0 for name in names]
+
+
+def test_four_ranks_tokenize_past_the_collective_timeout_and_every_rank_generates(reference):
+    report = read_jsonl(reference / "metrics.jsonl")
+    assert [r["step"] for r in report if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["padding_frac"] == 0.0 for r in report if "loss" in r), "packed rows without padding"
+    assert [r["step"] for r in report if "eval/gsm8k" in r] == [2]
+    for evaluation in ("step-2", "final"):
+        generated = _generated_per_rank(reference / "eval" / evaluation)
+        assert all(count > 0 for count in generated) and sum(generated) == 12, (evaluation, generated)
+    data_report = (reference / "data_report.json").read_text()
+    assert '"cache": "miss"' in data_report
+
+
+def _kill_all_during_the_step_2_evaluation(args, out, log_dir) -> None:
+    log_dir.mkdir(parents=True)
+    processes = start_ranks(args, log_dir, world=WORLD)
+    try:
+        deadline = time.time() + 600
+        while not any((out / "eval" / "step-2").glob("generation_cache*.jsonl")):
+            assert all(p.poll() is None for p in processes) and time.time() < deadline, \
+                (log_dir / "rank0.log").read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert not (out / "final").exists(), "the run finished before it was killed"
+
+
+def test_kill_9_of_four_ranks_then_resume_on_four_and_on_two(reference, tiny_qwen3_model_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = ["train", *four_rank_path(tiny_qwen3_model_dir, out)]
+    _kill_all_during_the_step_2_evaluation(args, out, tmp_path / "logs")
+    onto_two = tmp_path / "onto-two"
+    shutil.copytree(out, onto_two, symlinks=True)
+
+    run_ranks(args, tmp_path / "resume-logs", world=WORLD, timeout=900)
+    same_run(reference, out)
+
+    # The same checkpoint on 2 ranks with twice the accumulation: the same global batches. OTR's draws are keyed
+    # on the rank, so steps 3-4 draw other tokens: the run continues, it does not repeat the 4-rank one.
+    run_ranks(["train", *four_rank_path(tiny_qwen3_model_dir, onto_two, "trainer.grad_accum=2")],
+              tmp_path / "two-logs", world=2, timeout=900)
+    records = read_jsonl(onto_two / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    log = (tmp_path / "two-logs" / "rank0.log").read_text()
+    assert "Resumed from" in log and "step-2" in log
+    final_val = [r["val_ce"] for r in records if "val_ce" in r][-1]
+    reference_val = [r["val_ce"] for r in read_jsonl(reference / "metrics.jsonl") if "val_ce" in r][-1]
+    assert final_val == pytest.approx(reference_val, rel=0.05)
+
+
+@pytest.mark.slurm
+def test_a_four_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterrupted_run(
+        reference, tiny_qwen3_model_dir, tmp_path):
+    from slurm_cluster import SlurmCluster, slurm_available
+    from test_slurm import job_logs, submitted_job_ids
+
+    reason = slurm_available()
+    if reason:
+        pytest.skip(f"no SLURM here: {reason}")
+    cluster = SlurmCluster(tmp_path / "cluster", cpus=WORLD)  # 4 tasks on this 2-core machine
+    cluster.start()
+    try:
+        sweep = tmp_path / "sweep"
+        overrides = [o for o in four_rank_path(tiny_qwen3_model_dir, sweep) if not o.startswith("run.output_dir=")]
+        command = [sys.executable, "-m", "otr_cli.cli", "train", "-m", *overrides, "launcher=slurm",
+                   f"hydra.sweep.dir={sweep}", f"launcher.tasks_per_node={WORLD}"]
+        metrics = sweep / "0" / "metrics.jsonl"
+        with (tmp_path / "submit.log").open("w") as log:
+            process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env() | cluster.env, stdout=log,
+                                       stderr=subprocess.STDOUT)
+            try:
+                deadline = time.time() + 600
+                while not (metrics.is_file() and any("loss" in r for r in read_jsonl(metrics))):
+                    assert process.poll() is None and time.time() < deadline, \
+                        f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{job_logs(tmp_path)}"
+                    time.sleep(0.1)
+                [job] = submitted_job_ids(sweep)
+                subprocess.run(["scancel", "--signal=USR1", job], env=subprocess_env() | cluster.env, check=True)
+                process.wait(timeout=900)
+            finally:
+                process.kill()
+        assert process.returncode == 0, f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{job_logs(tmp_path)}"
+        logs = "".join(path.read_text() for path in tmp_path.rglob(".submitit/*/*_log.*"))
+        for line in ("Preempted at step", "requeued", "Resumed from"):
+            assert line in logs, f"no {line!r} in the job's logs:\n{job_logs(tmp_path)}"
+        same_run(reference, sweep / "0")
+    finally:
+        cluster.stop()
