@@ -24,13 +24,14 @@ from otr_cli.models import load_tokenizer
 from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
 from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, check_same_data_order, read_trainer_state,
-                                      resolve_resume)
+                                      resolve_resume, topology_record)
 from otr_cli.train.distributed import DistInfo, barrier, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine
 from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.packed_attention import packed_attention_implementation, packed_row_capacity
 from otr_cli.train.progress import TrainProgress, print_summary
+from otr_cli.train.reshard import ResumePlan, prepare_resume, remove_universal_forms
 from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
@@ -114,9 +115,12 @@ class Trainer:
         self.phase_evals: dict[str, dict] = {}
 
     # -- state ---------------------------------------------------------------------------------
-    def resume_from(self, checkpoint: Path) -> None:
-        _, client_state = self.engine.deepspeed.load_checkpoint(str(checkpoint), tag=DS_TAG, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+    def resume_from(self, checkpoint: Path, plan: Optional[ResumePlan] = None) -> None:
+        """Continue from `checkpoint`; its DeepSpeed state is loaded from where `plan` says (its universal form
+        when it was saved by another number of ranks), else from its ds/."""
+        load_dir, tag = (plan.load_dir, plan.tag) if plan is not None else (checkpoint, DS_TAG)
+        _, client_state = self.engine.deepspeed.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                                load_lr_scheduler_states=True)
         state = read_trainer_state(checkpoint)
         self.step = int(state["step"])
         if client_state and "rng" in client_state:
@@ -138,6 +142,7 @@ class Trainer:
                     "global_batch": self.plan.global_batch, "seed": self.cfg.seed,
                     "max_tokens_per_batch": self.plan.max_tokens_per_batch,
                     "data_order": self.plan.order_settings(),
+                    "topology": topology_record(self.dist.world_size, self.engine.zero_stage),
                 })
 
         checkpoint = timed_save(lambda: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit),
@@ -474,8 +479,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else plan.steps_for_epochs(cfg.trainer.epochs)
 
     checkpoint = resolve_resume(run_dir, cfg.trainer.resume)
+    resume_plan = None
     if checkpoint is not None:  # before the model loads: a resume that would change the batches is refused now
         check_same_data_order(checkpoint, plan.order_settings())
+        # Also before: a resume DeepSpeed cannot load at this world size is refused, one it can is converted.
+        resume_plan = prepare_resume(checkpoint, dist_info.world_size, cfg.deepspeed.zero_stage, dist_info)
     if dist_info.is_main:  # after that check, so that a refused resume leaves the run's files as they were
         write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         write_json_atomic(output_dir / "data_report.json", data.report.as_dict())
@@ -484,14 +492,17 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.eval.benchmarks and cfg.eval.before_training:
         before = _evaluate(cfg, cfg.model.name_or_path, output_dir / "eval" / "before", dist_info, tokenizer)
 
-    engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size)
+    engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size,
+                          load_universal=resume_plan is not None and resume_plan.universal)
     trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, engine, total_steps, plan)
     if checkpoint is not None:
-        trainer.resume_from(checkpoint)
+        trainer.resume_from(checkpoint, resume_plan)
     run_dir.mark("running", step=trainer.step, total_steps=total_steps)
     started = time.time()
     records = trainer.train()
     elapsed = time.time() - started
+    if resume_plan is not None and resume_plan.universal and dist_info.is_main:
+        remove_universal_forms(run_dir.checkpoints, keep=None)  # the run has saved its own checkpoints since
     evals: dict[str, dict] = {"before training": before} if before else {}
     evals.update(trainer.phase_evals)
     # From metrics.jsonl rather than the trainer, so evaluations made before a resume count too.

@@ -1,0 +1,120 @@
+"""A checkpoint resumes on another number of ranks with the same global batch (train/reshard.py):
+ZeRO 1-3 through DeepSpeed's universal checkpoint, converted once beside the original; ZeRO-0 as saved."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import read_jsonl, run_cli, tiny_overrides
+from test_train_distributed import torchrun
+
+SFT = ["loss=sft", "trainer.save_steps=2", "trainer.max_steps=4", "trainer.save_total_limit=null"]
+# The same global batch of 4 sequences: 2 ranks x 2, or 1 process x 2 x grad_accum 2.
+TWO_RANKS = ["trainer.micro_batch_size=2", "trainer.grad_accum=1"]
+ONE_PROCESS = ["trainer.micro_batch_size=2", "trainer.grad_accum=2"]
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+
+
+def cut_after_step_2(full: Path, cut: Path) -> Path:
+    """A copy of a 4-step run turned back into one killed after its step-2 checkpoint."""
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step-4")
+    (cut / "run_state.json").write_text('{"status": "running"}')
+    return cut
+
+
+def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_losses_continue(full: Path, resumed: Path) -> None:
+    # Float sums in another order (one rank's gradient vs two averaged): equal to rounding, not bit for bit.
+    expected, got = losses(full), losses(resumed)
+    assert [step for step, _ in got] == [1, 2, 3, 4]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_checkpoint_resumes_in_one_process_with_the_losses_continuing(tiny_model_dir, tmp_path, stage):
+    common = [*SFT, f"deepspeed=zero{stage}"]
+    full = tmp_path / "full"
+    torchrun(["train", *tiny_overrides(tiny_model_dir, full, *common, *TWO_RANKS)])
+    cut = cut_after_step_2(full, tmp_path / "cut")
+    if stage == 3:  # a checkpoint from before otr recorded its topology: the world size is read from ds/
+        state_file = cut / "checkpoints" / "step-2" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        del state["topology"]
+        state_file.write_text(json.dumps(state))
+    original = file_stamps(cut / "checkpoints" / "step-2")
+    result = run_cli(["train", *tiny_overrides(tiny_model_dir, cut, *common, *ONE_PROCESS)])
+    assert "converting it to DeepSpeed's universal checkpoint" in " ".join(result.stdout.split())
+    assert_losses_continue(full, cut)
+    assert file_stamps(cut / "checkpoints" / "step-2") == original, "the original checkpoint is never modified"
+    # The finished run no longer needs the converted copy (as big as the optimizer state).
+    assert not list((cut / "checkpoints").glob("universal-*"))
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two_ranks_with_the_losses_continuing(tiny_model_dir, tmp_path):
+    common = [*SFT, "deepspeed=zero2"]
+    full = tmp_path / "full"
+    run_cli(["train", *tiny_overrides(tiny_model_dir, full, *common, *ONE_PROCESS)])
+    cut = cut_after_step_2(full, tmp_path / "cut")
+    torchrun(["train", *tiny_overrides(tiny_model_dir, cut, *common, *TWO_RANKS)])
+    assert_losses_continue(full, cut)
+
+
+@pytest.mark.slow
+def test_zero0_checkpoint_resumes_on_another_rank_count_as_saved(tiny_model_dir, tmp_path):
+    common = [*SFT, "deepspeed=zero0"]
+    full = tmp_path / "full"
+    torchrun(["train", *tiny_overrides(tiny_model_dir, full, *common, *TWO_RANKS)])
+    cut = cut_after_step_2(full, tmp_path / "cut")
+    result = run_cli(["train", *tiny_overrides(tiny_model_dir, cut, *common, *ONE_PROCESS)])
+    assert "universal" not in result.stdout
+    assert_losses_continue(full, cut)
+
+
+@pytest.mark.slow
+def test_a_conversion_is_reused_by_a_second_requeue_and_redone_for_another_checkpoint(tiny_model_dir, tmp_path):
+    from otr_cli.train.reshard import convert_to_universal, plan_resume, universal_dir_for
+
+    run = tmp_path / "run"
+    run_cli(["train", *tiny_overrides(tiny_model_dir, run, *SFT, "deepspeed=zero2", *ONE_PROCESS)])
+    step_2, step_4 = run / "checkpoints" / "step-2", run / "checkpoints" / "step-4"
+    assert plan_resume(step_2, world_size=1, zero_stage=2).universal is False  # same rank count: as saved
+    plan = plan_resume(step_2, world_size=2, zero_stage=2)
+    assert plan.universal and plan.convert and plan.load_dir == universal_dir_for(step_2)
+    seconds = convert_to_universal(step_2, workers=1)
+    print(f"converted the tiny model's ZeRO-2 checkpoint in {seconds:.1f} s")
+    assert plan_resume(step_2, world_size=2, zero_stage=2).convert is False, "a second requeue reuses it"
+    assert plan_resume(step_4, world_size=2, zero_stage=2).convert is True
+    convert_to_universal(step_4, workers=1)
+    assert [p.name for p in (run / "checkpoints").glob("universal-*")] == ["universal-step-4"], "only the newest kept"
+
+
+@pytest.mark.slow
+def test_resume_under_another_zero_stage_is_refused_before_the_model_loads(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    run_cli(["train", *tiny_overrides(tiny_model_dir, run, *SFT, "deepspeed=zero2", *ONE_PROCESS,
+                                      "trainer.max_steps=2")])
+    (run / "run_state.json").write_text('{"status": "preempted"}')
+    before = file_stamps(run / "checkpoints")
+    result = run_cli(["train", *tiny_overrides(tiny_model_dir, run, *SFT, "deepspeed=zero3", *ONE_PROCESS)],
+                     check=False)
+    message = " ".join(result.stderr.split())
+    assert result.returncode != 0 and "saved under ZeRO-2, resumed under ZeRO-3" in message
+    assert "deepspeed=zero2" in message and "model.name_or_path=" in message  # the two ways out
+    assert file_stamps(run / "checkpoints") == before
+    # config.yaml is rewritten after the start-up checks and before the model loads: still the saving run's.
+    assert "zero_stage: 2" in (run / "config.yaml").read_text()
