@@ -40,15 +40,19 @@ SOURCE_STATE = "source_trainer_state.json"
 # once, tens of minutes on a shared file system at a few hundred MB/s.
 CONVERSION_WAIT = timedelta(hours=3)
 log = logging.getLogger("otr.train")
+# One per data-parallel rank under ZeRO 1-3 (bf16_: DeepSpeed's bf16 optimizer); ZeRO-3 also splits the model.
 _OPTIM_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+_ZERO3_MODEL_SHARD = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
 
 
 @dataclass(frozen=True)
 class Topology:
-    """How a checkpoint's DeepSpeed state is split: world_size ranks, ZeRO stage 0-3 (None: not recorded)."""
+    """How a checkpoint's DeepSpeed state is split. zero_stage: 0-3, or None for "1 or 2" (a checkpoint from
+    before otr recorded it); optimizer_shards: the per-rank optimizer files in ds/, 0 when the optimizer state
+    is saved whole with the model (ZeRO-0), which then loads at any world size."""
 
-    world_size: int
     zero_stage: Optional[int]
+    optimizer_shards: int
 
 
 @dataclass(frozen=True)
@@ -63,25 +67,31 @@ class ResumePlan:
 
 
 def saved_topology(checkpoint: Path) -> Topology:
-    """The world size and ZeRO stage `checkpoint` was saved with: from trainer_state.json, or, for checkpoints
-    from before otr recorded them, the number of optimizer shards in ds/ (one per rank under ZeRO 1-3)."""
+    """The ZeRO stage `checkpoint` was saved under (trainer_state.json's "topology", else guessed from the file
+    names) and how many ranks' optimizer shards its ds/ holds (what DeepSpeed itself will count)."""
+    names = os.listdir(checkpoint / DS_TAG)
+    shards = len({m.group(1) for name in names if (m := _OPTIM_SHARD.match(name))})
     recorded = read_trainer_state(checkpoint).get("topology")
     if recorded:
-        return Topology(int(recorded["world_size"]), int(recorded["zero_stage"]))
-    ranks = {int(m.group(1)) for name in os.listdir(checkpoint / DS_TAG) if (m := _OPTIM_SHARD.match(name))}
-    # No optimizer shard: ZeRO-0 keeps the optimizer with the model, loadable at any world size.
-    return Topology(len(ranks), None) if ranks else Topology(1, 0)
+        stage: Optional[int] = int(recorded["zero_stage"])
+    elif any(_ZERO3_MODEL_SHARD.match(name) for name in names):
+        stage = 3
+    else:
+        stage = None if shards else 0
+    return Topology(stage, shards)
 
 
 def plan_resume(checkpoint: Path, world_size: int, zero_stage: int) -> ResumePlan:
     """How to load `checkpoint` at `world_size` ranks under `zero_stage`; CheckpointError where DeepSpeed cannot."""
     saved = saved_topology(checkpoint)
-    if saved.zero_stage is not None and saved.zero_stage != zero_stage:
+    if saved.zero_stage != zero_stage and not (saved.zero_stage is None and zero_stage in (1, 2)):
+        was = "ZeRO-1 or 2" if saved.zero_stage is None else f"ZeRO-{saved.zero_stage}"
+        back = "deepspeed=zero2" if saved.zero_stage is None else f"deepspeed=zero{saved.zero_stage}"
         raise CheckpointError(
-            f"{checkpoint}: saved under ZeRO-{saved.zero_stage}, resumed under ZeRO-{zero_stage}; DeepSpeed cannot "
-            f"load the optimizer state across stages. Resume with deepspeed=zero{saved.zero_stage}, or start a new run "
-            f"from this checkpoint's weights: model.name_or_path={checkpoint} run.output_dir=<a new directory>.")
-    if saved.world_size == world_size or zero_stage == 0 or saved.zero_stage == 0:
+            f"{checkpoint}: saved under {was}, resumed under ZeRO-{zero_stage}; DeepSpeed cannot load the optimizer "
+            f"state across stages. Resume with {back}, or start a new run from this checkpoint's weights: "
+            f"model.name_or_path={checkpoint} run.output_dir=<a new directory>.")
+    if saved.optimizer_shards in (0, world_size):
         return ResumePlan(checkpoint, DS_TAG, universal=False, convert=False)
     universal_dir = universal_dir_for(checkpoint)
     return ResumePlan(universal_dir, DS_TAG, universal=True, convert=not _is_conversion_of(universal_dir, checkpoint))
@@ -104,7 +114,7 @@ def convert_to_universal(checkpoint: Path, workers: int = 4) -> float:
     started = time.monotonic()
     target = universal_dir_for(checkpoint)
     tmp = checkpoint.parent / f".tmp-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a conversion killed part-way
+    remove_universal_forms(checkpoint.parent, keep=None)  # other checkpoints' and a conversion killed part-way
     tmp.mkdir()
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                str(checkpoint / DS_TAG), "--output_folder", str(tmp / DS_TAG), "--inject_missing_state",
@@ -119,7 +129,6 @@ def convert_to_universal(checkpoint: Path, workers: int = 4) -> float:
             f"model.name_or_path={checkpoint} run.output_dir=<a new directory>.")
     (tmp / DS_TAG / "latest_universal").write_text(DS_TAG)
     write_json_atomic(tmp / SOURCE_STATE, read_trainer_state(checkpoint))
-    remove_universal_forms(checkpoint.parent, keep=None)
     os.replace(tmp, target)
     fsync_directory(checkpoint.parent)
     return time.monotonic() - started
@@ -127,7 +136,8 @@ def convert_to_universal(checkpoint: Path, workers: int = 4) -> float:
 
 def remove_universal_forms(checkpoints_dir: Path, keep: Optional[Path]) -> None:
     """Delete the universal forms in `checkpoints_dir` but `keep`: each is as big as the optimizer state."""
-    for stale in checkpoints_dir.glob(f"{UNIVERSAL_PREFIX}step-*"):
+    for stale in [*checkpoints_dir.glob(f"{UNIVERSAL_PREFIX}step-*"),
+                  *checkpoints_dir.glob(f".tmp-{UNIVERSAL_PREFIX}step-*")]:  # also conversions killed part-way
         if keep is None or stale.resolve() != keep.resolve():
             shutil.rmtree(stale, ignore_errors=True)
 
