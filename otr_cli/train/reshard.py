@@ -36,8 +36,8 @@ UNIVERSAL_PREFIX = "universal-"
 # What the conversion copies from the source checkpoint, to tell a reusable conversion from a stale one.
 SOURCE_STATE = "source_trainer_state.json"
 # The other ranks wait for rank 0's conversion in a collective of this length, not launcher.dist_timeout_min:
-# measured 4.7 s for the tests' tiny model; ~100 GB of fp32 optimizer state for Qwen3-8B is read and written
-# once, tens of minutes on a shared file system at a few hundred MB/s.
+# 6-13 s measured for the tests' tiny model (0.6 s of it converting); for Qwen3-8B ~400 GB of file-system
+# traffic (98 GB of fp32 optimizer state read, written as fragments, merged), ~7 min at 1 GB/s, more on a busy one.
 CONVERSION_WAIT = timedelta(hours=3)
 log = logging.getLogger("otr.train")
 # One per data-parallel rank under ZeRO 1-3 (bf16_: DeepSpeed's bf16 optimizer); ZeRO-3 also splits the model.
