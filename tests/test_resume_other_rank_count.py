@@ -146,3 +146,16 @@ def test_resume_under_another_zero_stage_is_refused_before_the_model_loads(tiny_
     assert file_stamps(run / "checkpoints") == before
     # config.yaml is rewritten after the start-up checks and before the model loads: still the saving run's.
     assert "zero_stage: 2" in (run / "config.yaml").read_text()
+
+
+def test_otr_draws_for_the_same_examples_differ_on_another_rank_count():
+    import torch
+
+    from otr_cli.train.token_loss_model import sampling_generator
+
+    # Step 3's second micro-batch: rank 1's only one on 2 ranks, rank 0's second with grad_accum 2 in 1 process.
+    def draws(micro_step: int, rank: int) -> torch.Tensor:
+        return torch.rand(8, generator=sampling_generator(42, 3, micro_step, rank, torch.device("cpu")))
+
+    assert not torch.equal(draws(micro_step=0, rank=1), draws(micro_step=1, rank=0))
+    assert torch.equal(draws(micro_step=0, rank=1), draws(micro_step=0, rank=1))
