@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import read_jsonl, run_cli, tiny_overrides
+from ranks import start_ranks, wait_all
 from test_train_distributed import torchrun
 
 SFT = ["loss=sft", "trainer.save_steps=2", "trainer.max_steps=4", "trainer.save_total_limit=null"]
@@ -146,6 +147,13 @@ def test_resume_under_another_zero_stage_is_refused_before_the_model_loads(tiny_
     assert file_stamps(run / "checkpoints") == before
     # config.yaml is rewritten after the start-up checks and before the model loads: still the saving run's.
     assert "zero_stage: 2" in (run / "config.yaml").read_text()
+    # On 2 ranks rank 0 decides and both stop with its error, none waiting for the other.
+    processes = start_ranks(["train", *tiny_overrides(tiny_model_dir, run, *SFT, "deepspeed=zero3", *TWO_RANKS)],
+                            tmp_path)
+    assert all(code not in (0, None) for code in wait_all(processes, timeout=300))
+    for rank in (0, 1):
+        assert "saved under ZeRO-2, resumed under ZeRO-3" in " ".join((tmp_path / f"rank{rank}.log").read_text().split())
+    assert file_stamps(run / "checkpoints") == before
 
 
 def test_otr_draws_for_the_same_examples_differ_on_another_rank_count():

@@ -147,6 +147,7 @@ def prepare_resume(checkpoint: Path, world_size: int, zero_stage: int, dist_info
     (CONVERSION_WAIT at most, not the training collectives' timeout); every rank raises rank 0's error.
     Call before the model loads: a refused resume costs nothing."""
     outcome: dict[str, Any] = {}
+    failure: Optional[BaseException] = None
     if dist_info.is_main:
         try:
             plan = plan_resume(checkpoint, world_size, zero_stage)
@@ -157,8 +158,8 @@ def prepare_resume(checkpoint: Path, world_size: int, zero_stage: int, dist_info
                          "in %s", checkpoint, plan.load_dir)
                 seconds = convert_to_universal(checkpoint, workers=_conversion_workers())
                 log.info("converted %s in %.1f s", checkpoint, seconds)
-        except CheckpointError as exc:
-            outcome["error"] = str(exc)
+        except Exception as exc:  # sent to the others, which would otherwise wait CONVERSION_WAIT for nothing
+            failure, outcome["error"] = exc, str(exc)
     if dist_info.world_size > 1:
         import torch.distributed as dist
 
@@ -168,6 +169,8 @@ def prepare_resume(checkpoint: Path, world_size: int, zero_stage: int, dist_info
         dist.broadcast_object_list(shared, src=0, group=waiting)
         outcome = shared[0]
         dist.destroy_process_group(waiting)
+    if failure is not None:
+        raise failure
     if "error" in outcome:
         raise CheckpointError(outcome["error"])
     return outcome["plan"]
