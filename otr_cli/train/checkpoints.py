@@ -204,6 +204,11 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
+def topology_record(world_size: int, zero_stage: int) -> dict[str, int]:
+    """trainer_state.json's "topology": how the DeepSpeed state under ds/ is split (read by train/reshard.py)."""
+    return {"world_size": world_size, "zero_stage": zero_stage}
+
+
 # StepPlan.order_settings keys, as the user sets them.
 ORDER_SETTING_KEYS = {
     "seed": "seed",

@@ -6,9 +6,12 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,28 @@ def world_size_from_env() -> int:
         return task.num_tasks
     # A batch script's shell: the tasks `srun otr train` would start there.
     return int(os.environ.get("SLURM_NTASKS", "1") or "1")
+
+
+def decide_on_main(decide: Callable[[], T]) -> T:
+    """`decide()` run on rank 0 alone, its result (or the error it raised) on every rank.
+
+    For decisions read from a shared file system (which checkpoint to resume, whether a run directory
+    may be used): each rank's own listing can differ on NFS, and ranks that decide differently enter
+    different collectives and hang. The result and error must be picklable.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("result", decide())]
+        except Exception as exc:  # raised on every rank below
+            outcome = [("error", exc)]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def barrier() -> None:

@@ -41,13 +41,15 @@ def resolve_precision(requested: str, on_gpu: bool) -> str:
     return requested
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, load_universal: bool = False
+                           ) -> dict[str, Any]:
     """The dict handed to ``deepspeed.initialize(config=...)``.
 
     The optimizer is declared here only when DeepSpeed builds it (deepspeed.optimizer=deepspeed:
     torch AdamW on CPU, its FusedAdam on GPU; DeepSpeedCPUAdam with offload); by default engine.py
     passes torch's AdamW in (otr_cli/train/optimizer.py). The learning-rate schedule is passed to
-    ``initialize`` as a callable (see engine.py).
+    ``initialize`` as a callable (see engine.py). `load_universal`: the engine will resume from a
+    universal checkpoint (train/reshard.py: the checkpoint was saved by another number of ranks).
     """
     ds, optim, trainer = cfg.deepspeed, cfg.optim, cfg.trainer
     precision = resolve_precision(ds.precision, on_gpu)
@@ -82,6 +84,8 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> d
     }
     if deepspeed_builds_optimizer(ds):
         config["optimizer"] = adam
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     extra = OmegaConf.to_container(ds.extra, resolve=True) if OmegaConf.is_config(ds.extra) else dict(ds.extra or {})
     return _deep_merge(config, extra)
 

@@ -61,20 +61,21 @@ class TrainingEngine:
         return int(self.ds_config["zero_optimization"]["stage"])
 
 
-def build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> TrainingEngine:
-    """Load the model and wrap it in DeepSpeed; what start-up frees goes back to the OS (host_memory)."""
+def build_engine(cfg: TrainConfig, total_steps: int, world_size: int, load_universal: bool = False) -> TrainingEngine:
+    """Load the model and wrap it in DeepSpeed; what start-up frees goes back to the OS (host_memory).
+    `load_universal`: the engine will resume from a universal checkpoint (train/reshard.py)."""
     with large_frees_return_to_os():
-        return _build_engine(cfg, total_steps, world_size)
+        return _build_engine(cfg, total_steps, world_size, load_universal)
 
 
-def _build_engine(cfg: TrainConfig, total_steps: int, world_size: int) -> TrainingEngine:
+def _build_engine(cfg: TrainConfig, total_steps: int, world_size: int, load_universal: bool) -> TrainingEngine:
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     precision = resolve_precision(cfg.deepspeed.precision, on_gpu)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, default_dtype(cfg.model.dtype, device))
-    ds_config = build_deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu)
+    ds_config = build_deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu, load_universal=load_universal)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     # Under ZeRO-3 the model is partitioned as it loads: no rank ever holds all of it (models.partitioned_loading).
     lm = load_model(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, dtype=dtype,

@@ -22,8 +22,8 @@ from otr_cli.models import load_tokenizer
 from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
 from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, check_same_data_order, read_trainer_state,
-                                      resolve_resume)
-from otr_cli.train.distributed import DistInfo, barrier, init_distributed
+                                      resolve_resume, topology_record)
+from otr_cli.train.distributed import DistInfo, barrier, decide_on_main, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine
 from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
@@ -32,6 +32,7 @@ from otr_cli.train.packed_attention import packed_attention_implementation, pack
 from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.random_state import (restore_rank_states, restore_rng_states, rng_states, save_rank_states,
                                          seed_everything, seed_for_rank)
+from otr_cli.train.reshard import ResumePlan, prepare_resume, remove_universal_forms
 from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
@@ -97,18 +98,20 @@ class Trainer:
         self.longest_evaluation_stretch_s = 0.0
 
     # -- state ---------------------------------------------------------------------------------
-    def resume_from(self, checkpoint: Path) -> None:
-        _, client_state = self.engine.deepspeed.load_checkpoint(str(checkpoint), tag=DS_TAG, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+    def resume_from(self, checkpoint: Path, plan: Optional[ResumePlan] = None) -> None:
+        """Continue from `checkpoint`; its DeepSpeed state is loaded from where `plan` says (its universal form
+        when it was saved by another number of ranks), else from its ds/."""
+        load_dir, tag = (plan.load_dir, plan.tag) if plan is not None else (checkpoint, DS_TAG)
+        _, client_state = self.engine.deepspeed.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                                load_lr_scheduler_states=True)
         state = read_trainer_state(checkpoint)
         self.step = int(state["step"])
         restore_rank_states(Path(checkpoint) / DS_TAG, self.dist.rank, self.dist.world_size, self.cfg.seed, self.step,
                             single_process_states=(client_state or {}).get("rng"))
         self.metrics.truncate_after(self.step)
         self.resumed_at = self.step
-        latest = self.run_dir.latest_checkpoint()
-        if latest is not None and latest.resolve() == Path(checkpoint).resolve():  # evaluations here use its export
-            self.saved_at = self.step
+        if Path(checkpoint).resolve() == self.run_dir.checkpoint_path(self.step).resolve():
+            self.saved_at = self.step  # this run's checkpoint of this step: evaluations here use its export
         log.info("Resumed from %s at step %d", checkpoint, self.step)
 
     def save_checkpoint(self) -> Path:
@@ -123,6 +126,7 @@ class Trainer:
                     "global_batch": self.plan.global_batch, "seed": self.cfg.seed,
                     "max_tokens_per_batch": self.plan.max_tokens_per_batch,
                     "data_order": self.plan.order_settings(),
+                    "topology": topology_record(self.dist.world_size, self.engine.zero_stage),
                 })
 
         checkpoint = timed_save(
@@ -482,7 +486,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     dist_info = init_distributed(cfg.launcher.dist_timeout_min)
     output_dir = resolve_output_dir(cfg)
     run_dir = RunDirectory(output_dir, dist_info)
-    check_output_dir(run_dir, cfg)
+    decide_on_main(lambda: check_output_dir(run_dir, cfg))  # one verdict from one listing, raised on every rank
     run_dir.prepare(overwrite=cfg.trainer.overwrite)
     seed_everything(cfg.seed)
 
@@ -497,9 +501,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                     group_by_length=cfg.data.group_by_length, max_tokens_per_batch=cfg.trainer.max_tokens_per_batch)
     total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else plan.steps_for_epochs(cfg.trainer.epochs)
 
-    checkpoint = resolve_resume(run_dir, cfg.trainer.resume)
+    # Rank 0's listing decides for every rank: NFS can show another rank an older checkpoints/ (and a rank
+    # resuming alone from another step would enter other collectives than the rest).
+    checkpoint = decide_on_main(lambda: resolve_resume(run_dir, cfg.trainer.resume))
+    resume_plan = None
     if checkpoint is not None:  # before the model loads: a resume that would change the batches is refused now
         check_same_data_order(checkpoint, plan.order_settings())
+        # Also before: a resume DeepSpeed cannot load at this world size is refused, one it can is converted.
+        resume_plan = prepare_resume(checkpoint, dist_info.world_size, cfg.deepspeed.zero_stage, dist_info)
     if dist_info.is_main:  # after that check, so that a refused resume leaves the run's files as they were
         write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         write_json_atomic(output_dir / "data_report.json", data.report.as_dict())
@@ -508,16 +517,19 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.eval.benchmarks and cfg.eval.before_training:
         before = _evaluate(cfg, cfg.model.name_or_path, output_dir / "eval" / "before", dist_info, tokenizer)
 
-    engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size)
+    engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size,
+                          load_universal=resume_plan is not None and resume_plan.universal)
     trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, engine, total_steps, plan)
     # Seeded alike up to here (the initial weights); from here on each rank's dropout draws its own masks.
     seed_for_rank(cfg.seed, dist_info.rank)
     if checkpoint is not None:
-        trainer.resume_from(checkpoint)
+        trainer.resume_from(checkpoint, resume_plan)
     run_dir.mark("running", step=trainer.step, total_steps=total_steps)
     started = time.time()
     records = trainer.train()
     elapsed = time.time() - started
+    if resume_plan is not None and resume_plan.universal and dist_info.is_main:
+        remove_universal_forms(run_dir.checkpoints, keep=None)  # the run has saved its own checkpoints since
     evals: dict[str, dict] = {"before training": before} if before else {}
     evals.update(trainer.phase_evals)
     # From metrics.jsonl rather than the trainer, so evaluations made before a resume count too.
