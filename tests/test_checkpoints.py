@@ -7,6 +7,8 @@ import shutil
 import threading
 from pathlib import Path
 
+import pytest
+
 from otr_cli.train.checkpoints import RunDirectory
 from otr_cli.train.distributed import DistInfo
 
@@ -95,3 +97,44 @@ def test_final_is_exported_afresh_when_the_checkpoint_holds_no_export(tmp_path):
     assert sorted(p.name for p in run_dir.final.iterdir()) == sorted(HF_FILES)
     assert (run_dir.final / "model.safetensors").read_text() == "model.safetensors exported"
     assert not (tmp_path / "run" / ".tmp-final").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_whose_listing_shows_no_checkpoint_resumes_from_rank_0s_choice(tiny_model_dir, tmp_path):
+    """resume=auto is decided from rank 0's listing for every rank: before, a rank whose (NFS) listing of
+    checkpoints/ was stale started from step 0 while rank 0 resumed, and the two ran different collectives."""
+    import signal
+    import time
+
+    from helpers import REPO, read_jsonl, tiny_overrides
+    from ranks import start_ranks, wait_all
+
+    out = tmp_path / "run"
+    args = ["train", *tiny_overrides(tiny_model_dir, out, "trainer.max_steps=60", "trainer.save_steps=2",
+                                     "launcher.dist_timeout_min=0.5")]
+    (tmp_path / "first").mkdir()
+    processes = start_ranks(args, tmp_path / "first")
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step-2" / "trainer_state.json").is_file():
+            assert all(p.poll() is None for p in processes) and time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    saved = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+
+    (tmp_path / "resumed").mkdir()
+    processes = start_ranks([a if not a.startswith("trainer.max_steps") else f"trainer.max_steps={saved + 1}"
+                             for a in args],
+                            tmp_path / "resumed", extra_env={"OTR_STALE_RANK": "1", "OTR_STALE_EMPTY": "1"},
+                            script=str(REPO / "tests" / "stale_listing.py"))
+    codes = wait_all(processes, 300)
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    logs = "\n".join((tmp_path / "resumed" / f"rank{r}.log").read_text()[-2000:] for r in (0, 1))
+    assert codes == [0, 0], logs
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert steps[-1] == saved + 1 and steps.count(saved + 1) == 1, steps
