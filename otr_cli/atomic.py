@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 
 def fsync_directory(directory: Path) -> None:
@@ -30,14 +30,15 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` (UTF-8) atomically; creates the parent directory if needed."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Replace `path` with what `write(handle)` writes to a binary file handle, atomically; creates the parent
+    directory if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -45,6 +46,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) atomically; creates the parent directory if needed."""
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:

@@ -149,35 +149,41 @@ def test_kill_9_of_both_ranks_during_an_evaluation_and_resume_ends_like_the_unin
     same_run(uninterrupted, out)
 
 
-@pytest.mark.slurm
-def test_two_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterrupted_run(
-        uninterrupted, slurm, tiny_qwen3_model_dir, tmp_path):
+def preempt_and_requeue_on_slurm(overrides: list[str], sweep, tmp_path, env: dict[str, str], tasks: int) -> None:
+    """`otr train -m OVERRIDES launcher=slurm` as one job of `tasks` tasks; once it has logged a step, SLURM's
+    warning signal (what --signal=USR1@N sends before the time limit) to every task. The job must save,
+    requeue itself, resume and finish."""
     from test_slurm import job_logs, submitted_job_ids
 
-    sweep = tmp_path / "sweep"
-    overrides = [o for o in scale_path(tiny_qwen3_model_dir, sweep) if not o.startswith("run.output_dir=")]
     command = [sys.executable, "-m", "otr_cli.cli", "train", "-m", *overrides, "launcher=slurm",
-               f"hydra.sweep.dir={sweep}", "launcher.tasks_per_node=2"]
+               f"hydra.sweep.dir={sweep}", f"launcher.tasks_per_node={tasks}"]
     metrics = sweep / "0" / "metrics.jsonl"
     with (tmp_path / "submit.log").open("w") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env() | slurm.env, stdout=log,
+        process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env() | env, stdout=log,
                                    stderr=subprocess.STDOUT)
         try:
-            deadline = time.time() + 300
+            deadline = time.time() + 600
             while not (metrics.is_file() and any("loss" in r for r in read_jsonl(metrics))):
                 assert process.poll() is None and time.time() < deadline, \
                     f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{job_logs(tmp_path)}"
                 time.sleep(0.1)
             [job] = submitted_job_ids(sweep)
-            # What SLURM sends before the time limit (--signal=USR1@N), to both tasks of the job step.
-            subprocess.run(["scancel", "--signal=USR1", job], env=subprocess_env() | slurm.env, check=True)
-            process.wait(timeout=400)
+            subprocess.run(["scancel", "--signal=USR1", job], env=subprocess_env() | env, check=True)
+            process.wait(timeout=900)
         finally:
             process.kill()
     assert process.returncode == 0, f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{job_logs(tmp_path)}"
     logs = "".join(path.read_text() for path in tmp_path.rglob(".submitit/*/*_log.*"))  # whole, not tails
     for line in ("Preempted at step", "requeued", "Resumed from"):
         assert line in logs, f"no {line!r} in the job's logs:\n{job_logs(tmp_path)}"
+
+
+@pytest.mark.slurm
+def test_two_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterrupted_run(
+        uninterrupted, slurm, tiny_qwen3_model_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in scale_path(tiny_qwen3_model_dir, sweep) if not o.startswith("run.output_dir=")]
+    preempt_and_requeue_on_slurm(overrides, sweep, tmp_path, slurm.env, tasks=2)
     same_run(uninterrupted, sweep / "0")
 
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import SHARED_DATA, read_jsonl, subprocess_env, tiny_overrides
+from helpers import SHARED_DATA, read_jsonl, tiny_overrides
 from ranks import start_ranks
-from test_rehearsal import RELEASE_PARAMETERS, run_ranks, same_run
+from test_rehearsal import RELEASE_PARAMETERS, preempt_and_requeue_on_slurm, run_ranks, same_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.rehearsal4]
 
@@ -112,7 +110,6 @@ def test_kill_9_of_four_ranks_then_resume_on_four_and_on_two(reference, tiny_qwe
 def test_a_four_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterrupted_run(
         reference, tiny_qwen3_model_dir, tmp_path):
     from slurm_cluster import SlurmCluster, slurm_available
-    from test_slurm import job_logs, submitted_job_ids
 
     reason = slurm_available()
     if reason:
@@ -122,27 +119,7 @@ def test_a_four_task_slurm_job_preempted_requeues_itself_and_ends_like_the_unint
     try:
         sweep = tmp_path / "sweep"
         overrides = [o for o in four_rank_path(tiny_qwen3_model_dir, sweep) if not o.startswith("run.output_dir=")]
-        command = [sys.executable, "-m", "otr_cli.cli", "train", "-m", *overrides, "launcher=slurm",
-                   f"hydra.sweep.dir={sweep}", f"launcher.tasks_per_node={WORLD}"]
-        metrics = sweep / "0" / "metrics.jsonl"
-        with (tmp_path / "submit.log").open("w") as log:
-            process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env() | cluster.env, stdout=log,
-                                       stderr=subprocess.STDOUT)
-            try:
-                deadline = time.time() + 600
-                while not (metrics.is_file() and any("loss" in r for r in read_jsonl(metrics))):
-                    assert process.poll() is None and time.time() < deadline, \
-                        f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{job_logs(tmp_path)}"
-                    time.sleep(0.1)
-                [job] = submitted_job_ids(sweep)
-                subprocess.run(["scancel", "--signal=USR1", job], env=subprocess_env() | cluster.env, check=True)
-                process.wait(timeout=900)
-            finally:
-                process.kill()
-        assert process.returncode == 0, f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{job_logs(tmp_path)}"
-        logs = "".join(path.read_text() for path in tmp_path.rglob(".submitit/*/*_log.*"))
-        for line in ("Preempted at step", "requeued", "Resumed from"):
-            assert line in logs, f"no {line!r} in the job's logs:\n{job_logs(tmp_path)}"
+        preempt_and_requeue_on_slurm(overrides, sweep, tmp_path, cluster.env, tasks=WORLD)
         same_run(reference, sweep / "0")
     finally:
         cluster.stop()

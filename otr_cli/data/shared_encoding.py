@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from otr_cli.atomic import write_atomic
 from otr_cli.data.errors import DataError
 from otr_cli.data.tokenized import ARRAY_DTYPES, TokenizedSplit
 
@@ -114,13 +114,8 @@ def chunk_path(progress_dir: Path, name: str, index: int) -> Path:
 
 def save_chunk(path: Path, split: TokenizedSplit, counts: dict) -> None:
     """The chunk as one .npz, written under a temporary name and renamed: a reader sees all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     counts_bytes = np.frombuffer(json.dumps(counts, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-    with open(tmp, "wb") as handle:
-        np.savez(handle, counts_json=counts_bytes, **split.arrays())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: np.savez(handle, counts_json=counts_bytes, **split.arrays()))
 
 
 def load_chunk(path: Path) -> tuple[TokenizedSplit, dict]:

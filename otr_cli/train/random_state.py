@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from otr_cli.atomic import fsync_directory
+from otr_cli.atomic import write_atomic
 
 log = logging.getLogger("otr.train")
 
@@ -78,18 +76,8 @@ def save_rank_states(directory: Path, rank: int, world_size: int) -> Path:
     """Write this rank's generator states to `directory` (inside a checkpoint's temporary directory),
     atomically: a file that exists is whole. Returns its path."""
     path = rank_states_path(directory, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save({"rank": rank, "world_size": world_size, "states": rng_states()}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    write_atomic(path, lambda handle: torch.save({"rank": rank, "world_size": world_size, "states": rng_states()},
+                                                 handle))
     return path
 
 
