@@ -21,16 +21,32 @@ from test_rehearsal import RELEASE_PARAMETERS, preempt_and_requeue_on_slurm, run
 pytestmark = [pytest.mark.slow, pytest.mark.rehearsal4]
 
 WORLD = 4
-# GSM8K's 7,473 training records: about 25 s of tokenizing for one process here, past this 15 s timeout,
-# which every training collective keeps.
+# Every collective of these runs times out after 15 s; one process needs about 30 s (on a quiet 2-core
+# machine) to tokenize the training set below, so a first tokenization by rank 0 alone would time out.
 SHORT_TIMEOUT = ["launcher.dist_timeout_min=0.25"]
+COPIES = 8  # GSM8K's training records, 8 times over (59,784 records; 4 copies took 14.8 s in one process)
 
 
-def four_rank_path(model_dir, out, *extra: str) -> list[str]:
+@pytest.fixture(scope="module")
+def training_file(tmp_path_factory):
+    """GSM8K train COPIES times, each copy's questions marked so that no two records are the same."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "gsm8k_copies.jsonl"
+    records = read_jsonl(SHARED_DATA / "gsm8k" / "train.jsonl")
+    with path.open("w") as handle:
+        for copy in range(COPIES):
+            for record in records:
+                handle.write(json.dumps({**record, "question": f"({copy}) {record['question']}"}) + "\n")
+    return path
+
+
+def four_rank_path(model_dir, out, training_file, *extra: str) -> list[str]:
     overrides = [o for o in tiny_overrides(model_dir, out)
-                 if o != "eval=none" and not o.startswith(("data.synthetic", "data.max_length", "trainer.micro_batch_size"))]
+                 if o != "eval=none"
+                 and not o.startswith(("data.synthetic", "data.max_length", "trainer.micro_batch_size"))]
     return overrides + [
-        f"data.source={SHARED_DATA / 'gsm8k' / 'train.jsonl'}", "data.validation_size=6", "data.max_length=256",
+        f"data.source={training_file}", "data.validation_size=6", "data.max_length=256",
         "data.packing=true", "trainer.max_tokens_per_batch=600",
         "loss=otr", "loss.k=8", "deepspeed=zero3", *RELEASE_PARAMETERS, *SHORT_TIMEOUT,
         "trainer.max_steps=4", "trainer.save_steps=2", "trainer.eval_steps=2",
@@ -41,12 +57,12 @@ def four_rank_path(model_dir, out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_qwen3_model_dir, tmp_path_factory):
+def reference(tiny_qwen3_model_dir, training_file, tmp_path_factory):
     """The 4-rank path once, uninterrupted, its first start tokenizing GSM8K (a cache miss)."""
     out = tmp_path_factory.mktemp("rehearsal4") / "uninterrupted"
     cache = out.parent / "tokenized"
-    run_ranks(["train", *four_rank_path(tiny_qwen3_model_dir, out, f"data.cache_dir={cache}")], out.parent / "logs",
-              world=WORLD, timeout=900)
+    run_ranks(["train", *four_rank_path(tiny_qwen3_model_dir, out, training_file, f"data.cache_dir={cache}")],
+              out.parent / "logs", world=WORLD, timeout=900)
     return out
 
 
@@ -83,9 +99,9 @@ def _kill_all_during_the_step_2_evaluation(args, out, log_dir) -> None:
     assert not (out / "final").exists(), "the run finished before it was killed"
 
 
-def test_kill_9_of_four_ranks_then_resume_on_four_and_on_two(reference, tiny_qwen3_model_dir, tmp_path):
+def test_kill_9_of_four_ranks_then_resume_on_four_and_on_two(reference, tiny_qwen3_model_dir, training_file, tmp_path):
     out = tmp_path / "killed"
-    args = ["train", *four_rank_path(tiny_qwen3_model_dir, out)]
+    args = ["train", *four_rank_path(tiny_qwen3_model_dir, out, training_file)]
     _kill_all_during_the_step_2_evaluation(args, out, tmp_path / "logs")
     onto_two = tmp_path / "onto-two"
     shutil.copytree(out, onto_two, symlinks=True)
@@ -95,7 +111,7 @@ def test_kill_9_of_four_ranks_then_resume_on_four_and_on_two(reference, tiny_qwe
 
     # The same checkpoint on 2 ranks with twice the accumulation: the same global batches. OTR's draws are keyed
     # on the rank, so steps 3-4 draw other tokens: the run continues, it does not repeat the 4-rank one.
-    run_ranks(["train", *four_rank_path(tiny_qwen3_model_dir, onto_two, "trainer.grad_accum=2")],
+    run_ranks(["train", *four_rank_path(tiny_qwen3_model_dir, onto_two, training_file, "trainer.grad_accum=2")],
               tmp_path / "two-logs", world=2, timeout=900)
     records = read_jsonl(onto_two / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
@@ -108,7 +124,7 @@ def test_kill_9_of_four_ranks_then_resume_on_four_and_on_two(reference, tiny_qwe
 
 @pytest.mark.slurm
 def test_a_four_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterrupted_run(
-        reference, tiny_qwen3_model_dir, tmp_path):
+        reference, tiny_qwen3_model_dir, training_file, tmp_path):
     from slurm_cluster import SlurmCluster, slurm_available
 
     reason = slurm_available()
@@ -118,7 +134,8 @@ def test_a_four_task_slurm_job_preempted_requeues_itself_and_ends_like_the_unint
     cluster.start()
     try:
         sweep = tmp_path / "sweep"
-        overrides = [o for o in four_rank_path(tiny_qwen3_model_dir, sweep) if not o.startswith("run.output_dir=")]
+        overrides = [o for o in four_rank_path(tiny_qwen3_model_dir, sweep, training_file)
+                     if not o.startswith("run.output_dir=")]
         preempt_and_requeue_on_slurm(overrides, sweep, tmp_path, cluster.env, tasks=WORLD)
         same_run(reference, sweep / "0")
     finally:
