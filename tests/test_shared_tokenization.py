@@ -137,15 +137,18 @@ def test_an_unreadable_stored_chunk_is_tokenized_again(tokenizer, tmp_path, monk
 
 @pytest.mark.slow
 def test_a_first_tokenization_longer_than_the_collective_timeout_starts_training(tiny_model_dir, tmp_path):
-    """Reproduced before the fix: rank 1 waited in a barrier while rank 0 tokenized alone and timed out
-    ("Timed out waiting ... for recv operation"); both ranks stopped and no cache entry was stored."""
-    overrides = tiny_overrides(tiny_model_dir, tmp_path / "run", "trainer.max_steps=1",
-                               "launcher.dist_timeout_min=0.1", f"data.cache_dir={tmp_path / 'cache'}")
-    # About 25 s of tokenizing for one process on this machine, 4x the 6 s collective timeout.
-    overrides = [o for o in overrides if not o.startswith("data.synthetic.num_train")] + [
-        "data.synthetic.num_train=12000", "trainer.micro_batch_size=2"]
+    """Reproduced before the fix (this test on the old code): rank 1 waited in a barrier while rank 0 tokenized
+    alone, timed out ("Timed out waiting ... for recv operation"), and no cache entry was stored."""
+    source = _qa_file(tmp_path / "qa.jsonl", 40000)  # about 20 s of tokenizing for one process here
+    overrides = [o for o in tiny_overrides(tiny_model_dir, tmp_path / "run", "trainer.max_steps=1",
+                                           "launcher.dist_timeout_min=0.1", f"data.cache_dir={tmp_path / 'cache'}",
+                                           f"data.source={source}", "data.validation_size=8")
+                 if not o.startswith("data.synthetic")]
     processes = start_ranks(["train", *overrides], tmp_path, world=2)
     codes = wait_all(processes, 400)
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
     logs = "\n".join((tmp_path / f"rank{r}.log").read_text() for r in range(2))
     assert codes == [0, 0], logs[-6000:]
     entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
