@@ -130,23 +130,28 @@ def test_kill_9_of_both_ranks_during_an_evaluation_and_resume_ends_like_the_unin
                                                                         tmp_path):
     out = tmp_path / "killed"
     args = ["train", *scale_path(tiny_qwen3_model_dir, out)]
-    (tmp_path / "logs").mkdir()
-    processes = start_ranks(args, tmp_path / "logs")
+    # Killed in the evaluation after the step-2 checkpoint, once rank 0 has cached its first batch: the
+    # resumed run must finish that evaluation (from the cache) before it trains on.
+    kill_all_once(args, tmp_path / "logs", 2, lambda: (out / "eval" / "step-2" / "generation_cache.jsonl").is_file())
+    assert not (out / "final").exists(), "the run finished before it was killed"
+    run_ranks(args, tmp_path / "resume-logs")
+    same_run(uninterrupted, out)
+
+
+def kill_all_once(args: list[str], log_dir, world: int, ready, timeout: float = 600) -> None:
+    """`otr ARGS` on `world` ranks, every one of them killed with SIGKILL as soon as `ready()` is true."""
+    log_dir.mkdir(parents=True)
+    processes = start_ranks(args, log_dir, world=world)
     try:
-        deadline = time.time() + 300
-        # Killed in the evaluation after the step-2 checkpoint, once rank 0 has cached its first batch: the
-        # resumed run must finish that evaluation (from the cache) before it trains on.
-        while not (out / "eval" / "step-2" / "generation_cache.jsonl").is_file():
+        deadline = time.time() + timeout
+        while not ready():
             assert all(p.poll() is None for p in processes) and time.time() < deadline, \
-                (tmp_path / "logs" / "rank0.log").read_text()[-3000:]
+                (log_dir / "rank0.log").read_text()[-3000:]
             time.sleep(0.05)
     finally:
         for process in processes:
             process.send_signal(signal.SIGKILL)
             process.wait()
-    assert not (out / "final").exists(), "the run finished before it was killed"
-    run_ranks(args, tmp_path / "resume-logs")
-    same_run(uninterrupted, out)
 
 
 def preempt_and_requeue_on_slurm(overrides: list[str], sweep, tmp_path, env: dict[str, str], tasks: int) -> None:

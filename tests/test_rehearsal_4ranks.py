@@ -9,14 +9,11 @@ About 20 minutes on 2 cores: `make rehearsal` runs it, `make test` does not (doc
 from __future__ import annotations
 
 import shutil
-import signal
-import time
 
 import pytest
 
 from helpers import SHARED_DATA, read_jsonl, tiny_overrides
-from ranks import start_ranks
-from test_rehearsal import RELEASE_PARAMETERS, preempt_and_requeue_on_slurm, run_ranks, same_run
+from test_rehearsal import RELEASE_PARAMETERS, kill_all_once, preempt_and_requeue_on_slurm, run_ranks, same_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.rehearsal4]
 
@@ -83,26 +80,12 @@ def test_four_ranks_tokenize_past_the_collective_timeout_and_every_rank_generate
     assert '"cache": "miss"' in data_report
 
 
-def _kill_all_during_the_step_2_evaluation(args, out, log_dir) -> None:
-    log_dir.mkdir(parents=True)
-    processes = start_ranks(args, log_dir, world=WORLD)
-    try:
-        deadline = time.time() + 600
-        while not any((out / "eval" / "step-2").glob("generation_cache*.jsonl")):
-            assert all(p.poll() is None for p in processes) and time.time() < deadline, \
-                (log_dir / "rank0.log").read_text()[-3000:]
-            time.sleep(0.05)
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-    assert not (out / "final").exists(), "the run finished before it was killed"
-
-
 def test_kill_9_of_four_ranks_then_resume_on_four_and_on_two(reference, tiny_qwen3_model_dir, training_file, tmp_path):
     out = tmp_path / "killed"
     args = ["train", *four_rank_path(tiny_qwen3_model_dir, out, training_file)]
-    _kill_all_during_the_step_2_evaluation(args, out, tmp_path / "logs")
+    step_2_cached = lambda: any((out / "eval" / "step-2").glob("generation_cache*.jsonl"))  # noqa: E731
+    kill_all_once(args, tmp_path / "logs", WORLD, step_2_cached)
+    assert not (out / "final").exists(), "the run finished before it was killed"
     onto_two = tmp_path / "onto-two"
     shutil.copytree(out, onto_two, symlinks=True)
 

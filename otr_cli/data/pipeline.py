@@ -276,8 +276,8 @@ def _progress_dir(entry: CacheEntry) -> Optional[str]:
 def _build(data_cfg: Any, tokenizer: Any, template: Optional[str], template_kwargs: dict[str, Any],
            inputs: _Inputs, entry: Optional[CacheEntry], progress: Optional[Path], ranks: DataRanks) -> DataBundle:
     """A first tokenization: every rank of `ranks` encodes chunks in rounds, rank 0 merges and stores them."""
+    # Chunks by split and index, where no progress directory keeps them (one process builds them all).
     memory: dict[str, dict] = {"train": {}, "validation": {}}
-    held = None if progress is not None else memory
 
     def encoder(records: RecordSet, record_format: str):
         def encode(indices: list[int], limit: Optional[int]) -> tuple[TokenizedSplit, dict]:
@@ -289,21 +289,21 @@ def _build(data_cfg: Any, tokenizer: Any, template: Optional[str], template_kwar
     train_format = _split_format(inputs.train_records, inputs.train_order, data_cfg)
     encode_train = encoder(inputs.train_records, train_format)
     train_plan = encode_in_rounds("train", inputs.train_order, data_cfg.max_examples, encode_train, ranks, progress,
-                                  held and held["train"])
+                                  memory["train"])
     encode_validation = validation_plan = None
     if inputs.validation_records is not None:
         encode_validation = encoder(inputs.validation_records,
                                     _split_format(inputs.validation_records, inputs.validation_order, data_cfg))
         validation_plan = encode_in_rounds("validation", inputs.validation_order, None, encode_validation, ranks,
-                                           progress, held and held["validation"])
+                                           progress, memory["validation"])
 
     def merge() -> DataBundle:
         train, counts = _merge_chunks("train", train_plan, data_cfg.max_examples, len(inputs.train_order),
-                                      encode_train, progress, held and held["train"])
+                                      encode_train, progress, memory["train"])
         validation = val_counts = None
         if validation_plan is not None:
             validation, val_counts = _merge_chunks("validation", validation_plan, None, len(inputs.validation_order),
-                                                   encode_validation, progress, held and held["validation"])
+                                                   encode_validation, progress, memory["validation"])
         return _bundle(data_cfg, inputs, train_format, train, counts, validation, val_counts)
 
     outcome: dict[str, Any] = {}
@@ -338,7 +338,7 @@ def _build(data_cfg: Any, tokenizer: Any, template: Optional[str], template_kwar
 
 
 def _merge_chunks(name: str, plan: ChunkPlan, limit: Optional[int], num_records: int, encode: Any,
-                  progress: Optional[Path], memory: Optional[dict]) -> tuple[TokenizedSplit, _SplitCounts]:
+                  progress: Optional[Path], memory: dict) -> tuple[TokenizedSplit, _SplitCounts]:
     """The chunks of `plan` as one split and its counts, exactly as one sequential pass would have made them.
 
     The chunk in which `limit` is reached is encoded again with the limit that remains, so that the

@@ -138,10 +138,11 @@ def _stored_chunk(path: Path) -> Optional[tuple[TokenizedSplit, dict]]:
 
 def encode_in_rounds(name: str, order: list[int], limit: Optional[int], encode_chunk: EncodeChunk,
                      ranks: DataRanks, progress_dir: Optional[Path],
-                     memory: Optional[dict[int, tuple[TokenizedSplit, dict]]] = None) -> ChunkPlan:
+                     memory: dict[int, tuple[TokenizedSplit, dict]]) -> ChunkPlan:
     """Encode `order` chunk by chunk, rank r taking chunk k*W + r in round k, until `limit` examples are kept.
 
     progress_dir: where chunks are stored (None: kept in `memory`, a dict the caller owns; one process only).
+    memory: chunk index -> (split, counts), used only without a progress directory.
     Every rank returns the same plan. A chunk that fails on any rank raises on every rank: the failing one
     its own error (which names the record), the others a DataError naming that rank.
     """
@@ -161,7 +162,6 @@ def encode_in_rounds(name: str, order: list[int], limit: Optional[int], encode_c
                     if path is not None:
                         save_chunk(path, split, counts)
                     else:
-                        assert memory is not None, "chunks kept in memory need a dict to keep them in"
                         memory[mine] = (split, counts)
                 else:
                     reused += 1
@@ -186,12 +186,11 @@ def encode_in_rounds(name: str, order: list[int], limit: Optional[int], encode_c
     return ChunkPlan(chunks[:len(kept)], kept)
 
 
-def read_chunk(progress_dir: Optional[Path], memory: Optional[dict], name: str, index: int,
+def read_chunk(progress_dir: Optional[Path], memory: dict, name: str, index: int,
                wait_s: float = 120.0) -> tuple[TokenizedSplit, dict]:
     """Chunk `index` of `name`, waiting up to `wait_s` for a file another rank wrote to appear (a shared file
     system may show it late)."""
     if progress_dir is None:
-        assert memory is not None
         return memory[index]
     path = chunk_path(progress_dir, name, index)
     deadline = time.monotonic() + wait_s
