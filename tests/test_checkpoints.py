@@ -138,3 +138,13 @@ def test_a_rank_whose_listing_shows_no_checkpoint_resumes_from_rank_0s_choice(ti
     assert codes == [0, 0], logs
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert steps[-1] == saved + 1 and steps.count(saved + 1) == 1, steps
+
+
+def test_final_leaves_out_an_atomic_writers_temporary_file(tmp_path):
+    """The background sizing rewrites trainer_state.json through a `.trainer_state.json.<random>.tmp` file that it
+    renames away; publish_final linking the checkpoint at that moment failed with "No such file" (seen in CI)."""
+    run_dir = single_process_run(tmp_path / "run")
+    checkpoint = run_dir.save_checkpoint(2, write_checkpoint(2), None)
+    (checkpoint / ".trainer_state.json.zwbl12pd.tmp").write_text("{}")
+    run_dir.publish_final(checkpoint)
+    assert not list(run_dir.final.glob(".*.tmp")) and (run_dir.final / "config.json").is_file()

@@ -167,9 +167,11 @@ class RunDirectory:
             wait()
             export(tmp)
         elif self.dist.is_main:
+            # ".*.tmp": an atomic writer's temporary file, such as the background sizing's rewrite of
+            # trainer_state.json, which is renamed away while the tree is linked.
             shutil.copytree(source_checkpoint, tmp, copy_function=link_or_copy,
                             ignore=shutil.ignore_patterns(DS_TAG, "trainer_state.json", "latest", "zero_to_fp32.py",
-                                                          "zero_to_torch.py"))
+                                                          "zero_to_torch.py", ".*.tmp"))
         if self.dist.is_main:
             if self.final.exists():
                 self.background.discard(self.final)
