@@ -16,6 +16,7 @@ commands:
            multirun sweeps:                   otr train -m recipe=smollm2_demo loss.beta=0,-0.1
            ... as one SLURM job array:        otr train -m loss.beta=0,-0.1 launcher=slurm launcher.partition=P
            print the composed config:         otr train recipe=qwen8b_math dry_run=true
+  data     look at the data before training: otr data recipe=smollm2_gsm8k [--examples N] [--ranks N] [--json]
   eval     benchmark a model:                otr eval model=outputs/run/final eval.benchmarks=[gsm8k,humaneval]
            compare two evaluations:          otr eval compare outputs/a outputs/b
   grade    grade completions from anywhere:  otr grade predictions=preds.jsonl grader=math|choice|code
@@ -30,6 +31,12 @@ def _train(args: list[str]) -> int:
     from otr_cli.train.command import train_entry
 
     return train_entry(args)
+
+
+def _data(args: list[str]) -> int:
+    from otr_cli.train.data_command import data_entry
+
+    return data_entry(args)
 
 
 def _grade(args: list[str]) -> int:
@@ -52,7 +59,7 @@ def _sweep(args: list[str]) -> int:
 
 # Each subcommand's entry in its room, taking the arguments after the subcommand's name; imported
 # on use, so `otr --version` and `otr grade` do not pay for torch and DeepSpeed.
-COMMANDS = {"train": _train, "eval": _eval, "grade": _grade, "sweep": _sweep}
+COMMANDS = {"train": _train, "data": _data, "eval": _eval, "grade": _grade, "sweep": _sweep}
 
 
 def _take_local_rank_argument(argv: list[str]) -> list[str]:

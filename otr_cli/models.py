@@ -157,6 +157,14 @@ def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None, revision:
     return tokenizer
 
 
+def load_run_tokenizer(model_cfg):
+    """The tokenizer a training run uses (`otr train` and `otr data` alike: the tokenized-data cache's key
+    covers it): model.tokenizer if set, else the model's own; model.gguf_file only for the model's own."""
+    return load_tokenizer(model_cfg.tokenizer or model_cfg.name_or_path,
+                          gguf_file=None if model_cfg.tokenizer else model_cfg.gguf_file,
+                          revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+
+
 def load_model(name_or_path: str, *, gguf_file: Optional[str] = None, revision: Optional[str] = None,
                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                attn_implementation: Optional[str] = None, zero3_config: Optional[dict] = None):

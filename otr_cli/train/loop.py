@@ -18,7 +18,7 @@ from otr_cli.atomic import write_json_atomic, write_text_atomic
 from otr_cli.config import PhaseConfig, TrainConfig, loss_options
 from otr_cli.data import DataBundle, build_datasets, collate_batch, collate_packed
 from otr_cli.losses.objectives import ROLLOUT_STAT_NAMES, STAT_NAMES, stat_names
-from otr_cli.models import load_tokenizer
+from otr_cli.models import load_run_tokenizer
 from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
 from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, check_same_data_order, read_trainer_state,
@@ -490,9 +490,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     run_dir.prepare(overwrite=cfg.trainer.overwrite)
     seed_everything(cfg.seed)
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
-                               revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_run_tokenizer(cfg.model)
     data = _build_data_once(cfg, tokenizer, dist_info)
 
     plan = StepPlan(len(data.train), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, dist_info.world_size,
