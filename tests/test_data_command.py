@@ -16,7 +16,8 @@ from otr_cli.data.inspect import (length_stats, marked_text, packed_cost, padded
                                   supervised_runs)
 from otr_cli.errors import UserError
 from otr_cli.train.batches import StepPlan
-from otr_cli.train.data_command import DataOptions, epoch_micro_batches, split_flags
+from otr_cli.train.data_command import (DataOptions, default_world_size, epoch_micro_batches, packed_rows_for,
+                                        split_flags)
 
 # -- flags ------------------------------------------------------------------------------------------
 
@@ -81,6 +82,24 @@ def test_epoch_micro_batches_are_the_micro_batches_every_rank_trains_on():
     assert sorted(map(tuple, epoch_micro_batches(typed, lengths, world_size, 0))) == sorted(map(tuple, trained))
 
 
+def test_ranks_default_to_the_launch_environment_else_the_launcher_settings(monkeypatch):
+    typed = TrainConfig()
+    typed.launcher.nodes, typed.launcher.tasks_per_node = 2, 4
+    for name in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert default_world_size(typed) == 8
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert default_world_size(typed) == 3
+
+
+@pytest.mark.parametrize("attention, expected", [(None, ("otr_sdpa_varlen", None)), ("sdpa", ("otr_sdpa_varlen", None)),
+                                                 ("eager", ("eager", 96)), ("flex_attention", (None, None))])
+def test_packed_rows_follow_the_attention_kernel_as_in_training(attention, expected):
+    typed = TrainConfig()
+    typed.model.attn_implementation, typed.data.max_length = attention, 96
+    assert packed_rows_for(typed) == expected
+
+
 def test_length_histogram_covers_every_example_up_to_max_length():
     stats = length_stats([5, 50, 51, 100, 100], upper=100)
     assert (stats.minimum, stats.maximum, stats.median, stats.p95) == (5, 100, 51, 100)
@@ -134,6 +153,8 @@ def test_otr_train_after_otr_data_starts_from_a_cache_hit(tiny_model_dir, tmp_pa
     trained = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert trained["cache"] == "hit", "otr train tokenized again after otr data"
     assert trained["cache_path"] == looked["cache"]["path"]
+    counts = ("loaded", "held_out", "kept", "truncated", "dropped_too_long", "dropped_no_supervised", "total_tokens")
+    assert {key: trained[key] for key in counts} == {key: looked["report"][key] for key in counts}
 
 
 @pytest.mark.slow
@@ -154,3 +175,16 @@ def test_otr_data_checks_overrides_and_flags_like_otr_train(tmp_path):
     assert misspelt.returncode == 2 and "data.max_length" in " ".join(misspelt.stderr.split())
     bad_flag = run_cli(["data", "--examples", "x"], check=False)
     assert bad_flag.returncode == 2 and "--examples needs a whole number" in bad_flag.stderr
+
+
+def test_in_a_terminal_supervised_text_is_highlighted_instead_of_marked(tmp_path, monkeypatch, capsys):
+    from otr_cli.train.data_command import inspect_run_data, print_inspection
+
+    typed = TrainConfig()  # the built-in SmolLM2: its tokenizer, no weights
+    typed.data.synthetic.num_train, typed.data.max_length, typed.data.cache_dir = 8, 96, str(tmp_path)
+    inspection = inspect_run_data(typed, DataOptions(examples=1))
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then styles as for a terminal
+    print_inspection(inspection)
+    out = capsys.readouterr().out
+    assert "supervised text highlighted" in out and "⟦" not in out
+    assert "\x1b[30;42m" in out  # black on green
