@@ -71,15 +71,19 @@ def test_padding_counts_are_the_shapes_of_training_collation(tokenizer):
     assert (one_row.positions, one_row.padding_share) == (sum(lengths), 0.0)
 
 
-def test_epoch_micro_batches_are_the_micro_batches_every_rank_trains_on():
+@pytest.mark.parametrize("group_by_length, max_tokens_per_batch", [(False, 0), (True, 0), (False, 80)])
+def test_epoch_micro_batches_are_the_micro_batches_every_rank_trains_on(group_by_length, max_tokens_per_batch):
     typed = TrainConfig()
     typed.trainer.micro_batch_size, typed.trainer.grad_accum = 3, 2
+    typed.data.group_by_length = group_by_length
     lengths = [10 + (7 * i) % 23 for i in range(50)]
     world_size = 2
-    plan = StepPlan(len(lengths), 3, 2, world_size, seed=typed.seed, shuffle=True, lengths=tuple(lengths))
+    plan = StepPlan(len(lengths), 3, 2, world_size, seed=typed.seed, shuffle=True, lengths=tuple(lengths),
+                    group_by_length=group_by_length, max_tokens_per_batch=max_tokens_per_batch)
     trained = [batch for step in range(plan.steps_for_epochs(1)) for rank in range(world_size)
                for batch in plan.rank_micro_batches(step, rank)]
-    assert sorted(map(tuple, epoch_micro_batches(typed, lengths, world_size, 0))) == sorted(map(tuple, trained))
+    shown = epoch_micro_batches(typed, lengths, world_size, max_tokens_per_batch)
+    assert sorted(map(tuple, shown)) == sorted(map(tuple, trained))
 
 
 def test_ranks_default_to_the_launch_environment_else_the_launcher_settings(monkeypatch):
@@ -167,6 +171,13 @@ def test_otr_data_on_bad_data_exits_2_with_one_error_naming_the_line(tmp_path, t
     message = " ".join(result.stderr.split())
     assert message.startswith("error:") and message.count("error:") == 1 and "Traceback" not in message
     assert f"{bad}:2: malformed JSON line" in message
+
+
+@pytest.mark.slow
+def test_otr_data_help_lists_its_flags():
+    result = run_cli(["data", "--help"])
+    assert result.stdout.startswith("usage: otr data") and all(flag in result.stdout
+                                                              for flag in ("--examples", "--ranks", "--json"))
 
 
 @pytest.mark.slow

@@ -18,6 +18,21 @@ from otr_cli.errors import UserError, fail
 
 DEFAULT_EXAMPLES = 3
 
+USAGE = f"""usage: otr data [overrides ...] [--examples N] [--ranks N] [--json]
+
+Builds the training data exactly as `otr train` with the same overrides would (tokenizer only, no model
+weights; the tokenization cache is filled for the run), then shows the data report, a token-length
+histogram, the padding of the run's micro-batches unpacked and packed, the optimizer steps per epoch
+and the first examples with their supervised text marked.
+
+  --examples N   examples to show (default {DEFAULT_EXAMPLES}; 0: none)
+  --ranks N      ranks the steps are counted for (default: WORLD_SIZE or the SLURM tasks of this shell,
+                 else launcher.nodes x launcher.tasks_per_node)
+  --json         one JSON object on stdout instead of the report
+
+The overrides are those of `otr train`: `otr train --help` lists every config group and option.
+"""
+
 
 @dataclass
 class DataOptions:
@@ -65,6 +80,9 @@ def split_flags(args: list[str]) -> tuple[DataOptions, list[str]]:
 
 def data_entry(args: list[str]) -> int:
     """`otr data [--examples N] [--ranks N] [--json] [overrides]`."""
+    if any(arg in ("-h", "--help") for arg in args):
+        print(USAGE, end="")
+        return 0
     try:
         options, overrides = split_flags(args)
     except UserError as err:
