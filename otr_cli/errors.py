@@ -24,5 +24,7 @@ def fail(message: str) -> NoReturn:
     from rich.markup import escape
 
     # escape: a message's own brackets ("pip install 'otr-cli[wandb]'", "report_to=[a,b]") are text, not markup.
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    # soft_wrap: rich wraps at 80 columns when stderr is not a terminal; the message stays one line for
+    # the scripts and log searches that read it.
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
     sys.exit(USER_ERROR_EXIT)

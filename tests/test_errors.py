@@ -115,3 +115,14 @@ def test_study_script_reports_user_errors_in_one_line():
     study = subprocess.run([sys.executable, "scripts/reproduce.py", "--jobs", "0"], cwd=REPO, env=subprocess_env(),
                            capture_output=True, text=True, timeout=120)
     assert study.returncode == 2 and study.stderr.startswith("error: --jobs 0") and "Traceback" not in study.stderr
+
+
+def test_a_long_user_error_is_one_physical_line_in_a_pipe():
+    """rich wraps at 80 columns when stderr is not a terminal; a script reading the error, or a user
+    grepping a log, must get the message on one line."""
+    message = "data.source=/a/very/long/path/" + "x" * 150 + ".jsonl: not found; check the path and try again"
+    program = f"from otr_cli.errors import fail; fail({message!r})"
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPO,
+                          env=subprocess_env())
+    assert done.returncode == 2
+    assert done.stderr.rstrip("\n").splitlines() == [f"error: {message}"]
