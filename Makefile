@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 VENV_ARGS ?=
 STAMP := $(VENV)/.otr-installed
 
-.PHONY: install demo test test-fast rehearsal bench lint clean study wheel-check
+.PHONY: install demo test test-fast rehearsal bench lint clean study wheel-check config-reference
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ study: install
 # run from outside the checkout (~3 min on 2 cores; `make test` checks the same offline, less the install).
 wheel-check:
 	PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" scripts/check_wheel.sh
+
+# docs/configuration-reference.md from otr_cli/config.py and recipes/ (tests/test_config_reference.py checks it).
+config-reference: install
+	$(BIN)/python scripts/config_reference.py
 
 lint: install
 	$(BIN)/ruff check otr_cli tests scripts
