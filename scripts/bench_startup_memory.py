@@ -4,7 +4,7 @@
 
 Builds a random Qwen3-architecture model once (cached in $OTR_CACHE/bench-qwen3-L<layers>, fp32,
 safetensors shards of 500 MB, SmolLM2's tokenizer), then for each mode (partitioned: what otr does;
-plain: every rank loads the whole model and deepspeed.initialize partitions it, as before issue 14)
+plain: every rank loads the whole model and deepspeed.initialize partitions it, as before partitioned loading)
 and each world size (1, 2) starts that many gloo CPU ranks. Each rank builds the DeepSpeed engine
 with otr's own build_engine (ZeRO-3, fp32, micro batch 1) and reports, in GiB:
 
@@ -107,7 +107,7 @@ def worker(directory: str, mode: str, report: str) -> None:
     sampler.start()
     info = init_distributed()
     if mode == "plain":
-        models.partitioned_loading = lambda _config: contextlib.nullcontext()  # the load before issue 14
+        models.partitioned_loading = lambda _config: contextlib.nullcontext()  # the load before partitioned loading
     cfg = TrainConfig()
     cfg.model.name_or_path = directory
     cfg.deepspeed.zero_stage = 3

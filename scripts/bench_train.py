@@ -6,7 +6,7 @@ Throughput is non-padding input tokens per second over the steps after the first
 
     python scripts/bench_train.py [--steps 12] [--batch 8] [--k 256] [--rounds 2]
 
-This VM's speed drifts (up to 2-3x between runs of the same case), so the three cases run in
+A shared machine's speed drifts (up to 2-3x between runs of the same case), so the three cases run in
 rounds with a rotating order, and each ratio is the median over rounds of the ratio measured
 within one round (the cases of a round run back to back, under the same conditions).
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # What `pip install .` users get: build otr's wheel from this checkout, install it into a fresh
 # virtual environment, and run it from a directory outside the checkout (`make wheel-check`, CI).
-# Needs the package registry (otr's dependencies); TORCH_SPEC as in the Makefile.
+# Needs the package registry (otr's dependencies); TORCH_SPEC and TORCH_INDEX_URL as in the Makefile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 work=$(mktemp -d "${TMPDIR:-/tmp}/otr-wheel-check.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 step() { echo "== [${SECONDS}s] $*"; }
@@ -23,8 +24,8 @@ bin="$work/venv/bin"
 wheel=$(ls "$work"/dist/otr_cli-*.whl)
 echo "$(basename "$wheel"): $(unzip -Z1 "$wheel" | wc -l) files, $(unzip -Z1 "$wheel" | grep -c '^otr_cli/recipes/.*\.yaml$') recipes"
 
-step "install it into a fresh virtual environment (torch first: a CPU build unless TORCH_SPEC says otherwise)"
-"$bin/pip" install --quiet "$TORCH_SPEC"
+step "install it into a fresh virtual environment (torch first, from TORCH_INDEX_URL when set)"
+"$bin/pip" install --quiet "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 "$bin/pip" install --quiet "$wheel"
 
 mkdir "$work/elsewhere" && cd "$work/elsewhere"

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "wheels" / "tokenizer"  # filled by gpu_check.sh --prepare (the GPU machine has no network)
 BUILTIN_TOKENIZER = "smollm2-135m-instruct"
 
-# Per device: the sizes of every step. cuda follows issue 15; cpu is small enough for CI.
+# Per device: the sizes of every step. cuda: the fused kernel's GPU targets; cpu is small enough for CI.
 PROFILES = {
     "cuda": {
         "bench_shapes": "16384x4096x151936,8192x2048x151936", "bench_rounds": 3,

@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           help="where run directories live (default: outputs/study)")
     advanced.add_argument("--model", help="model to fine-tune instead of the recipes' SmolLM2-135M-Instruct "
                                           "(a directory or hub id; tests use a tiny random model)")
-    advanced.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
-                          help="study B's benchmark files (default: ../shared/data)")
+    advanced.add_argument("--data-dir", type=Path, default=Path(os.environ.get("OTR_DATA_DIR") or REPO / "data"),
+                          help="study B's local copy of GSM8K, SVAMP, MMLU-STEM and HumanEval, laid out as in "
+                               "docs/eval.md (default: $OTR_DATA_DIR, else data/ in the checkout)")
     advanced.add_argument("--docs-dir", type=Path, default=REPO / "docs",
                           help="where results.md, study/results/ and the figures go (default: docs)")
     advanced.add_argument("--ablation-method", default="warmup_otr", choices=ABLATION_METHODS,

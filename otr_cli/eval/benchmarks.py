@@ -1,7 +1,7 @@
 """Benchmark registry: where each benchmark's test split lives and how a record becomes a Problem.
 
 Sources, first match wins: ``eval.paths[name]`` (an explicit file), ``eval.data_dir/<local path>``
-(the layout of ../shared/data: ``gsm8k/test.jsonl``, ``humaneval/HumanEval.jsonl.gz``, ...), else
+(a local copy: ``gsm8k/test.jsonl``, ``humaneval/HumanEval.jsonl.gz``, ...), else
 the hub id (``datasets.load_dataset``). ``synthetic_arith`` is generated; ``custom`` reads
 ``eval.custom_path`` with the configured field names.
 """

@@ -15,7 +15,7 @@ from otr_cli.errors import UserError
 # The paper's OTR settings (arXiv 2509.26313): the defaults the ablations vary one at a time.
 OTR_DEFAULTS = {"k": 256, "temperature": 1.3, "beta": -0.1}
 
-# Ablation grid (issue 6): each axis is varied alone, the others stay at OTR_DEFAULTS.
+# Ablation grid: each axis is varied alone, the others stay at OTR_DEFAULTS.
 ABLATION_GRID: dict[str, tuple[float, ...]] = {"k": (1, 8, 64, 256), "temperature": (1.0, 1.3),
                                                "beta": (0.0, -0.1, -0.5)}
 

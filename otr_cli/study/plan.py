@@ -73,7 +73,7 @@ class StudyOptions:
     ablation_method: str = "warmup_otr"
     cache_root: Path = REPO / "outputs" / "study"
     model: Optional[str] = None           # None: the recipes' SmolLM2-135M-Instruct
-    data_dir: Path = REPO.parent / "shared" / "data"
+    data_dir: Path = REPO / "data"       # a local copy laid out as in docs/eval.md
     extra_overrides: tuple[str, ...] = ()
 
 
