@@ -210,8 +210,11 @@ def test_a_resume_on_edited_training_data_is_refused_naming_the_file(tiny_model_
     assert refused.returncode == 2, refused.stdout + refused.stderr
     error = one_line(refused.stderr)
     assert "training data differ" in error and str(data) in error and "resume_with_changed_data=true" in error
-    assert {k: v for k, v in snapshot(out).items() if k != LOCK_FILE} == {
-        k: v for k, v in before.items() if k != LOCK_FILE}
+    # The run's files as they were; run_state.json says why the resume failed, as for any refused resume.
+    unchanged = {LOCK_FILE, "run_state.json"}
+    assert {k: v for k, v in snapshot(out).items() if k not in unchanged} == {
+        k: v for k, v in before.items() if k not in unchanged}
+    assert "training data differ" in json.loads((out / "run_state.json").read_text())["error"]
 
     run_cli([*args, "trainer.resume_with_changed_data=true"])
     records = read_jsonl(out / "metrics.jsonl")
