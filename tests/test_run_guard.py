@@ -244,8 +244,10 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tiny_model_dir,
         kill_9(first)
     old = {step: file_digest(checkpoints / f"step-{step}" / "model.safetensors") for step in (3, 4)}
 
-    # The new branch from step 2, killed in its step 4 (after its step-3 was saved).
-    second = start_paused([*args, f"trainer.resume={checkpoints / 'step-2'}"], tmp_path / "second.log", step=4,
+    # The new branch from step 2 with another objective (say the old one diverged), killed in its step 4
+    # (after its step-3 was saved).
+    branch = [*args, "loss=dft"]
+    second = start_paused([*branch, f"trainer.resume={checkpoints / 'step-2'}"], tmp_path / "second.log", step=4,
                           ready=tmp_path / "ready2")
     try:
         wait_for(tmp_path / "ready2", second, tmp_path / "second.log")
@@ -255,16 +257,19 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tiny_model_dir,
     assert len(abandoned) == 1, sorted(p.name for p in checkpoints.iterdir())
     assert {p.name for p in abandoned[0].iterdir()} == {"step-3", "step-4"}
     assert {step: file_digest(abandoned[0] / f"step-{step}" / "model.safetensors") for step in (3, 4)} == old
-    assert "moved checkpoints/step-3, checkpoints/step-4" in (tmp_path / "second.log").read_text()
+    assert "moved checkpoints/step-3, checkpoints/step-4 to" in " ".join((tmp_path / "second.log").read_text().split())
     new_3 = file_digest(checkpoints / "step-3" / "model.safetensors")
     assert new_3 != old[3] and not (checkpoints / "step-4").exists()
 
     # resume=auto after that kill continues the new branch (step-3), not the abandoned one's step-4.
-    resumed = run_cli(args)
-    assert "Resumed from" in resumed.stderr and f"{checkpoints / 'step-3'} at step 3" in resumed.stderr
+    resumed = run_cli(branch)
+    output = resumed.stdout + resumed.stderr
+    assert "at step 3" in " ".join(output[output.index("Resumed from"):].split())[:400]
     assert sorted(p.name for p in checkpoints.glob("step-*")) == [f"step-{n}" for n in range(1, 7)]
     assert file_digest(checkpoints / "step-3" / "model.safetensors") == new_3  # kept, not replaced
     assert file_digest(checkpoints / "step-4" / "model.safetensors") != old[4]
     assert file_digest(out / "final" / "model.safetensors") == file_digest(checkpoints / "step-6" / "model.safetensors")
-    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    trained = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3, 4, 5, 6]
+    assert [r["objective"] for r in trained] == ["otr"] * 2 + ["dft"] * 4  # the default objective, then the branch's
     assert {p.name for p in abandoned[0].iterdir()} == {"step-3", "step-4"}  # never deleted
