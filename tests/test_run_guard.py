@@ -273,3 +273,22 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tiny_model_dir,
     assert [r["step"] for r in trained] == [1, 2, 3, 4, 5, 6]
     assert [r["objective"] for r in trained] == ["otr"] * 2 + ["dft"] * 4  # the default objective, then the branch's
     assert {p.name for p in abandoned[0].iterdir()} == {"step-3", "step-4"}  # never deleted
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_every_rank_of_a_refused_run_exits_with_rank_0s_verdict(tiny_model_dir, tmp_path):
+    """Rank 0 alone looks at the lock; the other ranks hear its verdict and exit with it, none waits."""
+    from ranks import start_ranks, wait_all
+
+    out = tmp_path / "run"
+    plant_lock(out, host="node-elsewhere")
+    processes = start_ranks(["train", *tiny_overrides(tiny_model_dir, out)], tmp_path)
+    codes = wait_all(processes, 300)
+    for process in processes:
+        if process.poll() is None:
+            kill_9(process)
+    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in (0, 1)]
+    assert codes == [2, 2], logs
+    assert all("in use by `otr train` on host node-elsewhere" in one_line(log) for log in logs)
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
