@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 VENV_ARGS ?=
 STAMP := $(VENV)/.otr-installed
 
-.PHONY: install demo test test-fast rehearsal bench lint clean study wheel-check config-reference
+.PHONY: install demo test test-fast rehearsal faults bench lint clean study wheel-check config-reference
 
 install: $(STAMP)
 
@@ -41,6 +41,9 @@ test-fast: install
 rehearsal: install
 	$(BIN)/python -m pytest -q -ra tests/test_rehearsal.py tests/test_rehearsal_4ranks.py tests/test_lora_export.py \
 		tests/test_zero3_init.py
+
+faults: install
+	$(BIN)/python -m pytest -q -ra -m faults tests
 
 bench: install
 	$(BIN)/python scripts/bench_loss.py --device cpu

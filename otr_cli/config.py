@@ -221,6 +221,9 @@ class TrainerConfig:
     eval_steps: int = 0
     # Refuse to start in an output_dir that holds a finished run unless this is true.
     overwrite: bool = False
+    # Resume although the training data differ from those the checkpoint was trained on (refused otherwise:
+    # the remaining steps would see other examples); the resume is recorded in metrics.jsonl.
+    resume_with_changed_data: bool = False
     progress: bool = True
     # Experiment trackers getting metrics.jsonl's scalars: tensorboard, wandb, mlflow; [none] for none;
     # [auto]: tensorboard when it is installed.
@@ -333,6 +336,9 @@ class RunConfig:
     # None: outputs/<run.name> for a single run, the job's sweep subdirectory in a multirun.
     output_dir: Optional[str] = None
     name: str = "run"
+    # One `otr train` per output_dir (train/run_lock.py): a lock whose holder on another host has not refreshed
+    # it for this many minutes is taken over (its holder refreshes it every min(1, this/4) minutes).
+    lock_stale_min: float = 10.0
 
 
 @dataclass
@@ -422,6 +428,7 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
         _positive("trainer.epochs", trainer.epochs)
     if trainer.save_total_limit is not None:
         _positive("trainer.save_total_limit", trainer.save_total_limit)
+    _positive("run.lock_stale_min", cfg.run.lock_stale_min)
     validate_data(data)
     _positive("trainer.max_tokens_per_batch", trainer.max_tokens_per_batch, strict=False)
     if trainer.max_tokens_per_batch:

@@ -238,3 +238,24 @@ def check_same_data_order(checkpoint: Path, order_settings: dict[str, Any]) -> N
             f"{checkpoint}: resuming with these settings would train the remaining steps on other batches than "
             f"the run that wrote it ({'; '.join(changed)}). Set them back to resume exactly, or start a new run "
             f"from this checkpoint's weights: model.name_or_path={checkpoint} run.output_dir=<a new directory>.")
+
+
+def check_same_training_data(checkpoint: Path, fingerprint: dict[str, Any], allow_changed: bool) -> Optional[str]:
+    """Refuse (CheckpointError) to resume from `checkpoint` on other training data than it was trained on
+    (train/data_identity.py train_data_fingerprint). With `allow_changed` (trainer.resume_with_changed_data)
+    return what changed instead, for the run to record; None when nothing did, or when the checkpoint predates
+    the fingerprint (it resumes unchecked, as before)."""
+    saved = read_trainer_state(checkpoint).get("data_fingerprint")
+    if saved is None or saved.get("train_tokens") == fingerprint.get("train_tokens"):
+        return None
+    sources = sorted({str(saved.get("source")), str(fingerprint.get("source"))})
+    change = (f"the training data differ from those {checkpoint} was trained on ({' and '.join(sources)}: "
+              f"{saved.get('examples')} -> {fingerprint.get('examples')} examples, tokens "
+              f"{str(saved.get('train_tokens'))[:12]} -> {str(fingerprint.get('train_tokens'))[:12]})")
+    if allow_changed:
+        return change
+    raise CheckpointError(
+        f"{change}: the remaining steps would train on other batches than the interrupted run. Put the data back "
+        f"as they were, start a new run from this checkpoint's weights (model.name_or_path={checkpoint} "
+        f"run.output_dir=<a new directory>), or resume anyway with trainer.resume_with_changed_data=true "
+        f"(recorded in metrics.jsonl).")

@@ -21,8 +21,10 @@ from otr_cli.losses.objectives import ROLLOUT_STAT_NAMES, STAT_NAMES, stat_names
 from otr_cli.models import load_run_tokenizer
 from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
-from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, check_same_data_order, read_trainer_state,
-                                      resolve_resume, topology_record)
+from otr_cli.train.abandoned import move_newer_branch_aside
+from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, check_same_data_order,
+                                      check_same_training_data, read_trainer_state, resolve_resume, topology_record)
+from otr_cli.train.data_identity import train_data_fingerprint
 from otr_cli.train.distributed import DistInfo, barrier, decide_on_main, init_distributed
 from otr_cli.train.engine import TrainingEngine, build_engine
 from otr_cli.train.export import export_hf_model
@@ -33,6 +35,7 @@ from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.random_state import (restore_rank_states, restore_rng_states, rng_states, save_rank_states,
                                          seed_everything, seed_for_rank)
 from otr_cli.train.reshard import ResumePlan, prepare_resume, remove_universal_forms
+from otr_cli.train.run_lock import holding_run_directory
 from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
@@ -68,7 +71,8 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo, run_dir: RunDirectory, data: DataBundle, tokenizer,
-                 engine: TrainingEngine, total_steps: int, plan: StepPlan):
+                 engine: TrainingEngine, total_steps: int, plan: StepPlan,
+                 data_fingerprint: Optional[dict[str, Any]] = None):
         self.cfg = cfg
         self.dist = dist_info
         self.run_dir = run_dir
@@ -77,6 +81,8 @@ class Trainer:
         self.engine = engine
         self.total_steps = total_steps
         self.plan = plan
+        # What the run trains on (train/data_identity.py; rank 0's, None on the others), kept in trainer_state.json.
+        self.data_fingerprint = data_fingerprint
         self.phases: list[Phase] = build_schedule(cfg.loss, total_steps)
         # Step after which each phase but the last ends: {step: phase}.
         self.phase_ends = phase_boundaries(self.phases)
@@ -127,6 +133,7 @@ class Trainer:
                     "max_tokens_per_batch": self.plan.max_tokens_per_batch,
                     "data_order": self.plan.order_settings(),
                     "topology": topology_record(self.dist.world_size, self.engine.zero_stage),
+                    **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint else {}),
                 })
 
         checkpoint = timed_save(
@@ -485,6 +492,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Everything `otr train` does after the config is validated. Returns the run summary."""
     dist_info = init_distributed(cfg.launcher.dist_timeout_min)
     output_dir = resolve_output_dir(cfg)
+    # One `otr train` per directory, decided before anything is written: a second one is refused on every rank.
+    with holding_run_directory(output_dir, cfg.run.lock_stale_min * 60, dist_info.is_main):
+        return _train_in(cfg, dist_info, output_dir)
+
+
+def _train_in(cfg: TrainConfig, dist_info: DistInfo, output_dir: Path) -> dict[str, Any]:
+    """run_training in its locked output directory."""
     run_dir = RunDirectory(output_dir, dist_info)
     decide_on_main(lambda: check_output_dir(run_dir, cfg))  # one verdict from one listing, raised on every rank
     run_dir.prepare(overwrite=cfg.trainer.overwrite)
@@ -502,11 +516,18 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     # Rank 0's listing decides for every rank: NFS can show another rank an older checkpoints/ (and a rank
     # resuming alone from another step would enter other collectives than the rest).
     checkpoint = decide_on_main(lambda: resolve_resume(run_dir, cfg.trainer.resume))
+    fingerprint = train_data_fingerprint(data.train, cfg.data) if dist_info.is_main else None
     resume_plan = None
+    data_change = None
     if checkpoint is not None:  # before the model loads: a resume that would change the batches is refused now
+        data_change = decide_on_main(lambda: check_same_training_data(checkpoint, fingerprint,
+                                                                      cfg.trainer.resume_with_changed_data))
         check_same_data_order(checkpoint, plan.order_settings())
         # Also before: a resume DeepSpeed cannot load at this world size is refused, one it can is converted.
         resume_plan = prepare_resume(checkpoint, dist_info.world_size, cfg.deepspeed.zero_stage, dist_info)
+        if cfg.trainer.resume not in ("auto", "never"):  # an explicit, maybe older, checkpoint of this run
+            decide_on_main(lambda: move_newer_branch_aside(run_dir, checkpoint,
+                                                           int(read_trainer_state(checkpoint)["step"])))
     if dist_info.is_main:  # after that check, so that a refused resume leaves the run's files as they were
         write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         write_json_atomic(output_dir / "data_report.json", data.report.as_dict())
@@ -517,11 +538,15 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size,
                           load_universal=resume_plan is not None and resume_plan.universal)
-    trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, engine, total_steps, plan)
+    trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, engine, total_steps, plan, data_fingerprint=fingerprint)
     # Seeded alike up to here (the initial weights); from here on each rank's dropout draws its own masks.
     seed_for_rank(cfg.seed, dist_info.rank)
     if checkpoint is not None:
         trainer.resume_from(checkpoint, resume_plan)
+    if data_change is not None and dist_info.is_main:
+        warning = f"resumed with trainer.resume_with_changed_data=true: {data_change}"
+        log.warning(warning)
+        trainer.metrics.write({"step": trainer.step, "warning": warning, "resumed_with_changed_data": True})
     run_dir.mark("running", step=trainer.step, total_steps=total_steps)
     started = time.time()
     records = trainer.train()

@@ -1,0 +1,48 @@
+"""What a run trained on, recorded in each checkpoint so that a resume on other data is noticed.
+
+A resume is exact only on the same tokenized examples: the order of examples is a pure function of the
+seed and the step (train/batches.py), so an edited training file resumes silently into other batches.
+``train_data_fingerprint`` hashes the tokenized training split itself (the token ids, label flags, example
+boundaries and loss weights that training reads), whichever way it was built (tokenized now, read from the
+tokenization cache, or generated); trainer_state.json keeps it with the source it came from
+(train/checkpoints.py check_same_training_data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+# Hashed in this many bytes at a time: a memory-mapped split of any size is read page by page, never copied whole.
+CHUNK_BYTES = 64 << 20
+
+
+def _hash_array(digest, name: str, array: np.ndarray) -> None:
+    flat = np.ascontiguousarray(array).reshape(-1)
+    digest.update(f"{name}:{flat.dtype.str}:{flat.size}\n".encode())
+    step = max(1, CHUNK_BYTES // max(flat.itemsize, 1))
+    for start in range(0, flat.size, step):
+        digest.update(memoryview(flat[start:start + step]).cast("B"))
+
+
+def train_data_fingerprint(train_split, data_cfg: Any) -> dict[str, Any]:
+    """{"train_tokens": hex blake2b of the tokenized training split, "examples": their count,
+    "source": where the records came from, as data.* says it}.
+
+    train_split: a TokenizedSplit (data/tokenized.py); its arrays are read once (~1 s per GB on one core).
+    """
+    digest = hashlib.blake2b(digest_size=20)
+    for name, array in train_split.arrays().items():
+        _hash_array(digest, name, array)
+    return {"train_tokens": digest.hexdigest(), "examples": len(train_split), "source": data_source(data_cfg)}
+
+
+def data_source(data_cfg: Any) -> str:
+    """data.source as a user reads it, with the hub subset and split where they matter."""
+    source = str(data_cfg.source)
+    parts = [f"subset {data_cfg.subset}"] if getattr(data_cfg, "subset", None) else []
+    if getattr(data_cfg, "split", "train") != "train":
+        parts.append(f"split {data_cfg.split}")
+    return f"{source} ({', '.join(parts)})" if parts else source
