@@ -24,5 +24,6 @@ def fail(message: str) -> NoReturn:
     from rich.markup import escape
 
     # escape: a message's own brackets ("pip install 'otr-cli[wandb]'", "report_to=[a,b]") are text, not markup.
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    # soft_wrap: one physical line whatever the terminal's width (a pipe's is 80), so logs and grep keep it whole.
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(USER_ERROR_EXIT)

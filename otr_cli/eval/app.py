@@ -53,16 +53,15 @@ def output_dir(cfg: EvalRunConfig) -> Path:
 
 def eval_task(cfg) -> Optional[dict]:
     """Body of `otr eval` (called by Hydra with the composed config)."""
-    from omegaconf import OmegaConf
 
     from otr_cli.app import configure_logging
-    from otr_cli.config import ConfigError
+    from otr_cli.config import ConfigError, typed_config
     from otr_cli.errors import UserError, fail
     from otr_cli.eval.runner import evaluate_model
     from otr_cli.eval.sharding import shard_from_environment
 
     try:
-        typed: EvalRunConfig = OmegaConf.to_object(cfg)
+        typed: EvalRunConfig = typed_config(cfg, EvalRunConfig)
         if not typed.eval.benchmarks:
             raise ConfigError("eval.benchmarks is empty; e.g. eval.benchmarks=[gsm8k,svamp] or eval=math")
         configure_logging()

@@ -7,12 +7,15 @@ import os
 import sys
 from typing import Optional
 
-from otr_cli.app import configure_logging, run_hydra, sources_line
+from otr_cli.app import configure_logging, register_resolvers, run_hydra, sources_line
 from otr_cli.errors import UserError, fail
+
+# train.yaml's run.name uses ${otr.run_name:...}: a SLURM job that unpickles train_task resolves it too.
+register_resolvers()
 
 
 def train_entry(args: list[str]) -> int:
-    """`otr train [overrides]`."""
+    """`otr train [recipe.yaml] [overrides]`."""
     return run_hydra(train_task, "train", "train", args)
 
 
