@@ -19,14 +19,26 @@ def train_entry(args: list[str]) -> int:
     return run_hydra(train_task, "train", "train", args)
 
 
+def check_train_config(cfg):
+    """Every start-up check of a composed `otr train` config; returns the typed TrainConfig.
+
+    The evaluation settings are checked here too, not at the first evaluation after hours of training.
+    Raises ConfigError (a UserError) naming the key.
+    """
+    from otr_cli.config import validate
+    from otr_cli.eval.runner import check_eval_config
+
+    typed = validate(cfg)
+    check_eval_config(typed.eval)
+    return typed
+
+
 def train_task(cfg) -> Optional[dict]:
     """Body of `otr train` (called by Hydra with the composed config)."""
     from omegaconf import OmegaConf
 
-    from otr_cli.config import validate
-
     try:
-        typed = validate(cfg)
+        typed = check_train_config(cfg)
         if typed.dry_run:
             print_dry_run(typed, OmegaConf.to_yaml(cfg))
             return None
