@@ -53,13 +53,15 @@ def output_dir(cfg: EvalRunConfig) -> Path:
 
 def check_eval_run(cfg) -> EvalRunConfig:
     """Every start-up check of a composed `otr eval` config; returns it typed. Raises ConfigError naming the key."""
-    from otr_cli.config import ConfigError, typed_config
+    from otr_cli.config import ConfigError, typed_config, validate_data
     from otr_cli.eval.runner import check_eval_config
 
     typed: EvalRunConfig = typed_config(cfg, EvalRunConfig)
     if not typed.eval.benchmarks:
         raise ConfigError("eval.benchmarks is empty; e.g. eval.benchmarks=[gsm8k,svamp] or eval=math")
     check_eval_config(typed.eval)
+    # The data keys mean what they mean in training (the prompts are rendered as the training text was).
+    validate_data(typed.data)
     return typed
 
 
