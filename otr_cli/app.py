@@ -157,7 +157,7 @@ def warn_shadowed_user_configs(overrides: list[str]) -> list[Path]:
             if (packaged / name).is_file():
                 shadowed.append(user_file)
                 message = (f"{user_file} is not used: otr's own {name} has the same name and comes first in "
-                           "Hydra's search path. Give yours another name (docs/configuration.md, 'Your own recipes').")
+                           "Hydra's search path. Give yours another name (docs/configuration.md, 'A directory of recipes').")
                 if _launched_as_first_rank():  # one warning per job, not one per rank
                     Console(stderr=True).print(f"[bold yellow]warning:[/bold yellow] {message}", highlight=False,
                                                soft_wrap=True)

@@ -125,3 +125,34 @@ def test_otr_train_takes_a_recipe_file_from_another_directory(tmp_path):
     result = run_cli(["train", "demo_long.yaml", "trainer.max_steps=9", "dry_run=true"], cwd=tmp_path)
     assert "name: demo_long" in result.stdout and "max_steps: 9" in result.stdout
     assert recipe.is_file()
+
+
+def _documented_file(name: str) -> str:
+    """The YAML block of docs/configuration.md that starts with `# <name>`."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    for block in doc.split("```yaml\n")[1:]:
+        text = block.split("```", 1)[0]
+        if text.startswith(f"# {name}"):
+            return text
+    raise AssertionError(f"no `# {name}` block in docs/configuration.md")
+
+
+def test_documented_recipe_files_compose_as_the_docs_say(tmp_path):
+    mine = validate(compose_config("train", "train", [str(_write(tmp_path, "my_recipe.yaml",
+                                                                 _documented_file("my_recipe.yaml")))], TrainConfig))
+    assert mine.loss.objective == "otr" and mine.loss.sft_warmup_steps == 50 and mine.loss.beta == -0.1
+    assert mine.model.name_or_path == "HuggingFaceTB/SmolLM2-360M-Instruct" and mine.data.source == "my_chats.jsonl"
+    assert mine.trainer.epochs == 2 and mine.trainer.max_steps == -1 and mine.run.name == "my_chats_otr"
+    long = validate(compose_config("train", "train", [str(_write(tmp_path, "demo_long.yaml",
+                                                                 _documented_file("demo_long.yaml")))], TrainConfig))
+    assert long.run.name == "demo_long" and long.trainer.max_steps == 80 and long.loss.objective == "otr"
+    register_eval_schema()
+    evaluation = compose_config("eval_main", "eval", [str(_write(tmp_path, "my_eval.yaml",
+                                                                 _documented_file("my_eval.yaml")))], EvalRunConfig)
+    assert evaluation.model.name_or_path == "outputs/my_chats_otr/final" and evaluation.eval.limit == 50
+
+
+def test_run_without_a_recipe_is_named_after_model_data_and_objective():
+    cfg = compose_config("train", "train", ["data.source=my_chats.jsonl",
+                                            "model.name_or_path=HuggingFaceTB/SmolLM2-360M-Instruct"], TrainConfig)
+    assert validate(cfg).run.name == "SmolLM2-360M-Instruct_my_chats_sft"
