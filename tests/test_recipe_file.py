@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import read_jsonl, run_cli, tiny_overrides
 from otr_cli.app import compose_config
 from otr_cli.cli import main
 from otr_cli.config import TrainConfig, validate
@@ -156,3 +156,15 @@ def test_run_without_a_recipe_is_named_after_model_data_and_objective():
     cfg = compose_config("train", "train", ["data.source=my_chats.jsonl",
                                             "model.name_or_path=HuggingFaceTB/SmolLM2-360M-Instruct"], TrainConfig)
     assert validate(cfg).run.name == "SmolLM2-360M-Instruct_my_chats_sft"
+
+
+@pytest.mark.slow
+def test_otr_train_trains_from_a_recipe_file(tiny_model_dir, tmp_path):
+    recipe = _write(tmp_path, "tiny.yaml", "defaults:\n  - override /loss: dft\n  - _self_\n"
+                                           "data:\n  source: synthetic_arith\ntrainer:\n  max_steps: 2\n")
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(tiny_model_dir, out) if not o.startswith(("recipe=", "trainer.max_steps="))]
+    run_cli(["train", str(recipe), *overrides])
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    assert (out / "final" / "config.json").is_file()
