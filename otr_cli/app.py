@@ -266,7 +266,7 @@ def _prepare(command: str, overrides: list[str], schema: type) -> list[str]:
     from otr_cli.config import GROUP_SCHEMAS, check_override_keys, register_configs
 
     overrides = take_recipe_file(overrides, command)
-    check_override_keys(overrides, tuple(GROUP_SCHEMAS) + ("recipe",), schema)
+    check_override_keys(overrides, tuple(GROUP_SCHEMAS) + ("recipe",), schema, command)
     warn_shadowed_user_configs(overrides)
     register_configs()
     register_resolvers()
@@ -330,7 +330,9 @@ def run_hydra(task: Callable, config_name: str, command: str, overrides: list[st
     try:
         main_fn()
     except Exception as err:
-        error = None if guarded.raised else _composition_error(err, schema, config_name)
+        # Outside the task (composing, a sweep's callbacks): a UserError or Hydra's word for a mistake.
+        error = None if guarded.raised else (err if isinstance(err, UserError)
+                                              else _composition_error(err, schema, config_name))
         if error is None:
             traceback.print_exc()
             sys.exit(1)

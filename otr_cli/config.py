@@ -612,11 +612,12 @@ FREE_FORM_PREFIXES = ("deepspeed.extra.", "hydra.", "hydra/", "recipe", "data.ch
                       "eval.chat_template_kwargs.")
 
 
-def check_override_keys(overrides: list[str], groups: tuple[str, ...], schema: type = None) -> None:
+def check_override_keys(overrides: list[str], groups: tuple[str, ...], schema: type = None,
+                        command: str = "train") -> None:
     """Fail fast, with a suggestion, on a command-line override whose key is not in the schema.
 
     Hydra alone says only "Key 'lrr' is not in struct", and `+key=value` would even add the key;
-    this names the closest real key. schema: the dataclass the command composes (default TrainConfig).
+    this names the closest real key. schema: the dataclass `otr <command>` composes (default TrainConfig).
     Deletions (`~key`) and Hydra's flags are left to Hydra.
     """
     known = schema_keys(schema or TrainConfig)
@@ -632,7 +633,7 @@ def check_override_keys(overrides: list[str], groups: tuple[str, ...], schema: t
         close = difflib.get_close_matches(key, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown config key '{key}' in override '{override}'.{hint} "
-                          f"`otr train --cfg job` prints every key.")
+                          f"`otr {command} --cfg job` prints every key.")
 
 
 LAUNCHERS = ("local", "slurm")
