@@ -13,8 +13,10 @@ USAGE = """usage: otr <command> [hydra overrides ...]
 
 commands:
   train    fine-tune a model from a recipe:  otr train recipe=smollm2_demo loss.beta=-0.2
+           ... from a recipe file of yours:   otr train path/to/my_recipe.yaml trainer.max_steps=100
+           ... plain SFT on your data:        otr train data.source=my_chats.jsonl model.name_or_path=ID
            multirun sweeps:                   otr train -m recipe=smollm2_demo loss.beta=0,-0.1
-           ... as one SLURM job array:        otr train -m loss.beta=0,-0.1 launcher=slurm launcher.partition=P
+           ... as one SLURM job array:        otr train -m recipe=smollm2_demo loss.beta=0,-0.1 launcher=slurm
            print the composed config:         otr train recipe=qwen8b_math dry_run=true
   data     look at the data before training: otr data recipe=smollm2_gsm8k [--examples N] [--ranks N] [--json]
   eval     benchmark a model:                otr eval model=outputs/run/final eval.benchmarks=[gsm8k,humaneval]
@@ -23,7 +25,7 @@ commands:
   sweep    summarise a sweep's points:       otr sweep summary multirun/smollm2_demo/2025-01-01_12-00-00
 
 {version}. `otr train --help` lists every config group and option;
-your own recipes: `otr train hydra.searchpath=[file:///path/to/my_recipes] recipe=mine` (docs/configuration.md).
+your own recipe: `otr train my_recipe.yaml`, `otr eval my_eval.yaml` (docs/configuration.md).
 """
 
 

@@ -387,7 +387,7 @@ def _positive(path: str, value: float, strict: bool = True) -> None:
 def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     """Range and combination checks; returns the config as a typed object."""
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_object(cfg)
+        cfg = typed_config(cfg, TrainConfig)
     loss, optim, trainer, data, ds = cfg.loss, cfg.optim, cfg.trainer, cfg.data, cfg.deepspeed
     loss_options(loss)
     _choice("loss.reduction", loss.reduction, LOSS_REDUCTIONS)
@@ -448,6 +448,19 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     return cfg
 
 
+def typed_config(cfg: DictConfig, schema: type) -> Any:
+    """`cfg` as the dataclass object `schema`; a key the schema lacks (added with `+key=value`), a value of the
+    wrong type or an unset mandatory value raises ConfigError naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from otr_cli.composition_errors import describe
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(describe(err, schema_keys(schema), "")) from err
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 
@@ -494,6 +507,10 @@ def validate_data(data: DataConfig) -> None:
     What depends on the records (a hold-out larger than the set, nothing left after truncation)
     is checked where they are read (otr_cli/data/pipeline.py).
     """
+    if not data.source:
+        raise ConfigError("data.source is empty: say what to train on with a recipe (recipe=smollm2_demo, or a file: "
+                          "`otr train my_recipe.yaml`), a data group (data=gsm8k) or a file "
+                          "(data.source=my_chats.jsonl, docs/data.md)")
     _choice("data.truncation", data.truncation, TRUNCATIONS)
     _choice("data.format", data.format, DATA_FORMATS)
     if data.max_length < 2:  # one input token and one target at least
@@ -598,28 +615,32 @@ def schema_keys(schema: type = TrainConfig, prefix: str = "") -> dict[str, type]
 
 
 # Keys below these are the user's own (DeepSpeed JSON, template variables), not schema fields.
-FREE_FORM_PREFIXES = ("deepspeed.extra.", "hydra.", "recipe", "data.chat_template_kwargs.",
+FREE_FORM_PREFIXES = ("deepspeed.extra.", "hydra.", "hydra/", "recipe", "data.chat_template_kwargs.",
                       "eval.chat_template_kwargs.")
 
 
-def check_override_keys(overrides: list[str], groups: tuple[str, ...]) -> None:
+def check_override_keys(overrides: list[str], groups: tuple[str, ...], schema: type = None,
+                        command: str = "train") -> None:
     """Fail fast, with a suggestion, on a command-line override whose key is not in the schema.
 
-    Hydra alone says only "Key 'lrr' is not in struct"; this names the closest real key.
+    Hydra alone says only "Key 'lrr' is not in struct", and `+key=value` would even add the key;
+    this names the closest real key. schema: the dataclass `otr <command>` composes (default TrainConfig).
+    Deletions (`~key`) and Hydra's flags are left to Hydra.
     """
-    known = schema_keys()
+    known = schema_keys(schema or TrainConfig)
     for override in overrides:
-        if "=" not in override or override.startswith(("+", "~", "-")):
+        if "=" not in override or override.startswith(("~", "-")):
             continue
-        key = override.split("=", 1)[0].strip()
+        key = override.split("=", 1)[0].strip().lstrip("+")
+        # key@package (a group placed elsewhere) is Hydra's business; the group name still has to exist.
+        key = key.split("@", 1)[0]
         if key in known or key in groups or key.startswith(FREE_FORM_PREFIXES):
             continue
         candidates = list(known) + list(groups)
         close = difflib.get_close_matches(key, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown config key '{key}' in override '{override}'.{hint} "
-                          f"`otr train --cfg job` prints every key.")
-
+                          f"`otr {command} --cfg job` prints every key.")
 
 
 LAUNCHERS = ("local", "slurm")

@@ -149,7 +149,7 @@ def step_train(device: str, out: Path, profile: dict, model_dir: Path, objective
     """objective: sft, otr, or otr-packed (otr with data.packing=true)."""
     run_dir = out / f"train_{objective}"
     loss, _, layout = objective.partition("-")
-    overrides = [f"model.name_or_path={model_dir}", f"run.output_dir={run_dir}", "trainer.overwrite=true",
+    overrides = ["recipe=smollm2_demo", f"model.name_or_path={model_dir}", f"run.output_dir={run_dir}", "trainer.overwrite=true",
                  f"data.synthetic.num_train={profile['num_train']}", "data.synthetic.num_validation=8",
                  f"trainer.max_steps={profile['train_steps']}", f"trainer.micro_batch_size={profile['micro_batch']}",
                  "trainer.progress=false", "trainer.save_steps=0", "eval=none", "loss.sft_warmup_steps=0",

@@ -14,10 +14,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 def tiny_overrides(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     """Overrides for a seconds-long run of the tiny model on a small synthetic set."""
-    return [f"model.name_or_path={model_dir}", f"run.output_dir={output_dir}", "data.synthetic.num_train=48",
+    return ["recipe=smollm2_demo", f"model.name_or_path={model_dir}", f"run.output_dir={output_dir}", "data.synthetic.num_train=48",
             "data.synthetic.num_validation=8", "data.max_length=96", "trainer.micro_batch_size=4",
             "trainer.max_steps=3", "trainer.progress=false", "eval=none", "optim.lr=1e-3",
-            # The default recipe's SFT warm-up would hide the objective under test.
+            # The demo recipe's SFT warm-up would hide the objective under test.
             "loss.sft_warmup_steps=0", *extra]
 
 

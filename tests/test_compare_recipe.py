@@ -13,7 +13,7 @@ from helpers import run_cli, tiny_overrides
 def test_smollm2_compare_runs_both_arms_and_prints_them_side_by_side(tiny_model_dir, tmp_path):
     sweep = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(tiny_model_dir, tmp_path / "unused")
-                 if not o.startswith(("run.output_dir=", "eval=", "loss.sft_warmup_steps="))]
+                 if not o.startswith(("recipe=", "run.output_dir=", "eval=", "loss.sft_warmup_steps="))]
     result = run_cli(["train", "recipe=smollm2_compare", *overrides, f"hydra.sweep.dir={sweep}",
                       "trainer.max_steps=3", "loss.sft_warmup_steps=2", "loss.k=8", "trainer.save_steps=0",
                       "eval.limit=3", "eval.batch_size=3", "eval.max_new_tokens=8", "eval.before_training=false"])

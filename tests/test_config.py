@@ -10,7 +10,9 @@ from otr_cli.train.ds_config import build_deepspeed_config
 
 
 def dry_run(capsys, *overrides: str) -> str:
-    main(["train", "dry_run=true", *overrides])
+    """The dry run's output; the demo recipe unless the overrides choose one."""
+    recipe = [] if any(o.startswith("recipe=") for o in overrides) else ["recipe=smollm2_demo"]
+    main(["train", "dry_run=true", *recipe, *overrides])
     return capsys.readouterr().out
 
 
@@ -21,10 +23,31 @@ def test_dry_run_prints_config_deepspeed_json_and_batch_arithmetic(capsys):
     assert '"train_batch_size": 15' in out
 
 
-def test_default_recipe_is_the_smollm2_demo_with_otr(capsys):
+def test_demo_recipe_is_smollm2_with_otr(capsys):
     out = dry_run(capsys)
     assert "name_or_path: smollm2-135m-instruct" in out
     assert "objective: otr" in out and "name: smollm2_demo" in out
+
+
+def test_train_without_a_recipe_is_plain_sft_over_epochs_named_after_model_data_and_objective():
+    from otr_cli.app import compose_config
+
+    cfg = compose_config("train", "train", ["data.source=my_chats.jsonl", "data.format=messages", "trainer.epochs=3"],
+                         TrainConfig)
+    typed = validate(cfg)
+    assert typed.loss.objective == "sft" and typed.loss.sft_warmup_steps == 0
+    assert typed.trainer.max_steps == -1 and typed.trainer.epochs == 3
+    assert typed.optim.lr == 2e-5 and typed.optim.scheduler == "cosine" and typed.optim.warmup_ratio == 0.03
+    assert typed.data.max_length == 512 and typed.eval.benchmarks == [] and not typed.eval.before_training
+    assert typed.run.name == "smollm2-135m-instruct_my_chats_sft"
+
+
+def test_train_without_a_recipe_or_data_is_one_line_naming_what_to_give(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "dry_run=true"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "data.source is empty" in err and "recipe=smollm2_demo" in err and "data.source=" in err
 
 
 def test_command_line_group_choice_beats_the_recipe(capsys):
@@ -49,15 +72,17 @@ def test_unknown_key_is_named_with_the_closest_suggestion(capsys):
 
 
 def test_unknown_recipe_lists_the_available_ones(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "recipe=nope", "dry_run=true"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "recipe/nope" in err and "smollm2_demo" in err and "qwen8b_math" in err
+    assert "recipe=nope" in err and "smollm2_demo" in err and "qwen8b_math" in err
 
 
 def test_wrong_type_names_the_key(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "trainer.max_steps=abc", "dry_run=true"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "trainer.max_steps" in err
 
@@ -107,8 +132,13 @@ def test_every_issue_key_exists_in_the_schema():
 
 
 def test_override_check_accepts_groups_and_sweeps():
-    check_override_keys(["loss=otr", "recipe=smollm2_demo", "loss.beta=-0.1,-0.3", "+foo=1", "hydra.verbose=true"],
-                        ("loss", "recipe"))
+    check_override_keys(["loss=otr", "recipe=smollm2_demo", "loss.beta=-0.1,-0.3", "hydra.verbose=true",
+                         "+data.chat_template_kwargs.enable_thinking=false", "~eval.limit"], ("loss", "recipe"))
+
+
+def test_override_check_refuses_a_key_added_with_plus_that_the_schema_lacks():
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.max_step' .*Did you mean: trainer.max_steps"):
+        check_override_keys(["+trainer.max_step=3"], ("trainer",))
 
 
 def test_deepspeed_config_for_cpu_uses_torch_adamw_and_offload_uses_cpu_adam():

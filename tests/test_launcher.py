@@ -18,7 +18,7 @@ def flat(text: str) -> str:
 def test_launcher_keys_are_passed_to_the_submitit_launcher(capsys):
     main(["train", "--cfg", "all", "--resolve", "launcher=slurm", "launcher.partition=gpu", "launcher.nodes=2",
           "launcher.gpus_per_node=8", "launcher.tasks_per_node=8", "launcher.timeout_min=720",
-          "launcher.cpus_per_task=12", "launcher.account=proj42"])
+          "launcher.cpus_per_task=12", "launcher.account=proj42", "recipe=smollm2_demo"])
     out = capsys.readouterr().out
     launcher = out[out.index("\n  launcher:"):out.index("\n  sweeper:")]  # the hydra.launcher node
     for line in ("SlurmLauncher", "partition: gpu", "nodes: 2", "gpus_per_node: 8", "tasks_per_node: 8",
@@ -29,7 +29,7 @@ def test_launcher_keys_are_passed_to_the_submitit_launcher(capsys):
 
 def test_gpus_without_as_many_tasks_is_refused_before_anything_is_submitted(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "-m", "launcher=slurm", "launcher.gpus_per_node=8", "loss.beta=0,-0.1",
+        main(["train", "-m", "recipe=smollm2_demo", "launcher=slurm", "launcher.gpus_per_node=8", "loss.beta=0,-0.1",
               f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert exit_info.value.code == 2
     assert "otr trains with one process per GPU, so set launcher.tasks_per_node=8" in flat(capsys.readouterr().err)
@@ -39,7 +39,7 @@ def test_gpus_without_as_many_tasks_is_refused_before_anything_is_submitted(caps
 def test_without_sbatch_the_error_says_where_to_run(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM client tools here
     with pytest.raises(SystemExit):
-        main(["train", "-m", "launcher=slurm", "loss.beta=0,-0.1", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+        main(["train", "-m", "recipe=smollm2_demo", "launcher=slurm", "loss.beta=0,-0.1", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     err = flat(capsys.readouterr().err)
     assert "`sbatch`, which is not on PATH" in err and "launcher=local" in err
 
@@ -59,7 +59,7 @@ def test_bad_launcher_values_name_the_key(changes, message):
 def test_the_deepspeed_launchers_local_rank_argument_is_accepted(capsys, monkeypatch):
     # `deepspeed --module otr_cli.cli train ...` runs `otr --local_rank=N train ...` in every process.
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    main(["--local_rank=0", "train", "dry_run=true"])
+    main(["--local_rank=0", "train", "recipe=smollm2_demo", "dry_run=true"])
     assert "dry run: nothing was loaded or written" in capsys.readouterr().out
     assert os.environ["LOCAL_RANK"] == "0"
 
@@ -81,7 +81,7 @@ def submit(tmp_path, monkeypatch, capsys, *launcher_keys: str) -> tuple[str, str
     bin_dir = fake_slurm(tmp_path, "cpu 8\\ngpu* 96+\\n")  # printf's escapes: two partitions, gpu the default
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     with pytest.raises(BaseException):  # sbatch refused the job
-        main(["train", "-m", "launcher=slurm", *launcher_keys, "loss.beta=0,-0.1",
+        main(["train", "-m", "recipe=smollm2_demo", "launcher=slurm", *launcher_keys, "loss.beta=0,-0.1",
               f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     return capsys.readouterr().out, (tmp_path / "submitted.sh").read_text()
 

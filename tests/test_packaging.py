@@ -108,7 +108,7 @@ def test_train_help_and_dry_run_name_the_version_and_the_recipes(capsys):
     help_text = capsys.readouterr().out
     assert f"otr train: fine-tune a model from a recipe (otr {app.otr_version()})" in help_text
     assert f"Recipes: {REPO / 'recipes'}" in help_text
-    cli.main(["train", "dry_run=true"])
+    cli.main(["train", "recipe=smollm2_demo", "dry_run=true"])
     assert capsys.readouterr().out.startswith(app.version_line())
 
 

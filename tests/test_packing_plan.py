@@ -125,7 +125,7 @@ def test_packing_refuses_an_attention_kernel_it_cannot_mask(tiny_model_dir):
 def test_dry_run_prints_the_token_budget_arithmetic(capsys):
     from otr_cli.cli import main
 
-    main(["train", "dry_run=true", "data.packing=true", "trainer.max_tokens_per_batch=4096", "trainer.grad_accum=2"])
+    main(["train", "recipe=smollm2_demo", "dry_run=true", "data.packing=true", "trainer.max_tokens_per_batch=4096", "trainer.grad_accum=2"])
     out = " ".join(capsys.readouterr().out.split())
     assert "micro-batches of up to 4096 tokens x grad accumulation 2 x world size 1 = up to 8192 tokens per step" in out
 

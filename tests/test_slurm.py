@@ -87,6 +87,18 @@ def test_three_point_sweep_is_one_job_array_with_a_run_dir_per_point(slurm, tiny
     assert (sweep / "sweep_summary.png").stat().st_size > 0
 
 
+def test_recipe_file_sweep_runs_its_points_as_slurm_jobs(slurm, tiny_model_dir, tmp_path):
+    # The file is stored in Hydra's ConfigStore, which each SLURM job receives with the sweep.
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("defaults:\n  - smollm2_demo\n  - _self_\nloss:\n  k: 8\ntrainer:\n  max_steps: 2\n")
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in sweep_overrides(tiny_model_dir, sweep) if not o.startswith(("recipe=", "trainer.max_steps="))]
+    otr(["train", "-m", str(recipe), *overrides, "loss.beta=-0.2"], slurm, cwd=tmp_path)
+    run = sweep / "0"
+    assert json.loads((run / "run_state.json").read_text())["status"] == "finished"
+    assert "k: 8" in (run / "config.yaml").read_text() and "beta: -0.2" in (run / "config.yaml").read_text()
+
+
 def test_two_task_zero2_job_initialises_from_slurm_and_matches_one_process(slurm, tiny_model_dir, tmp_path):
     common = ["loss=otr_exact", "loss.temperature=1.3", "loss.beta=-0.1", "deepspeed=zero2", "trainer.max_steps=3"]
     sweep = tmp_path / "sweep"

@@ -164,7 +164,7 @@ def test_resume_with_weights_is_exact_and_continues_the_same_tracker_runs(tiny_m
 def test_a_tracker_that_is_not_installed_fails_at_start_up_with_the_pip_command(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what Python's import system reads as "not installed"
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "trainer.report_to=[tensorboard,wandb]", "dry_run=true"])
+        main(["train", "recipe=smollm2_demo", "trainer.report_to=[tensorboard,wandb]", "dry_run=true"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "trainer.report_to lists wandb" in error and "pip install 'otr-cli[wandb]'" in error

@@ -51,20 +51,29 @@ def output_dir(cfg: EvalRunConfig) -> Path:
     return Path("outputs") / "eval" / name
 
 
+def check_eval_run(cfg) -> EvalRunConfig:
+    """Every start-up check of a composed `otr eval` config; returns it typed. Raises ConfigError naming the key."""
+    from otr_cli.config import ConfigError, typed_config, validate_data
+    from otr_cli.eval.runner import check_eval_config
+
+    typed: EvalRunConfig = typed_config(cfg, EvalRunConfig)
+    if not typed.eval.benchmarks:
+        raise ConfigError("eval.benchmarks is empty; e.g. eval.benchmarks=[gsm8k,svamp] or eval=math")
+    check_eval_config(typed.eval)
+    # The data keys mean what they mean in training (the prompts are rendered as the training text was).
+    validate_data(typed.data)
+    return typed
+
+
 def eval_task(cfg) -> Optional[dict]:
     """Body of `otr eval` (called by Hydra with the composed config)."""
-    from omegaconf import OmegaConf
-
     from otr_cli.app import configure_logging
-    from otr_cli.config import ConfigError
     from otr_cli.errors import UserError, fail
     from otr_cli.eval.runner import evaluate_model
     from otr_cli.eval.sharding import shard_from_environment
 
     try:
-        typed: EvalRunConfig = OmegaConf.to_object(cfg)
-        if not typed.eval.benchmarks:
-            raise ConfigError("eval.benchmarks is empty; e.g. eval.benchmarks=[gsm8k,svamp] or eval=math")
+        typed = check_eval_run(cfg)
         configure_logging()
         out = output_dir(typed) / "eval"
         shard = shard_from_environment()

@@ -18,7 +18,7 @@ def eval_entry(args: list[str]) -> int:
     """`otr eval [overrides]` runs Hydra; `otr eval compare DIR_A DIR_B ...` compares finished evals."""
     from otr_cli.app import recipes_dir, run_hydra
     from otr_cli.errors import fail
-    from otr_cli.eval.app import CONFIG_NAME, eval_task, register_eval_schema, rewrite_model_override
+    from otr_cli.eval.app import CONFIG_NAME, EvalRunConfig, eval_task, register_eval_schema, rewrite_model_override
 
     if args and args[0] == "compare":
         from otr_cli.errors import UserError
@@ -29,4 +29,4 @@ def eval_entry(args: list[str]) -> int:
         except UserError as err:
             fail(str(err))
     register_eval_schema()
-    return run_hydra(eval_task, CONFIG_NAME, "eval", rewrite_model_override(args, recipes_dir()))
+    return run_hydra(eval_task, CONFIG_NAME, "eval", rewrite_model_override(args, recipes_dir()), EvalRunConfig)

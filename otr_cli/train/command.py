@@ -7,23 +7,38 @@ import os
 import sys
 from typing import Optional
 
-from otr_cli.app import configure_logging, run_hydra, sources_line
+from otr_cli.app import configure_logging, register_resolvers, run_hydra, sources_line
 from otr_cli.errors import UserError, fail
+
+# train.yaml's run.name uses ${otr.run_name:...}: a SLURM job that unpickles train_task resolves it too.
+register_resolvers()
 
 
 def train_entry(args: list[str]) -> int:
-    """`otr train [overrides]`."""
+    """`otr train [recipe.yaml] [overrides]`."""
     return run_hydra(train_task, "train", "train", args)
+
+
+def check_train_config(cfg):
+    """Every start-up check of a composed `otr train` config; returns the typed TrainConfig.
+
+    The evaluation settings are checked here too, not at the first evaluation after hours of training.
+    Raises ConfigError (a UserError) naming the key.
+    """
+    from otr_cli.config import validate
+    from otr_cli.eval.runner import check_eval_config
+
+    typed = validate(cfg)
+    check_eval_config(typed.eval)
+    return typed
 
 
 def train_task(cfg) -> Optional[dict]:
     """Body of `otr train` (called by Hydra with the composed config)."""
     from omegaconf import OmegaConf
 
-    from otr_cli.config import validate
-
     try:
-        typed = validate(cfg)
+        typed = check_train_config(cfg)
         if typed.dry_run:
             print_dry_run(typed, OmegaConf.to_yaml(cfg))
             return None
