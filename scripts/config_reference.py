@@ -37,7 +37,7 @@ COMMAND = "python scripts/config_reference.py"
 KEY_HELP = {
     "seed": "seeds the data order, initialisation RNGs and the OTR sampling generators",
     "dry_run": "compose, validate, print config + DeepSpeed JSON + batch maths, exit",
-    "run.name": "name of the run; default output directory `outputs/<name>` (recipes set it)",
+    "run.name": "name of the run; default output directory `outputs/<name>`. Recipes set it; without one it is `<model>_<data>_<objective>`, each the last path component without its extension",
     "model.revision": "hub revision (branch, tag or commit)",
     "model.trust_remote_code": "passed to `from_pretrained`",
     "model.gradient_checkpointing": "recompute activations in backward (less memory, ~30% slower)",
@@ -356,6 +356,8 @@ def top_level_section() -> list[str]:
     lines = ["## Keys outside the groups", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     comments = field_comments(schema.TrainConfig)
     base = OmegaConf.to_container(OmegaConf.structured(schema.TrainConfig))
+    # Keys recipes/train.yaml itself sets (run.name): what `otr train` without a recipe gets, not the schema's.
+    primary = read_option("", RECIPES / "train.yaml")
     for f in fields(schema.TrainConfig):
         if f.name in groups:
             continue
@@ -363,7 +365,11 @@ def top_level_section() -> list[str]:
         rows = (schema_rows(type(default), f"{f.name}.") if is_dataclass(default)
                 else [(f.name, type_name(f.type), KEY_HELP.get(f.name) or comments.get(f.name, ""))])
         for key, kind, meaning in rows:
-            lines.append("| " + " | ".join(cell(v) for v in [f"`{key}`", kind, fmt(lookup(base, key)), meaning]) + " |")
+            try:
+                default = f"`{fmt(lookup(primary, key))}` (train.yaml)"
+            except (KeyError, TypeError):
+                default = fmt(lookup(base, key))
+            lines.append("| " + " | ".join(cell(v) for v in [f"`{key}`", kind, default, meaning]) + " |")
     return lines + [""]
 
 
