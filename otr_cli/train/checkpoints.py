@@ -32,7 +32,7 @@ from otr_cli.train.background_files import BackgroundFiles, trash_in
 from otr_cli.train.distributed import DistInfo, barrier, decide_on_main, gather_from_all
 from otr_cli.train.manifest import (MANIFEST, build_manifest, checksum_share, list_files, read_manifest, share_chunks,
                                    subset, verify_checkpoint, write_manifest_of)
-from otr_cli.train.save_failure import WriteFailure, agreed_error, describe, free_bytes
+from otr_cli.train.save_failure import WriteFailure, agreed_error, describe, drop_tracebacks, free_bytes
 
 log = logging.getLogger("otr.train")
 
@@ -146,6 +146,10 @@ class RunDirectory:
                 result = stage()
             except Exception as err:  # reported to every rank below; raised on all of them
                 own, failure = err, describe(err, self.dist.rank, self.checkpoints)
+                if failure.disk_full:
+                    # The frames of torch's failed writer hold its file open, and a deleted file's space is
+                    # freed only once it is closed: without this, the clean-up frees nothing on a full disk.
+                    drop_tracebacks(err)
             outcomes = gather((failure, result))
             failures = [failed for failed, _ in outcomes if failed is not None]
             if failures:

@@ -72,6 +72,16 @@ def is_disk_full(err: BaseException, directory: Path) -> bool:
     return False
 
 
+def drop_tracebacks(err: BaseException) -> None:
+    """Forget the frames of `err` and of every error it was raised from (their locals: open files)."""
+    seen = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+
+
 def describe(err: BaseException, rank: int, directory: Path) -> WriteFailure:
     first_line = (str(err).strip().splitlines() or [""])[0]
     return WriteFailure(rank, f"{type(err).__name__}: {first_line}", is_disk_full(err, directory))
