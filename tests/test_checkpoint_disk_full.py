@@ -157,3 +157,28 @@ def test_a_write_refused_for_lack_of_space_removes_the_partial_checkpoint_and_na
     assert "One checkpoint needs about 5" in message and "(the size of step-2)" in message, message
     assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["step-2"]
     assert {p: p.read_bytes() for p in (run_dir.checkpoints / "step-2").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_write_refused_on_one_rank_only_stops_both_ranks_with_the_same_one_line_error(tiny_model_dir, tmp_path):
+    """Only rank 1's writes are refused (a quota, a full node-local disk): before, rank 1 raised torch's error
+    while rank 0 waited in DeepSpeed's barrier, and rank 0 died of the lost connection (gloo) or hung (NCCL)."""
+    from helpers import REPO
+    from ranks import start_ranks, wait_all
+
+    out = tmp_path / "run"
+    args = ["train", *tiny_overrides(tiny_model_dir, out, *RUN, "deepspeed=zero2", "launcher.dist_timeout_min=2")]
+    processes = start_ranks(args, tmp_path, extra_env={"OTR_FAULT_RANK": "1", "OTR_FAULT_STEP": "4"},
+                            script=str(REPO / "tests" / "disk_full_injection.py"))
+    try:
+        codes = wait_all(processes, timeout=400)
+    finally:
+        for process in processes:
+            process.kill()
+    texts = [(tmp_path / f"rank{rank}.log").read_text() for rank in (0, 1)]
+    assert codes == [2, 2], (codes, [t[-3000:] for t in texts])
+    for text in texts:
+        assert_disk_full_message(text, out)
+        assert squeezed("is full (rank 1: OSError: [Errno 28] No space left on device") in squeezed(text)
+    assert_only_step_2_is_left(out)
