@@ -4,13 +4,17 @@
                                        model.safetensors, config.json, tokenizer files
                                        adapter/ (LoRA runs: the adapter alone, for peft)
                                        trainer_state.json
+                                       manifest.json (size and checksums of every file: manifest.py)
+    <output_dir>/checkpoints/damaged-step-N/   a checkpoint found damaged when resuming, set aside
     <output_dir>/final/                the last model, Hugging Face format (hard links to the last
                                        checkpoint's export when it has one, else exported there)
     <output_dir>/run_state.json        {"status": "running" | "finished", ...}
 
 Every checkpoint is written into a hidden ``.tmp-step-N`` directory and renamed into place
 only when all ranks are done, so ``step-N`` existing means it is complete. A failure while
-writing leaves the earlier checkpoints untouched. Pruned checkpoints are renamed into hidden
+writing, on any rank, is agreed on by every rank (save_failure.py): the partial directory is removed,
+the earlier checkpoints are untouched, and every rank raises the same error. Before the rename the
+ranks checksum the files into ``manifest.json``; resuming checks them (``verified_resume``). Pruned checkpoints are renamed into hidden
 ``.trash-*`` directories and deleted by a background thread of rank 0 (background_files.py).
 """
 
