@@ -182,3 +182,20 @@ def test_a_write_refused_on_one_rank_only_stops_both_ranks_with_the_same_one_lin
         assert_disk_full_message(text, out)
         assert squeezed("is full (rank 1: OSError: [Errno 28] No space left on device") in squeezed(text)
     assert_only_step_2_is_left(out)
+
+
+@pytest.mark.faults
+def test_a_write_failing_for_another_reason_removes_the_partial_checkpoint_and_names_the_rank(tmp_path):
+    from otr_cli.train.save_failure import CheckpointWriteError
+
+    run_dir = RunDirectory(tmp_path / "run", DistInfo(rank=0, world_size=1, local_rank=0))
+    run_dir.prepare(overwrite=False)
+
+    def refused(directory: Path) -> None:
+        (directory / "ds").mkdir()
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory / "ds" / "optimizer.pt"))
+
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint step-2 was not saved: writing it failed on rank\(s\) 0 "
+                                                   r"\(rank 0: PermissionError: \[Errno 13\] Permission denied"):
+        run_dir.save_checkpoint(2, refused, limit=None)
+    assert list(run_dir.checkpoints.iterdir()) == []
