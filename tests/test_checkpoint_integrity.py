@@ -218,3 +218,12 @@ def test_two_ranks_fall_back_alike_from_a_truncated_optimizer_shard(tiny_model_d
     # Rank 1 logs warnings only; it resumed with rank 0, or their collectives would not have matched.
     assert said(f"Resumed from {out / 'checkpoints' / 'step-2'} at step 2", logs[0]), logs[0][-3000:]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.faults
+def test_resume_auto_with_every_checkpoint_damaged_starts_from_step_0_keeping_them_aside(tmp_path):
+    run_dir = single_process_run(tmp_path / "run")
+    checkpoint = run_dir.save_checkpoint(2, write_checkpoint(2), limit=None)
+    (checkpoint / "config.json").unlink()
+    assert verified_resume(run_dir, "auto") is None
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["damaged-step-2"]
