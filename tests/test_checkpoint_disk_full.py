@@ -199,3 +199,18 @@ def test_a_write_failing_for_another_reason_removes_the_partial_checkpoint_and_n
                                                    r"\(rank 0: PermissionError: \[Errno 13\] Permission denied"):
         run_dir.save_checkpoint(2, refused, limit=None)
     assert list(run_dir.checkpoints.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_full_disk_during_the_export_of_a_save_is_reported_alike(tiny_model_dir, small_disk):
+    """Room for the second checkpoint's DeepSpeed files (~19 MB) but not for its export (model.safetensors,
+    ~6 MB, written by rank 0 after them)."""
+    small_disk.resize("51m")
+    out = small_disk.path / "run"
+    result = run_cli(["train", *tiny_overrides(tiny_model_dir, out, *RUN)], check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert_disk_full_message(result.stderr, out)
+    assert squeezed("(rank 0: SafetensorError: Error while serializing: I/O error: No space left on device") in squeezed(
+        result.stderr), result.stderr[-3000:]
+    assert_only_step_2_is_left(out)
