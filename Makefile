@@ -42,8 +42,9 @@ rehearsal: install
 	$(BIN)/python -m pytest -q -ra tests/test_rehearsal.py tests/test_rehearsal_4ranks.py tests/test_lora_export.py \
 		tests/test_zero3_init.py
 
+# The faults a long run meets (a full disk, a damaged checkpoint, ...), each injected by a test.
 faults: install
-	$(BIN)/python -m pytest -q -ra -m faults tests
+	$(BIN)/python -m pytest -q -ra -m faults
 
 bench: install
 	$(BIN)/python scripts/bench_loss.py --device cpu

@@ -74,7 +74,7 @@ def test_final_is_hard_links_to_the_last_checkpoints_export_and_outlives_it(tmp_
     run_dir = single_process_run(tmp_path / "run")
     checkpoint = run_dir.save_checkpoint(2, write_checkpoint(2), limit=None)
     run_dir.publish_final(checkpoint)
-    assert sorted(p.name for p in run_dir.final.iterdir()) == sorted(HF_FILES)
+    assert sorted(p.name for p in run_dir.final.iterdir()) == sorted(HF_FILES + ("manifest.json",))
     for name in HF_FILES:
         assert (run_dir.final / name).stat().st_ino == (checkpoint / name).stat().st_ino, name
     # Published again (a resumed, finished run): the old final/ is replaced whole.
@@ -94,7 +94,7 @@ def test_final_is_exported_afresh_when_the_checkpoint_holds_no_export(tmp_path):
             (target / name).write_text(f"{name} exported")
 
     run_dir.publish_final(checkpoint, export=export)
-    assert sorted(p.name for p in run_dir.final.iterdir()) == sorted(HF_FILES)
+    assert sorted(p.name for p in run_dir.final.iterdir()) == sorted(HF_FILES + ("manifest.json",))
     assert (run_dir.final / "model.safetensors").read_text() == "model.safetensors exported"
     assert not (tmp_path / "run" / ".tmp-final").exists()
 

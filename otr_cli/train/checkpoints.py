@@ -4,29 +4,41 @@
                                        model.safetensors, config.json, tokenizer files
                                        adapter/ (LoRA runs: the adapter alone, for peft)
                                        trainer_state.json
+                                       manifest.json (size and checksums of every file: manifest.py)
+    <output_dir>/checkpoints/damaged-step-N/   a checkpoint found damaged when resuming, set aside
     <output_dir>/final/                the last model, Hugging Face format (hard links to the last
                                        checkpoint's export when it has one, else exported there)
     <output_dir>/run_state.json        {"status": "running" | "finished", ...}
 
 Every checkpoint is written into a hidden ``.tmp-step-N`` directory and renamed into place
 only when all ranks are done, so ``step-N`` existing means it is complete. A failure while
-writing leaves the earlier checkpoints untouched. Pruned checkpoints are renamed into hidden
+writing, on any rank, is agreed on by every rank (save_failure.py): the partial directory is removed,
+the earlier checkpoints are untouched, and every rank raises the same error. Before the rename the
+ranks checksum the files into ``manifest.json``; resuming checks them (``verified_resume``). Pruned checkpoints are renamed into hidden
 ``.trash-*`` directories and deleted by a background thread of rank 0 (background_files.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from otr_cli.atomic import fsync_directory, write_json_atomic
 from otr_cli.errors import UserError
+from otr_cli.train.checkpoint_size import directory_bytes
 from otr_cli.train.background_files import BackgroundFiles, trash_in
-from otr_cli.train.distributed import DistInfo, barrier
+from otr_cli.train.distributed import DistInfo, barrier, decide_on_main, gather_from_all
+from otr_cli.train.manifest import (MANIFEST, build_manifest, checksum_share, list_files, read_manifest, share_chunks,
+                                   subset, verify_checkpoint, write_manifest_of)
+from otr_cli.train.save_failure import WriteFailure, agreed_error, describe, drop_tracebacks, free_bytes
+
+log = logging.getLogger("otr.train")
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 DS_TAG = "ds"
@@ -112,36 +124,79 @@ class RunDirectory:
                 self.background.wait()
             write_json_atomic(self.state_file, {"status": status, **info})
 
-    def save_checkpoint(self, step: int, write_contents: Callable[[Path], None], limit: Optional[int],
-                        wait: Callable[[], None] = barrier) -> Path:
-        """Write a checkpoint atomically.
+    def save_checkpoint(self, step: int, write_contents: Callable[[Path], None] | Sequence[Callable[[Path], None]],
+                        limit: Optional[int], gather: Callable[[Any], list] = gather_from_all,
+                        expected_bytes: Optional[Callable[[], int]] = None) -> Path:
+        """Write a checkpoint atomically, with its manifest; a collective (every rank calls it).
 
-        `write_contents(tmp_dir)` is called on every rank (DeepSpeed shards are per rank);
-        rank 0 then renames the directory into place and prunes old checkpoints. `wait` is the
-        barrier (save_timing.WaitClock.barrier times it).
+        `write_contents(tmp_dir)` (or each of a sequence of such stages, in order) is called on every
+        rank (DeepSpeed shards are per rank). After each, the ranks agree whether every rank's writes
+        succeeded: when one failed, rank 0 removes the partial directory and every rank raises the same
+        error (save_failure.py), none is left waiting for it. Then the ranks checksum the files, each
+        its share (manifest.py), and rank 0 writes manifest.json, renames the directory into place and
+        prunes old checkpoints. `gather` is distributed.gather_from_all (save_timing.WaitClock times it);
+        `expected_bytes()` is the size one checkpoint should have, for the message of a full disk.
         """
         final_dir = self.checkpoint_path(step)
         tmp_dir = self.checkpoints / f".tmp-step-{step}"
-        if self.dist.is_main:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-        wait()
-        try:
-            write_contents(tmp_dir)
-        except BaseException:
-            if self.dist.is_main:
+        stages = [write_contents] if callable(write_contents) else list(write_contents)
+        is_main = self.dist.is_main
+        free_at_start = free_bytes(self.checkpoints) if is_main else None
+
+        def agreed(stage: Callable[[], Any]) -> list:
+            """stage() on every rank, then every rank's result, or the same error on every rank."""
+            own, failure, result = None, None, None
+            try:
+                result = stage()
+            except Exception as err:  # reported to every rank below; raised on all of them
+                own, failure = err, describe(err, self.dist.rank, self.checkpoints)
+                if failure.disk_full:
+                    # The frames of torch's failed writer hold its file open, and a deleted file's space is
+                    # freed only once it is closed: without this, the clean-up frees nothing on a full disk.
+                    drop_tracebacks(err)
+            outcomes = gather((failure, result))
+            failures = [failed for failed, _ in outcomes if failed is not None]
+            if failures:
+                try:
+                    decide_on_main(lambda: self._abandon(tmp_dir, step, failures, free_at_start, expected_bytes))
+                except Exception as agreed_error:
+                    raise agreed_error from own
+            return [result for _, result in outcomes]
+
+        def create() -> None:
+            if is_main:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
-        wait()
-        if self.dist.is_main:
+                tmp_dir.mkdir(parents=True)
+
+        agreed(create)
+        for stage in stages:
+            agreed(lambda: stage(tmp_dir))
+        sizes = agreed(lambda: list_files(tmp_dir) if is_main else None)[0]  # rank 0's listing, for every rank
+        share = share_chunks(sizes, self.dist.world_size)[self.dist.rank]
+        checksums = [c for found in agreed(lambda: checksum_share(tmp_dir, share)) for c in found]
+
+        def publish() -> None:
+            if not is_main:
+                return
+            write_manifest_of(tmp_dir, build_manifest(sizes, checksums))
             if final_dir.exists():
                 # Same step saved again (e.g. the end of training right after a periodic save).
                 self.background.discard(final_dir)
             os.replace(tmp_dir, final_dir)
             fsync_directory(self.checkpoints)
             self._prune(limit, keep=final_dir)
-        wait()
+
+        agreed(publish)
         return final_dir
+
+    def _abandon(self, tmp_dir: Path, step: int, failures: list[WriteFailure], free_at_start: Optional[int],
+                 expected_bytes: Optional[Callable[[], int]]) -> NoReturn:
+        """Rank 0, after a failed write: remove the partial checkpoint and raise the error every rank raises."""
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        previous = self.latest_checkpoint()
+        raise agreed_error(failures, checkpoint=f"step-{step}", directory=self.checkpoints,
+                           needed=checkpoint_need(previous, expected_bytes), free_at_start=free_at_start,
+                           previous=previous.name if previous else None)
 
     def _prune(self, limit: Optional[int], keep: Path) -> None:
         """Move the checkpoints beyond `limit` out of sight now; the background thread deletes them."""
@@ -171,13 +226,41 @@ class RunDirectory:
             # trainer_state.json, which is renamed away while the tree is linked.
             shutil.copytree(source_checkpoint, tmp, copy_function=link_or_copy,
                             ignore=shutil.ignore_patterns(DS_TAG, "trainer_state.json", "latest", "zero_to_fp32.py",
-                                                          "zero_to_torch.py", ".*.tmp"))
+                                                          "zero_to_torch.py", ".*.tmp", MANIFEST))
         if self.dist.is_main:
+            write_manifest_of(tmp, final_manifest(tmp, None if export is not None else source_checkpoint))
             if self.final.exists():
                 self.background.discard(self.final)
             os.replace(tmp, self.final)
             fsync_directory(self.root)
         wait()
+
+
+def final_manifest(final_dir: Path, linked_from: Optional[Path]) -> dict[str, Any]:
+    """The manifest of final/: the entries of `linked_from`'s manifest for the files final/ links (the same
+    bytes), else (an export of its own, or a checkpoint saved before manifests) checksummed here, on rank 0."""
+    sizes = list_files(final_dir)
+    try:
+        source = read_manifest(linked_from) if linked_from is not None else None
+    except ValueError:  # a damaged manifest: final/'s own files are checksummed instead
+        source = None
+    if source is not None and all(source["files"].get(name, {}).get("size") == size for name, size in sizes.items()):
+        return subset(source, list(sizes))
+    return build_manifest(sizes, checksum_share(final_dir, [c for share in share_chunks(sizes, 1) for c in share]))
+
+
+def checkpoint_need(previous: Optional[Path], expected_bytes: Optional[Callable[[], int]]
+                    ) -> Optional[tuple[int, str]]:
+    """(bytes, where the figure comes from) one checkpoint takes: the size of `previous`, else the estimate."""
+    try:
+        if previous is not None:
+            recorded = read_trainer_state(previous).get("checkpoint_bytes")
+            return (int(recorded) if recorded else directory_bytes(previous)), f"the size of {previous.name}"
+        if expected_bytes is not None:
+            return expected_bytes(), "as dry_run=true estimates it"
+    except Exception:  # noqa: BLE001 - a figure for the message; the error it goes into matters more
+        pass
+    return None
 
 
 def link_or_copy(source: str, target: str) -> None:
@@ -200,6 +283,65 @@ def resolve_resume(run_dir: RunDirectory, resume: str) -> Optional[Path]:
             f"trainer.resume={resume!r}: not a complete otr checkpoint (expected {path}/trainer_state.json "
             f"and {path}/{DS_TAG}/). Use trainer.resume=auto to pick the newest in run.output_dir.")
     return path
+
+
+DAMAGED_PREFIX = "damaged-"
+# Problems named in one message; the rest are counted.
+SHOWN_PROBLEMS = 5
+
+
+def verified_resume(run_dir: RunDirectory, resume: str) -> Optional[Path]:
+    """The checkpoint to resume from (resolve_resume), checked against its manifest; None to start fresh.
+
+    A collective: every rank calls it, reads its share of the files (manifest.verify_checkpoint) and
+    gets the same answer. With trainer.resume=auto a damaged checkpoint is moved aside, to
+    checkpoints/damaged-step-N (never deleted), with a warning naming what is wrong, and the previous
+    one is tried; when none is left, or for an explicit trainer.resume=PATH, a damaged checkpoint is a
+    CheckpointError (left in place).
+    A checkpoint saved before otr wrote manifests is resumed unchecked (logged).
+    """
+    while True:
+        # Rank 0's listing decides for every rank: NFS can show another rank an older checkpoints/.
+        checkpoint = decide_on_main(lambda: resolve_resume(run_dir, resume))
+        if checkpoint is None:
+            return None
+        problems = verify_checkpoint(checkpoint, run_dir.dist.rank, run_dir.dist.world_size, decide_on_main,
+                                     gather_from_all)
+        if problems is None:
+            if run_dir.dist.is_main:
+                log.info("%s has no %s (saved before otr wrote one): resuming without checking its files",
+                         checkpoint, MANIFEST)
+            return checkpoint
+        if not problems:
+            return checkpoint
+        what = "; ".join(problems[:SHOWN_PROBLEMS]) + (
+            f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else "")
+        if resume != "auto":
+            raise CheckpointError(
+                f"trainer.resume={resume!r}: the checkpoint is damaged since it was saved ({what}). Resume from "
+                f"another checkpoint (trainer.resume=auto takes the newest intact one in run.output_dir).")
+        if not decide_on_main(lambda: len(run_dir.complete_checkpoints()) > 1):
+            # Left in place: starting from step 0 would silently throw away the run (and its metrics), and
+            # a rerun of the same command must meet the same error, not a fresh start.
+            raise CheckpointError(
+                f"{checkpoint} is damaged since it was saved ({what}), and run.output_dir has no intact checkpoint "
+                f"to fall back on. Resume from a checkpoint you trust (trainer.resume=PATH), or start the run again "
+                f"with trainer.overwrite=true (deletes its checkpoints) or in a new run.output_dir.")
+        moved = decide_on_main(lambda: set_aside(checkpoint))
+        if run_dir.dist.is_main:
+            log.warning("checkpoint %s is damaged since it was saved (%s): moved to %s, not deleted; resuming from "
+                        "the previous checkpoint instead", checkpoint.name, what, moved)
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged `checkpoint` to damaged-<name> beside it (with a suffix if taken): out of the listings
+    that resume, prune and publish read, and kept for the user to inspect."""
+    target = checkpoint.parent / f"{DAMAGED_PREFIX}{checkpoint.name}"
+    if target.exists():
+        target = checkpoint.parent / f"{DAMAGED_PREFIX}{checkpoint.name}-{time.time_ns()}"
+    os.replace(checkpoint, target)
+    fsync_directory(checkpoint.parent)
+    return target
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -231,3 +231,16 @@ def decide_on_main(decide: Callable[[], T]) -> T:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather_from_all(value: T) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank: [value] in a single process.
+
+    For agreements (did any rank's write fail?) where each rank knows something the others must hear
+    before any of them takes the next step.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

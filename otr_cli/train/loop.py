@@ -23,9 +23,11 @@ from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
 from otr_cli.train.abandoned import move_newer_branch_aside
 from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, check_same_data_order,
-                                      check_same_training_data, read_trainer_state, resolve_resume, topology_record)
+                                      check_same_training_data, read_trainer_state, topology_record,
+                                      verified_resume)
 from otr_cli.train.data_identity import train_data_fingerprint
 from otr_cli.train.distributed import DistInfo, barrier, decide_on_main, init_distributed
+from otr_cli.train.checkpoint_size import estimate_for_run
 from otr_cli.train.engine import TrainingEngine, build_engine
 from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
@@ -36,6 +38,7 @@ from otr_cli.train.random_state import (restore_rank_states, restore_rng_states,
                                          seed_everything, seed_for_rank)
 from otr_cli.train.reshard import ResumePlan, prepare_resume, remove_universal_forms
 from otr_cli.train.run_lock import holding_run_directory
+from otr_cli.train.save_failure import save_deepspeed_state
 from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
@@ -121,9 +124,13 @@ class Trainer:
         log.info("Resumed from %s at step %d", checkpoint, self.step)
 
     def save_checkpoint(self) -> Path:
-        def write(tmp_dir: Path) -> None:
-            self.engine.deepspeed.save_checkpoint(str(tmp_dir), tag=DS_TAG)
+        # Two stages, agreed on by every rank after each (RunDirectory.save_checkpoint): a rank whose write
+        # failed must not enter the export's gather (ZeRO-3) while the others do.
+        def write_state(tmp_dir: Path) -> None:
+            save_deepspeed_state(self.engine.deepspeed, tmp_dir, DS_TAG)
             save_rank_states(tmp_dir / DS_TAG, self.dist.rank, self.dist.world_size)  # ZeRO 0-2 saves rank 0's alone
+
+        def write_export(tmp_dir: Path) -> None:
             if self.cfg.trainer.export_every_save:
                 export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main)
             if self.dist.is_main:
@@ -136,8 +143,12 @@ class Trainer:
                     **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint else {}),
                 })
 
+        def expected_bytes() -> int:  # for the message of a full disk only
+            return estimate_for_run(self.cfg, self.device.type == "cuda", self.dist.world_size).total_bytes
+
         checkpoint = timed_save(
-            lambda clock: self.run_dir.save_checkpoint(self.step, write, self.cfg.trainer.save_total_limit, clock.barrier),
+            lambda clock: self.run_dir.save_checkpoint(self.step, [write_state, write_export],
+                                                       self.cfg.trainer.save_total_limit, clock.gather, expected_bytes),
             step=self.step, signal_delay_s=self.cfg.launcher.signal_delay_s, is_main=self.dist.is_main,
             write_metrics=self.metrics.write, sum_over_ranks=lambda values: all_reduce_sum(values, self.device),
             world_size=self.dist.world_size, in_background=self.run_dir.background.submit,
@@ -515,7 +526,7 @@ def _train_in(cfg: TrainConfig, dist_info: DistInfo, output_dir: Path) -> dict[s
 
     # Rank 0's listing decides for every rank: NFS can show another rank an older checkpoints/ (and a rank
     # resuming alone from another step would enter other collectives than the rest).
-    checkpoint = decide_on_main(lambda: resolve_resume(run_dir, cfg.trainer.resume))
+    checkpoint = verified_resume(run_dir, cfg.trainer.resume)  # damaged ones set aside (auto) or refused
     fingerprint = train_data_fingerprint(data.train, cfg.data) if dist_info.is_main else None
     resume_plan = None
     data_change = None

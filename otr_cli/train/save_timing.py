@@ -11,11 +11,11 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from otr_cli.atomic import write_json_atomic
 from otr_cli.train.checkpoint_size import directory_bytes, format_bytes
-from otr_cli.train.distributed import barrier
+from otr_cli.train.distributed import barrier, gather_from_all
 
 log = logging.getLogger("otr.train")
 
@@ -30,6 +30,14 @@ class WaitClock:
         started = time.perf_counter()
         barrier()
         self.seconds += time.perf_counter() - started
+
+    def gather(self, value: Any) -> list:
+        """distributed.gather_from_all, timed: the save's agreements are where the ranks wait for each other."""
+        started = time.perf_counter()
+        try:
+            return gather_from_all(value)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def slow_save_warning(seconds: float, signal_delay_s: float, evaluation_s: float = 0.0) -> Optional[str]:
