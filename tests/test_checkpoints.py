@@ -54,6 +54,7 @@ def test_a_pruned_checkpoint_disappears_at_once_and_is_deleted_in_the_background
     assert [p.name for p in run_dir.checkpoints.iterdir()] == ["step-3"]
 
 
+@pytest.mark.faults
 def test_a_run_killed_while_deleting_leaves_trash_that_the_next_run_removes(tmp_path):
     root = tmp_path / "run"
     run_dir = single_process_run(root)

@@ -32,6 +32,7 @@ def test_eval_writes_predictions_summary_and_training_compatible_results(tiny_mo
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
+@pytest.mark.faults
 def test_interrupted_eval_resumes_without_regenerating_finished_samples(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     original_put = runner.GenerationCache.put_many

@@ -26,6 +26,7 @@ def flat(path) -> str:
     return " ".join(path.read_text().split())  # rich wraps log lines
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_an_error_on_one_rank_stops_both_with_that_ranks_message(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
@@ -43,6 +44,7 @@ def test_an_error_on_one_rank_stops_both_with_that_ranks_message(tiny_model_dir,
     assert state["status"] == "failed" and state["rank"] == 1 and "injected fault" in state["error"]
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_hung_rank_times_out_the_others_instead_of_hanging_them(tiny_model_dir, tmp_path):
     out = tmp_path / "run"

@@ -126,6 +126,7 @@ def test_evaluation_is_sharded_over_the_ranks_and_equals_one_process(uninterrupt
     assert read_jsonl(resumed / "gsm8k.jsonl") == single
 
 
+@pytest.mark.faults
 def test_kill_9_of_both_ranks_during_an_evaluation_and_resume_ends_like_the_uninterrupted_run(uninterrupted, tiny_qwen3_model_dir,
                                                                         tmp_path):
     out = tmp_path / "killed"
@@ -183,6 +184,7 @@ def preempt_and_requeue_on_slurm(overrides: list[str], sweep, tmp_path, env: dic
         assert line in logs, f"no {line!r} in the job's logs:\n{job_logs(tmp_path)}"
 
 
+@pytest.mark.faults
 @pytest.mark.slurm
 def test_two_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterrupted_run(
         uninterrupted, slurm, tiny_qwen3_model_dir, tmp_path):
@@ -192,6 +194,7 @@ def test_two_task_slurm_job_preempted_requeues_itself_and_ends_like_the_uninterr
     same_run(uninterrupted, sweep / "0")
 
 
+@pytest.mark.faults
 def test_a_rank_with_a_stale_listing_of_checkpoints_evaluates_the_same_checkpoint_as_the_others(
         tiny_qwen3_model_dir, tmp_path):
     # Rank 1 never sees the step-2 checkpoint in its listing (NFS attribute caching): it must still load

@@ -10,6 +10,9 @@ import pytest
 
 from otr_cli.eval.sandbox import IsolationError, SandboxLimits, detect_isolation, run_program
 
+# Hostile code in a benchmark's completion: each test is one attack the grader must survive (docs/reliability.md).
+pytestmark = pytest.mark.faults
+
 FAST = SandboxLimits(timeout_s=5, cpu_s=5, memory_mb=512, output_bytes=100_000)
 
 

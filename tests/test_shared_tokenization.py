@@ -75,6 +75,7 @@ def test_every_rank_tokenizes_a_share_and_the_result_equals_one_process(tokenize
     assert [r["reads"] > 0 for r in again] == [True, False, False], "only rank 0 reads and hashes the records"
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_bad_record_in_another_ranks_share_stops_every_rank_with_its_location(tmp_path):
     source = _qa_file(tmp_path / "bad.jsonl", 24, bad_line=15)  # chunk 3 of 4-record chunks: rank 1's (round 2)
@@ -84,6 +85,7 @@ def test_a_bad_record_in_another_ranks_share_stops_every_rank_with_its_location(
     assert "rank 1" in results[0]["error"] and "bad.jsonl" not in results[0]["error"], results
 
 
+@pytest.mark.faults
 def test_chunks_finished_before_a_kill_are_not_tokenized_again(tokenizer, tmp_path, monkeypatch):
     source = _qa_file(tmp_path / "qa.jsonl", 20)
     cfg = DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), max_length=64)
@@ -135,6 +137,7 @@ def test_an_unreadable_stored_chunk_is_tokenized_again(tokenizer, tmp_path, monk
     assert "unreadable" in caplog.text and rebuilt.train == reference.train
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_first_tokenization_longer_than_the_collective_timeout_starts_training(tiny_model_dir, tmp_path):
     """Reproduced before the fix (this test on the old code): rank 1 waited in a barrier while rank 0 tokenized

@@ -127,6 +127,7 @@ def _wait_for_steps(metrics: Path, steps: int, process: subprocess.Popen, timeou
         time.sleep(0.1)
 
 
+@pytest.mark.faults
 def test_preempted_job_saves_requeues_itself_and_ends_like_an_uninterrupted_run(slurm, tiny_model_dir, tmp_path):
     common = ["loss=otr", "loss.k=16", "loss.temperature=1.3", "loss.beta=-0.1", "trainer.max_steps=16",
               "data.synthetic.num_train=20"]

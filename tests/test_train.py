@@ -159,6 +159,7 @@ def _wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float) 
         time.sleep(0.05)
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_kill_9_and_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
     common = ["loss=otr", "loss.k=16", "loss.temperature=1.3", "loss.beta=-0.1", "trainer.max_steps=8",
