@@ -189,7 +189,10 @@ def test_a_nan_in_one_micro_batch_of_one_of_two_ranks_skips_the_step_on_both(tin
     skips = [r for r in records if "warning" in r and r.get("skipped")]
     assert [(r["step"], r["nonfinite"]) for r in skips] == [(2, "loss" if kind == "loss" else "gradient")]
     assert skips[0]["example_ids"] == expected_example_ids(out, 2, 2)
-    assert [r["step"] for r in records if "loss" in r and r["loss"] == r["loss"]] == [1, 3]  # step 2's loss: NaN/finite
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert steps[2]["skipped"] is True and "skipped" not in steps[1] and "skipped" not in steps[3]
+    # A NaN loss is reported as NaN; NaN gradients under a finite loss leave the loss finite.
+    assert [s for s, r in steps.items() if r["loss"] == r["loss"]] == ([1, 3] if kind == "loss" else [1, 2, 3])
     assert (out / "final" / "model.safetensors").is_file()
 
 
@@ -232,3 +235,23 @@ def test_a_bad_nonfinite_setting_is_refused_naming_its_key(tmp_path, capsys, ove
     with pytest.raises(SystemExit):
         main(["train", f"run.output_dir={tmp_path / 'run'}", override])
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.faults
+def test_an_fp16_loss_scale_overflow_is_reported_not_counted_as_a_nonfinite_skip():
+    """fp16 needs a GPU under DeepSpeed; here its optimizer's answer after an overflow (step not applied, the
+    scale lowered) is stood in for, on a real torch optimizer."""
+    from types import SimpleNamespace
+
+    from otr_cli.train.nonfinite import NonFiniteGuard
+
+    inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    fp16_optimizer = SimpleNamespace(optimizer=inner, overflow=True, loss_scale=2.0 ** 15)
+    deepspeed = SimpleNamespace(optimizer=fp16_optimizer, was_step_applied=lambda: False, lr_scheduler=None)
+    guard = NonFiniteGuard("stop", 0, SimpleNamespace(deepspeed=deepspeed, precision="fp16"), is_main=True)
+    written: list[dict] = []
+    with guard.update(loss=3.5, gradient_norm=None):
+        pass
+    outcome = guard.conclude(5, lambda: [1, 2], None, written.append)
+    assert outcome.fields == {"skipped": True, "loss_scale_overflow": True, "loss_scale": 32768.0}
+    assert guard.consecutive == 0 and not written  # on_nonfinite=stop did not stop
