@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.otr-installed
 
-.PHONY: install demo test test-fast rehearsal bench lint clean study wheel-check
+.PHONY: install demo test test-fast rehearsal faults bench lint clean study wheel-check
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ test-fast: install
 rehearsal: install
 	$(BIN)/python -m pytest -q -ra tests/test_rehearsal.py tests/test_rehearsal_4ranks.py tests/test_lora_export.py \
 		tests/test_zero3_init.py
+
+# The tests that inject a fault a long run meets (a NaN step, a dead rank, a signal); also part of `make test`.
+faults: install
+	$(BIN)/python -m pytest -q -ra -m faults
 
 bench: install
 	$(BIN)/python scripts/bench_loss.py --device cpu
