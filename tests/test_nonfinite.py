@@ -176,7 +176,8 @@ def test_a_nan_in_one_micro_batch_of_one_of_two_ranks_skips_the_step_on_both(tin
     (ZeRO-2, ZeRO-3: partitioned inside DeepSpeed's optimizer); both ranks skip step 2 and go on."""
     out = tmp_path / "run"
     args = ["train", *tiny_overrides(tiny_model_dir, out, *SAVE_EVERY_STEP, "trainer.micro_batch_size=2",
-                                     "trainer.grad_accum=2", f"deepspeed=zero{zero}")]
+                                     "trainer.grad_accum=2", f"deepspeed=zero{zero}", "optim.scheduler=linear",
+                                     "optim.warmup_steps=0", "optim.min_lr_ratio=0")]
     codes = run_ranks(start_poisoned_ranks(tmp_path, args, kind, "2", rank=1, micro=1))
     logs = [flat(tmp_path / f"rank{r}.log") for r in range(2)]
     assert codes == [0, 0], (codes, logs)
@@ -193,6 +194,8 @@ def test_a_nan_in_one_micro_batch_of_one_of_two_ranks_skips_the_step_on_both(tin
     assert steps[2]["skipped"] is True and "skipped" not in steps[1] and "skipped" not in steps[3]
     # A NaN loss is reported as NaN; NaN gradients under a finite loss leave the loss finite.
     assert [s for s, r in steps.items() if r["loss"] == r["loss"]] == ([1, 3] if kind == "loss" else [1, 2, 3])
+    # The schedule follows the step counter, also where DeepSpeed's engine skipped and held it back (ZeRO 2, 3).
+    assert [steps[s]["lr"] for s in (1, 2, 3)] == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3])
     assert (out / "final" / "model.safetensors").is_file()
 
 
