@@ -258,3 +258,22 @@ def test_an_fp16_loss_scale_overflow_is_reported_not_counted_as_a_nonfinite_skip
     outcome = guard.conclude(5, lambda: [1, 2], None, written.append)
     assert outcome.fields == {"skipped": True, "loss_scale_overflow": True, "loss_scale": 32768.0}
     assert guard.consecutive == 0 and not written  # on_nonfinite=stop did not stop
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_diverging_learning_rate_stops_the_run_before_any_nan_checkpoint(tiny_model_dir, tmp_path, capsys):
+    """optim.lr=1e30 used to give NaN weights from step 2 on, in every checkpoint and final/, and exit 0."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *tiny_overrides(tiny_model_dir, out, *SAVE_EVERY_STEP, "optim.lr=1e30", "trainer.max_steps=8",
+                                       "trainer.max_nonfinite_skips=2")])
+    assert stopped.value.code == 2
+    message = squeezed(capsys.readouterr().err)
+    assert squeezed("3 non-finite steps in a row, more than trainer.max_nonfinite_skips=2") in message
+    saved = sorted((out / "checkpoints").iterdir())
+    assert saved and not (out / "final").exists()
+    for checkpoint in saved:
+        assert_finite_state(checkpoint)
+    assert squeezed(f"the last good checkpoint is {saved[-1]}") in message
+    assert json.loads((out / "run_state.json").read_text())["status"] == "failed"
