@@ -8,6 +8,7 @@ the type system cannot express (ranges, allowed names, combinations) live in ``v
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
@@ -26,6 +27,8 @@ TRUNCATIONS = ("truncate", "drop")
 DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer")
 # deepspeed.optimizer: who builds AdamW (otr_cli/train/optimizer.py).
 DS_OPTIMIZERS = ("torch", "deepspeed")
+NONFINITE_POLICIES = ("skip", "stop")
+FLOAT32_MAX = 3.4028234663852886e38
 # trainer.report_to: tracker -> (module to import, how to install it). "auto": tensorboard when installed.
 TRACKER_PACKAGES = {
     "tensorboard": ("tensorboard", "pip install 'otr-cli[tensorboard]'  (or: pip install tensorboard)"),
@@ -228,6 +231,11 @@ class TrainerConfig:
     # Experiment trackers getting metrics.jsonl's scalars: tensorboard, wandb, mlflow; [none] for none;
     # [auto]: tensorboard when it is installed.
     report_to: List[str] = field(default_factory=lambda: ["auto"])
+    # A step whose loss or gradient is not finite (NaN, inf): "skip" its update (weights and optimizer
+    # state unchanged; the batch is consumed) or "stop" the run there (docs/checkpoints.md).
+    on_nonfinite: str = "skip"
+    # on_nonfinite=skip: the run stops at the first non-finite step after this many skipped in a row.
+    max_nonfinite_skips: int = 3
 
 
 @dataclass
@@ -384,6 +392,17 @@ def _positive(path: str, value: float, strict: bool = True) -> None:
         raise ConfigError(f"{path}={value!r} must be {'> 0' if strict else '>= 0'}")
 
 
+def _check_learning_rate(lr: float, betas) -> None:
+    """optim.lr: positive, and small enough that Adam's first update, lr / (1 - beta1), is a float32 number
+    (beyond it torch's AdamW fails in the middle of a step: "value cannot be converted to type float")."""
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optim.lr={lr!r} must be a finite number > 0")
+    first_update = lr / (1.0 - float(betas[0])) if len(betas) == 2 and betas[0] < 1 else lr
+    if not math.isfinite(first_update) or first_update > FLOAT32_MAX:
+        raise ConfigError(f"optim.lr={lr!r} is too large: Adam's first update lr / (1 - beta1) = {first_update:.3g} "
+                          f"exceeds float32's largest value ({FLOAT32_MAX:.3g}); use a learning rate like 1e-5")
+
+
 def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     """Range and combination checks; returns the config as a typed object."""
     if isinstance(cfg, DictConfig):
@@ -401,7 +420,7 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     if not 0.0 <= loss.unreachable_threshold <= 1.0:
         raise ConfigError(f"loss.unreachable_threshold={loss.unreachable_threshold} must be in [0, 1] "
                           "(a fraction of positions; 1 turns the warning off)")
-    _positive("optim.lr", optim.lr)
+    _check_learning_rate(optim.lr, optim.betas)
     _choice("optim.scheduler", optim.scheduler, SCHEDULERS)
     if len(optim.betas) != 2:
         raise ConfigError(f"optim.betas={optim.betas} must have two values")
@@ -419,6 +438,8 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
         raise ConfigError("deepspeed.extra.optimizer declares DeepSpeed's optimizer, but deepspeed.optimizer=torch "
                           "passes torch's AdamW in: set deepspeed.optimizer=deepspeed to use the extra block")
     _positive("trainer.micro_batch_size", trainer.micro_batch_size)
+    _choice("trainer.on_nonfinite", trainer.on_nonfinite, NONFINITE_POLICIES)
+    _positive("trainer.max_nonfinite_skips", trainer.max_nonfinite_skips, strict=False)
     _positive("trainer.grad_accum", trainer.grad_accum)
     _positive("trainer.log_steps", trainer.log_steps)
     _positive("trainer.save_steps", trainer.save_steps, strict=False)

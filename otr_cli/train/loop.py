@@ -32,6 +32,7 @@ from otr_cli.train.engine import TrainingEngine, build_engine
 from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.micro_batch import MicroBatch, micro_batch_to_device
+from otr_cli.train.nonfinite import NonFiniteGuard
 from otr_cli.train.packed_attention import packed_attention_implementation, packed_row_capacity
 from otr_cli.train.progress import TrainProgress, print_summary
 from otr_cli.train.random_state import (restore_rank_states, restore_rng_states, rng_states, save_rank_states,
@@ -105,6 +106,9 @@ class Trainer:
         # The longest time an evaluation on this rank went without looking for a stop signal (seconds):
         # a signal's wait before the stop-save, counted in the slow-save warning.
         self.longest_evaluation_stretch_s = 0.0
+        # trainer.on_nonfinite: a step whose loss or gradient is not finite is skipped or stops the run.
+        self.nonfinite = NonFiniteGuard(cfg.trainer.on_nonfinite, cfg.trainer.max_nonfinite_skips, engine,
+                                        dist_info.is_main)
 
     # -- state ---------------------------------------------------------------------------------
     def resume_from(self, checkpoint: Path, plan: Optional[ResumePlan] = None) -> None:
@@ -174,17 +178,27 @@ class Trainer:
         # [loss, supervised count, input tokens, positions computed (input tokens + padding),
         # count-weighted statistics...], summed on the device and read once per step (after the
         # all-reduce): float(stats[...]) per micro-step would wait for the GPU every time.
-        sums = torch.zeros(4 + len(STAT_KEYS), dtype=torch.float64, device=self.device)
+        # ..., and last, ZeRO-0's gradient norm (nonfinite.py), read with the rest before the update it decides on.
+        sums = torch.zeros(5 + len(STAT_KEYS), dtype=torch.float64, device=self.device)
+        guard = self.nonfinite
         for micro_step, examples in enumerate(micro_examples):
             batch = micro_batch_to_device(self.collate_train(examples), self.device)
-            sums += self.forward_backward(batch, micro_step, options, (int(global_tokens), int(global_sequences)))
-            if micro_step == len(micro_examples) - 1:
-                grad_norm = self._grad_norm_before_step()
-            self.engine.deepspeed.step()
+            sums[:-1] += self.forward_backward(batch, micro_step, options, (int(global_tokens), int(global_sequences)))
+            if micro_step < len(micro_examples) - 1:
+                self.engine.deepspeed.step()
+                continue
+            if guard.loop_checks_gradients:
+                sums[-1] = guard.gradient_norm_on_device(self.dist.rank)
+            reduced = all_reduce_sum(sums, self.device)
+            grad_norm = reduced[-1] if guard.loop_checks_gradients else None
+            with guard.update(loss=reduced[0], gradient_norm=grad_norm):
+                self.engine.deepspeed.step()
 
-        reduced = all_reduce_sum(sums, self.device)
         loss_global, count_global, tokens_global, positions_global = reduced[:4]
         self.step += 1
+        outcome = guard.conclude(self.step, lambda: self.step_example_ids(self.step - 1),
+                                 self.run_dir.checkpoint_path(self.saved_at) if self.saved_at is not None else None,
+                                 self.metrics.write)
         record: dict[str, Any] = {
             "step": self.step,
             "epoch": round(self.plan.epoch_at(self.step), 4),
@@ -198,11 +212,18 @@ class Trainer:
             # Share of the positions the model computed that were padding (0 when packed into one row).
             "padding_frac": 1.0 - float(tokens_global) / max(float(positions_global), 1.0),
         }
+        record.update(outcome.fields)
         reported = stat_names(options.objective)
-        for key, total in zip(STAT_KEYS, reduced[4:]):
+        for key, total in zip(STAT_KEYS, reduced[4:-1]):
             if key in reported:
                 record[key] = total / max(count_global, 1.0)
         return record
+
+    def step_example_ids(self, step: int) -> list[int]:
+        """Indices into the training set of every rank's micro-batches of optimizer step `step` (0-based), rank by
+        rank: a function of the step (StepPlan), so no rank asks another."""
+        return [index for rank in range(self.dist.world_size)
+                for micro in self.plan.rank_micro_batches(step, rank) for index in micro]
 
     def forward_backward(self, batch: MicroBatch, micro_step: int, options, global_counts: tuple[int, int]
                          ) -> torch.Tensor:
@@ -298,16 +319,6 @@ class Trainer:
         from otr_cli.eval.sharding import EvalShard
 
         return EvalShard(self.dist.rank, self.dist.world_size, barrier)
-
-    def _grad_norm_before_step(self) -> Optional[float]:
-        """Pre-clipping gradient norm. ZeRO 1-3 report it after the step; stage 0 does not."""
-        if self.engine.zero_stage != 0:
-            return None
-        grads = [p.grad for p in self.engine.deepspeed.module.parameters() if p.grad is not None]
-        if not grads:  # bf16 keeps fp32 gradients inside its optimizer: ask DeepSpeed
-            return None
-        # Gradients are already averaged over ranks at this point (stage 0 all-reduces in backward).
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     # -- validation ----------------------------------------------------------------------------
     @torch.no_grad()
