@@ -130,6 +130,7 @@ def test_dry_run_prints_the_token_budget_arithmetic(capsys):
     assert "micro-batches of up to 4096 tokens x grad accumulation 2 x world size 1 = up to 8192 tokens per step" in out
 
 
+@pytest.mark.faults
 def test_resume_check_allows_other_ranks_with_the_same_global_batches_and_names_what_changed(tmp_path):
     import json
 
