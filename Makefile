@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.otr-installed
 
-.PHONY: install demo test test-fast rehearsal bench lint clean study wheel-check
+.PHONY: install demo test test-fast faults rehearsal bench lint clean study wheel-check
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow and not rehearsal4"
+
+# The faults a long run meets (signals, Ctrl-C, bad data), each injected for real.
+faults: install
+	$(BIN)/python -m pytest -q -ra -m faults
 
 # The scale path in miniature on 2 and 4 CPU ranks (docs/distributed.md); the 2-rank part is in `make test`,
 # the 4-rank part (about 20 min) only here.

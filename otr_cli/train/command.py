@@ -51,7 +51,29 @@ def _train(typed) -> dict:
             # Still inside watching(): requeuing makes SLURM send this job a SIGTERM, which must not kill it
             # before it has said what it did.
             status = preemption.after_preemption(stop, int(os.environ["RANK"]), typed.launcher.max_requeues)
+        except KeyboardInterrupt:
+            stopped_at_once(run_state)
     sys.exit(status)
+
+
+def stopped_at_once(run_state) -> None:
+    """A second Ctrl-C: one line, no traceback, exit 130 (preemption.py). Published checkpoints are complete.
+
+    Several ranks leave with os._exit: a normal exit could wait on background threads or a collective.
+    """
+    from otr_cli.train import preemption
+
+    checkpoints = sorted(run_state.parent.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[-1])
+                         if p.name.split("-")[-1].isdigit() else -1)
+    newest = f"the newest complete checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was published"
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(f"stopped at once on a second Ctrl-C; {newest} (a checkpoint being written is never "
+                         "published); run the same command again to resume (trainer.resume=auto)\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        os._exit(preemption.INTERRUPTED_EXIT)
+    sys.exit(preemption.INTERRUPTED_EXIT)
 
 
 def print_dry_run(typed, resolved_yaml: str) -> None:
