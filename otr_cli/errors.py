@@ -24,5 +24,7 @@ def fail(message: str) -> NoReturn:
     from rich.markup import escape
 
     # escape: a message's own brackets ("pip install 'otr-cli[wandb]'", "report_to=[a,b]") are text, not markup.
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    # soft_wrap: one line whatever the width; without it rich breaks the message at 80 columns when stderr is
+    # not a terminal (a log file, a SLURM job's output), and a reader or a grep sees pieces of it.
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(USER_ERROR_EXIT)
