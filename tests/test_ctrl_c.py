@@ -140,3 +140,41 @@ def test_ctrl_c_to_the_process_group_of_two_ranks_makes_one_clean_save_and_stop(
     checkpoint = out / "checkpoints" / f"step-{step}"
     assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2  # both ranks saved the same step
     assert_complete(checkpoint)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_ctrl_c_to_torchrun_makes_one_clean_save_and_stop(tiny_model_dir, tmp_path):
+    """torchrun starts its workers in sessions of their own: a terminal's Ctrl-C reaches torchrun alone, which
+    sends each worker one SIGINT (a first Ctrl-C for otr) and SIGKILL after --shutdown-timeout (30 s)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, subprocess_env
+
+    out = tmp_path / "torchrun"
+    args = tiny_overrides(tiny_model_dir, out, *COMMON, "deepspeed=zero2", "trainer.micro_batch_size=2")
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as handle:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                     "-m", "otr_cli.cli", "train", *args], cwd=REPO, env=subprocess_env(),
+                                    stdout=handle, stderr=subprocess.STDOUT, process_group=0)
+    try:
+        deadline = time.time() + 240
+        while steps_done(out) < 2:
+            assert launcher.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.killpg(launcher.pid, signal.SIGINT)  # the terminal's foreground group: torchrun only, here
+        code = launcher.wait(timeout=120)
+    finally:
+        launcher.kill()
+    text = log.read_text()
+    # torchrun ends with its own SignalException (exit 1); the ranks saved and stopped before that.
+    assert code != 0 and "Sending process" in text and "closing signal SIGINT" in text, text[-3000:]
+    assert text.count("Ctrl-C: saving at the end of step") == 2, text[-3000:]  # one per rank, no second one
+    assert "Unable to shutdown process" not in text  # no SIGKILL was needed
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["status"] == "preempted" and published(out) == [f"step-{state['step']}"]
+    checkpoint = out / "checkpoints" / f"step-{state['step']}"
+    assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2
+    assert_complete(checkpoint)
