@@ -178,3 +178,57 @@ def test_ctrl_c_to_torchrun_makes_one_clean_save_and_stop(tiny_model_dir, tmp_pa
     checkpoint = out / "checkpoints" / f"step-{state['step']}"
     assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2
     assert_complete(checkpoint)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_ctrl_c_during_an_evaluation_stops_it_at_the_next_batch_and_saves(tiny_model_dir, tmp_path):
+    from pathlib import Path
+
+    from test_preemption import EVALUATING, generated_per_rank
+
+    out = tmp_path / "run"
+    args = ["train", *tiny_overrides(tiny_model_dir, out, *COMMON, *EVALUATING)]
+    processes = start_ranks(args, tmp_path, extra_env={"OTR_SIGNAL_RANKS": "0,1", "OTR_SIGNAL": "SIGINT"},
+                            script=str(Path(__file__).parent / "signal_in_evaluation.py"))
+    try:
+        codes = wait_all(processes, timeout=400)
+    finally:
+        for process in processes:
+            process.kill()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert codes == [preemption.PREEMPTED_EXIT] * 2, [text[-3000:] for text in logs]
+    assert all("Ctrl-C: saving at the end of step 2" in text for text in logs)
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["status"] == "preempted" and state["step"] == 2 and published(out) == ["step-2"]
+    assert generated_per_rank(out / "eval" / "step-2") == [2, 2]  # each rank stopped after its first batch
+    assert not (out / "eval" / "step-2" / "summary.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_two_quick_ctrl_cs_to_two_ranks_stop_both_without_a_hang_or_a_half_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "two"
+    args = ["train", *tiny_overrides(tiny_model_dir, out, *COMMON, "deepspeed=zero2", "trainer.micro_batch_size=2",
+                                     "trainer.save_steps=1")]
+    processes = start_ranks(args, tmp_path, one_process_group=True)
+    try:
+        deadline = time.time() + 180
+        while steps_done(out) < 2:
+            running = all(p.poll() is None for p in processes)
+            assert running and time.time() < deadline, (tmp_path / "rank0.log").read_text()
+            time.sleep(0.05)
+        os.killpg(processes[0].pid, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(processes[0].pid, signal.SIGINT)
+        codes = wait_all(processes, timeout=120)
+    finally:
+        for process in processes:
+            process.kill()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)]
+    # Whether the second came before the stop's save ended decides 130 or 3; either way no rank is left hanging.
+    assert set(codes) <= {preemption.INTERRUPTED_EXIT, preemption.PREEMPTED_EXIT}, [t[-3000:] for t in logs]
+    assert not any("Traceback" in text for text in logs), [t[-3000:] for t in logs]
+    for checkpoint in (out / "checkpoints").glob("step-*"):
+        assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2
+        assert_complete(checkpoint)
