@@ -107,6 +107,8 @@ def test_a_second_ctrl_c_during_the_save_stops_at_once_with_130_and_publishes_no
     assert published(out) == ["step-2"]
     assert_complete(out / "checkpoints" / "step-2")
     assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert json.loads((out / "run_state.json").read_text())["status"] == "preempted"  # not "running" forever
+    assert json.loads((out / "run_state.json").read_text())["step"] == 2
 
     monkeypatch.setattr(loop.Trainer, "train_step", original_step)
     monkeypatch.setattr(loop, "export_hf_model", original_export)

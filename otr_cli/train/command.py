@@ -59,14 +59,23 @@ def _train(typed) -> dict:
 def stopped_at_once(run_state) -> None:
     """A second Ctrl-C: one line, no traceback, exit 130 (preemption.py). Published checkpoints are complete.
 
-    Several ranks leave with os._exit: a normal exit could wait on background threads or a collective.
+    Rank 0 marks the run `preempted` at its newest complete checkpoint, which is where the same command
+    resumes. Several ranks leave with os._exit: a normal exit could wait on background threads or a collective.
     """
+    from otr_cli.atomic import write_json_atomic
     from otr_cli.train import preemption
 
-    checkpoints = sorted(run_state.parent.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[-1])
-                         if p.name.split("-")[-1].isdigit() else -1)
-    newest = f"the newest complete checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was published"
+    steps = sorted(int(p.name.split("-")[1]) for p in run_state.parent.glob("checkpoints/step-*")
+                   if p.name.split("-")[1].isdigit())
+    newest = (f"the newest complete checkpoint is {run_state.parent / 'checkpoints' / f'step-{steps[-1]}'}" if steps
+              else "no checkpoint was published")
     if os.environ.get("RANK", "0") == "0":
+        try:
+            state = json.loads(run_state.read_text())
+            if state.get("status") == "running":
+                write_json_atomic(run_state, {**state, "status": "preempted", "step": steps[-1] if steps else 0})
+        except (OSError, ValueError):
+            pass  # no state yet (stopped before training began), or unreadable: the message below still stands
         sys.stderr.write(f"stopped at once on a second Ctrl-C; {newest} (a checkpoint being written is never "
                          "published); run the same command again to resume (trainer.resume=auto)\n")
     sys.stderr.flush()
