@@ -98,6 +98,30 @@ def test_every_example_weighted_0_is_an_error_not_a_run_that_trains_on_nothing(t
 
 
 @pytest.mark.faults
+def test_a_validation_set_weighted_0_throughout_is_an_error_not_a_validation_loss_of_0(tmp_path):
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    reply = {"role": "assistant", "content": "4"}
+    train.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}, reply]}) + "\n")
+    validation.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {**reply, "weight": 0}]}) + "\n")
+    cfg = DataConfig(source=str(train), validation_split=str(validation), cache=False)
+    with pytest.raises(DataError, match=r"no validation example of .*validation.jsonl has a supervised token"):
+        build_datasets(cfg, _tokenizer(), seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_record_on_a_1_mb_line_is_truncated_or_dropped_and_counted(tmp_path):
+    huge = "word " * (200 * 1024)  # 1 MiB of text in one message
+    path = tmp_path / "huge.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                                     {"role": "assistant", "content": reply}]}) + "\n"
+                            for prompt, reply in [("hi", "ok"), (huge, "ok"), ("hi", huge)]))
+    report = build_datasets(DataConfig(source=str(path), cache=False, max_length=64), _tokenizer(), seed=0).report
+    # The huge prompt leaves its reply beyond the cut (dropped); the huge reply is cut to 64 tokens (kept).
+    assert (report.kept, report.truncated, report.dropped_no_supervised) == (2, 2, 1)
+
+
+@pytest.mark.faults
 def test_csv_rows_with_one_cell_more_than_the_header_are_an_error_not_values_shifted_by_one(tmp_path):
     case = case_at(FUZZ_SEED, 79)
     assert case.content == b"question,answer\na,b,c\n"  # pandas made column 'a' the index: question=b, answer=c

@@ -395,6 +395,12 @@ def _bundle(data_cfg: Any, inputs: _Inputs, record_format: str, train: Tokenized
     elif inputs.validation_records is not None and val_counts is not None:
         if not len(validation) and inputs.validation_order:
             raise _nothing_left_error("validation", inputs.validation_records, val_counts, data_cfg)
+        if len(validation) and not val_counts.supervised_tokens:
+            # The validation loss would be a mean over no token: reported as 0, a perfect score.
+            raise DataError(f"no validation example of {inputs.validation_records.description} has a supervised "
+                            f"token: all {val_counts.kept} kept have weight 0 (data.weight_field, or \"weight\": 0 "
+                            f"on every assistant reply); give some of them a weight above 0, or choose other "
+                            f"validation records (data.validation_split / data.validation_size)")
         report.validation_source = inputs.validation_records.description
         report.validation_loaded = len(inputs.validation_order)
         report.validation_kept = val_counts.kept
