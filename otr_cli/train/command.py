@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -43,16 +44,21 @@ def _train(typed) -> dict:
     populate_env_from_launcher()  # first: under srun the rank comes from SLURM, and log lines name it
     configure_logging()
     run_state = resolve_output_dir(typed) / "run_state.json"
-    with preemption.watching():
-        try:
-            with faults.stop_all_ranks_on_error(run_state, (UserError,)):
-                return run_training(typed)
-        except preemption.Preempted as stop:
-            # Still inside watching(): requeuing makes SLURM send this job a SIGTERM, which must not kill it
-            # before it has said what it did.
-            status = preemption.after_preemption(stop, int(os.environ["RANK"]), typed.launcher.max_requeues)
-        except KeyboardInterrupt:
-            stopped_at_once(run_state)
+    try:  # around watching(): a second Ctrl-C may come while its handlers are being put back
+        with preemption.watching():
+            try:
+                with faults.stop_all_ranks_on_error(run_state, (UserError,)):
+                    return run_training(typed)
+            except preemption.Preempted as stop:
+                # Still inside watching(): requeuing makes SLURM send this job a SIGTERM, which must not kill it
+                # before it has said what it did.
+                status = preemption.after_preemption(stop, int(os.environ["RANK"]), typed.launcher.max_requeues)
+    except KeyboardInterrupt:
+        stopped_at_once(run_state)
+    if preemption.stopped_on_ctrl_c():
+        # Saved and about to exit: a Ctrl-C now (during the interpreter's shutdown, or a background deletion of old
+        # checkpoints it waits for) leaves at once and quietly, instead of Python's traceback from wherever it is.
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(preemption.INTERRUPTED_EXIT))
     sys.exit(status)
 
 

@@ -126,6 +126,11 @@ def stop_received() -> bool:
     return _state.received is not None
 
 
+def stopped_on_ctrl_c() -> bool:
+    """Whether the ranks agreed to stop and one of them had a Ctrl-C (the last `stop_requested`)."""
+    return _state.agreed_ctrl_c
+
+
 def stop_requested(device) -> bool:
     """True on every rank when any rank got a stop signal. Call it at the same point on all ranks."""
     import torch
