@@ -13,8 +13,12 @@ from helpers import REPO, subprocess_env
 
 
 def start_ranks(args: list[str], log_dir: Path, world: int = 2, extra_env: dict[str, str] | None = None,
-                script: str | None = None) -> list[subprocess.Popen]:
-    """`python -m otr_cli.cli ARGS` (or `python SCRIPT ARGS`) once per rank; output in log_dir/rank<N>.log."""
+                script: str | None = None, one_process_group: bool = False) -> list[subprocess.Popen]:
+    """`python -m otr_cli.cli ARGS` (or `python SCRIPT ARGS`) once per rank; output in log_dir/rank<N>.log.
+
+    one_process_group: the ranks share a process group of their own (rank 0's pid), as the processes of a
+    terminal's foreground job do, so that `os.killpg(ranks[0].pid, SIGINT)` is what a Ctrl-C there sends.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -24,8 +28,9 @@ def start_ranks(args: list[str], log_dir: Path, world: int = 2, extra_env: dict[
         env = subprocess_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} | (extra_env or {})
         with (log_dir / f"rank{rank}.log").open("w") as log:
+            group = {} if not one_process_group else {"process_group": processes[0].pid if processes else 0}
             processes.append(subprocess.Popen([*program, *args], cwd=REPO, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT))
+                                              stderr=subprocess.STDOUT, **group))
     return processes
 
 

@@ -40,6 +40,7 @@ def reference(tiny_model_dir, tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_sigusr1_to_a_local_run_saves_at_a_step_boundary_exits_and_resumes_like_an_uninterrupted_run(
         tiny_model_dir, tmp_path, reference):
 
@@ -69,6 +70,7 @@ def test_sigusr1_to_a_local_run_saves_at_a_step_boundary_exits_and_resumes_like_
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, tmp_path, monkeypatch, capfd,
                                                               reference):
     from otr_cli.train import loop
@@ -110,6 +112,7 @@ def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, t
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_model_dir, tmp_path):
     out = tmp_path / "two"
     args = ["train", *tiny_overrides(tiny_model_dir, out, *COMMON, "deepspeed=zero2", "trainer.micro_batch_size=2")]
@@ -176,6 +179,7 @@ def generated_per_rank(evaluation_dir) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 @pytest.mark.parametrize("signalled", ["0,1", "1"])
 def test_a_signal_during_an_evaluation_stops_it_at_the_next_batch_and_saves(tiny_model_dir, tmp_path, signalled):
     # Issue #25 item 10: the stop check ran after the evaluation, so a signal with 120 s notice that
@@ -222,6 +226,7 @@ def test_a_signal_during_an_evaluation_stops_it_at_the_next_batch_and_saves(tiny
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_signal_during_the_step_before_an_evaluation_stops_without_starting_it(tiny_model_dir, tmp_path,
                                                                                  monkeypatch):
     from otr_cli.train import loop

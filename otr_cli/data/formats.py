@@ -17,6 +17,8 @@ An assistant message may carry ``"weight"`` (0: context, not a target; see ``dat
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Optional
 
 from otr_cli.data.errors import DataError
@@ -66,6 +68,8 @@ def _as_text(value: Any, key: str, name: str, where: str) -> str:
     """A text field; numbers (SVAMP's answers are floats) become their plain decimal form."""
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
         raise DataError(f"{where}: field {name!r} (data.{key}) should be text, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: field {name!r} (data.{key}) should be text, got the number {value!r}")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -82,8 +86,9 @@ def _message(item: Any, index: int, name: str, where: str) -> dict:
     else:
         raise DataError(f"{where}: message {index} of field {name!r} has keys {sorted(item)}; "
                         f"expected 'role' and 'content'")
-    if not isinstance(role, str):
-        raise DataError(f"{where}: message {index} of field {name!r}: role should be text, got {role!r}")
+    if not isinstance(role, str) or not role.strip():
+        raise DataError(f"{where}: message {index} of field {name!r}: role should be text such as 'user' or "
+                        f"'assistant', got {role!r}")
     if not isinstance(content, str):
         raise DataError(f"{where}: message {index} of field {name!r} ({role}): content should be text, got "
                         f"{type(content).__name__} (multimodal parts and tool calls are not supported)")

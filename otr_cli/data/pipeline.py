@@ -57,6 +57,7 @@ class _SplitCounts:
     supervised_tokens: int = 0
     total_tokens: int = 0
     weights: WeightCounts = field(default_factory=WeightCounts)
+    first_dropped: str = ""  # where the first record dropped with no supervised token is (file:line), for errors
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +72,7 @@ class _SplitCounts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in asdict(self.weights):
             setattr(self.weights, name, getattr(self.weights, name) + getattr(other.weights, name))
+        self.first_dropped = self.first_dropped or other.first_dropped
 
 
 def _with_example_weight(example: TokenizedExample, weight: float) -> TokenizedExample:
@@ -123,9 +125,11 @@ def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer
             continue
         example = _with_example_weight(example, weight)
         supervised = example.num_supervised
-        weighted_away = weight == 0.0 or not any(reply_weights)
+        # A record with no assistant reply has no weights at all: dropped below, not "weighted away".
+        weighted_away = weight == 0.0 or (bool(reply_weights) and not any(reply_weights))
         if supervised == 0 and not weighted_away:
             counts.dropped_no_supervised += 1
+            counts.first_dropped = counts.first_dropped or where
             continue
         counts.weights.add(weight, reply_weights, trains=supervised > 0)
         examples.append(example)
@@ -148,8 +152,10 @@ def _nothing_left_error(split: str, records: RecordSet, counts: _SplitCounts, da
         reasons.append(f"{counts.dropped_too_long} longer than data.max_length={data_cfg.max_length} with "
                        f"data.truncation=drop (raise data.max_length or set data.truncation=truncate)")
     if counts.dropped_no_supervised:
-        reasons.append(f"{counts.dropped_no_supervised} with no supervised token left (the assistant reply starts "
-                       f"after token {data_cfg.max_length}: raise data.max_length)")
+        first = f"; the first is {counts.first_dropped}" if counts.first_dropped else ""
+        reasons.append(f"{counts.dropped_no_supervised} with no supervised token left (a record with no assistant "
+                       f"reply: add one; a reply that starts after token {data_cfg.max_length}: raise "
+                       f"data.max_length){first}")
     why = "; ".join(reasons) or "the split has no records"
     return DataError(f"no {split} examples left from {records.description}: {why}")
 
@@ -368,6 +374,12 @@ def _bundle(data_cfg: Any, inputs: _Inputs, record_format: str, train: Tokenized
     """The bundle and its report; raises DataError when a split kept nothing."""
     if not len(train):
         raise _nothing_left_error("training", inputs.train_records, counts, data_cfg)
+    if not counts.supervised_tokens:
+        # Kept, but every example has weight 0 (data.weight_field, or "weight": 0 on every reply): a run would
+        # train on nothing while looking healthy.
+        raise DataError(f"no training example of {inputs.train_records.description} has a supervised token: all "
+                        f"{counts.kept} kept have weight 0 (data.weight_field, or \"weight\": 0 on every assistant "
+                        f"reply); give some examples a weight above 0")
     report = DataReport(
         source=inputs.train_records.description, split=data_cfg.split, format=record_format,
         max_length=data_cfg.max_length, truncation=data_cfg.truncation, loaded=len(inputs.train_records),
@@ -383,6 +395,12 @@ def _bundle(data_cfg: Any, inputs: _Inputs, record_format: str, train: Tokenized
     elif inputs.validation_records is not None and val_counts is not None:
         if not len(validation) and inputs.validation_order:
             raise _nothing_left_error("validation", inputs.validation_records, val_counts, data_cfg)
+        if len(validation) and not val_counts.supervised_tokens:
+            # The validation loss would be a mean over no token: reported as 0, a perfect score.
+            raise DataError(f"no validation example of {inputs.validation_records.description} has a supervised "
+                            f"token: all {val_counts.kept} kept have weight 0 (data.weight_field, or \"weight\": 0 "
+                            f"on every assistant reply); give some of them a weight above 0, or choose other "
+                            f"validation records (data.validation_split / data.validation_size)")
         report.validation_source = inputs.validation_records.description
         report.validation_loaded = len(inputs.validation_order)
         report.validation_kept = val_counts.kept

@@ -91,7 +91,9 @@ def _text_lines(path: Path):
     offset = 0
     with _open_binary(path) as handle:
         for number, raw in enumerate(handle, start=1):
-            yield number, _decode(raw, path, number, offset)
+            text = _decode(raw, path, number, offset)
+            # A byte-order mark (files saved by some Windows editors) is not part of the first record.
+            yield number, text[1:] if number == 1 and text.startswith("\ufeff") else text
             offset += len(raw)
 
 
@@ -162,6 +164,21 @@ def _record_start_lines(path: Path, delimiter: str) -> list[int]:
     return starts
 
 
+def _check_row_widths(path: Path, delimiter: str, header: list[str]) -> None:
+    """A row with more cells than the header is an error: pandas would silently make the first column the index
+    when every row has one more cell, shifting every value one field to the right."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        next(reader, None)
+        previous_end = reader.line_num
+        for row in reader:
+            if len(row) > len(header):
+                raise DataError(f"{path}:{previous_end + 1}: cannot read as {path.suffix[1:].upper()} ({len(row)} "
+                                f"cells, the header has {len(header)}: {', '.join(header)}); every row needs as many "
+                                f"cells as the header, and a cell holding the delimiter or a newline must be quoted")
+            previous_end = reader.line_num
+
+
 def _read_delimited(path: Path) -> tuple[list[dict], Optional[list[int]]]:
     """Records of a .csv/.tsv file through ``datasets``' csv loader, every cell as text, and their lines.
 
@@ -174,8 +191,11 @@ def _read_delimited(path: Path) -> tuple[list[dict], Optional[list[int]]]:
     try:
         for _ in _text_lines(path):  # non-UTF-8 bytes: the same file:line error as for JSON lines
             pass
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             header = next(csv.reader(handle, delimiter=delimiter), [])
+        if not header or not _record_start_lines(path, delimiter):
+            return [], []  # no header or no row: "has no records" (the loader's own error names neither)
+        _check_row_widths(path, delimiter, header)
         # Declared string features make the loader read every column with a text dtype.
         features = datasets.Features({name: datasets.Value("string") for name in header})
         dataset = datasets.load_dataset("csv", data_files=str(path), split="train", delimiter=delimiter,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -58,15 +59,51 @@ def _train(typed) -> dict:
     populate_env_from_launcher()  # first: under srun the rank comes from SLURM, and log lines name it
     configure_logging()
     run_state = resolve_output_dir(typed) / "run_state.json"
-    with preemption.watching():
-        try:
-            with faults.stop_all_ranks_on_error(run_state, (UserError,)):
-                return run_training(typed)
-        except preemption.Preempted as stop:
-            # Still inside watching(): requeuing makes SLURM send this job a SIGTERM, which must not kill it
-            # before it has said what it did.
-            status = preemption.after_preemption(stop, int(os.environ["RANK"]), typed.launcher.max_requeues)
+    try:  # around watching(): a second Ctrl-C may come while its handlers are being put back
+        with preemption.watching():
+            try:
+                with faults.stop_all_ranks_on_error(run_state, (UserError,)):
+                    return run_training(typed)
+            except preemption.Preempted as stop:
+                # Still inside watching(): requeuing makes SLURM send this job a SIGTERM, which must not kill it
+                # before it has said what it did.
+                status = preemption.after_preemption(stop, int(os.environ["RANK"]), typed.launcher.max_requeues)
+    except KeyboardInterrupt:
+        stopped_at_once(run_state)
+    if preemption.stopped_on_ctrl_c():
+        # Saved and about to exit: a Ctrl-C now (during the interpreter's shutdown, or a background deletion of old
+        # checkpoints it waits for) leaves at once and quietly, instead of Python's traceback from wherever it is.
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(preemption.INTERRUPTED_EXIT))
     sys.exit(status)
+
+
+def stopped_at_once(run_state) -> None:
+    """A second Ctrl-C: one line, no traceback, exit 130 (preemption.py). Published checkpoints are complete.
+
+    Rank 0 marks the run `preempted` at its newest complete checkpoint, which is where the same command
+    resumes. Several ranks leave with os._exit: a normal exit could wait on background threads or a collective.
+    """
+    from otr_cli.atomic import write_json_atomic
+    from otr_cli.train import preemption
+
+    steps = sorted(int(p.name.split("-")[1]) for p in run_state.parent.glob("checkpoints/step-*")
+                   if p.name.split("-")[1].isdigit())
+    newest = (f"the newest complete checkpoint is {run_state.parent / 'checkpoints' / f'step-{steps[-1]}'}" if steps
+              else "no checkpoint was published")
+    if os.environ.get("RANK", "0") == "0":
+        try:
+            state = json.loads(run_state.read_text())
+            if state.get("status") == "running":
+                write_json_atomic(run_state, {**state, "status": "preempted", "step": steps[-1] if steps else 0})
+        except (OSError, ValueError):
+            pass  # no state yet (stopped before training began), or unreadable: the message below still stands
+        sys.stderr.write(f"stopped at once on a second Ctrl-C; {newest} (a checkpoint being written is never "
+                         "published); run the same command again to resume (trainer.resume=auto)\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        os._exit(preemption.INTERRUPTED_EXIT)
+    sys.exit(preemption.INTERRUPTED_EXIT)
 
 
 def print_dry_run(typed, resolved_yaml: str) -> None:

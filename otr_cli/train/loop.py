@@ -368,6 +368,7 @@ class Trainer:
 
     def _timed_step(self) -> dict[str, Any]:
         started = time.perf_counter()
+        preemption.note_step(self.step + 1)  # a Ctrl-C now says which step it saves at the end of
         record = self.train_step()
         record["step_time_s"] = time.perf_counter() - started
         record["tokens_per_s"] = record["tokens"] / max(record["step_time_s"], 1e-9)

@@ -1,4 +1,4 @@
-"""Preemption: on SIGUSR1, SIGUSR2 or SIGTERM, save at the next step boundary, leave, requeue.
+"""Preemption: on SIGUSR1, SIGUSR2 or SIGTERM, save at the next step boundary, leave, requeue; Ctrl-C too.
 
 SLURM warns a job before its time limit (``sbatch --signal=USR1@120``) and on preemption
 (SIGTERM, then SIGKILL after a grace time). Stopping in the middle of a step or of a
@@ -12,6 +12,14 @@ requeued job runs the same command, which resumes from that checkpoint (trainer.
 Later signals only log: a second SIGTERM while the checkpoint is being written must not
 interrupt it. The handlers replace submitit's own (which would checkpoint and requeue at once,
 wherever the program happens to be) for as long as ``watching()`` is active.
+
+Ctrl-C (SIGINT) is a person asking the run to stop: the first one is a stop request like SIGTERM
+(save at the step boundary, leave) but the run is never requeued, on any rank, whatever the other
+ranks received (the ranks agree on that in the same all-reduce as on the stop). The second Ctrl-C
+raises KeyboardInterrupt wherever the program is: `otr train` exits with INTERRUPTED_EXIT (130, the
+shell's status for Ctrl-C). A checkpoint being written then is never published: its hidden
+``.tmp-step-N`` folder is removed (checkpoints.py; a process killed there leaves it for the next
+start to remove).
 """
 
 from __future__ import annotations
@@ -27,16 +35,21 @@ from typing import Iterator, Optional
 
 log = logging.getLogger("otr.preemption")
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 # `otr train` exits with this status when it stopped early and was not requeued: the run is not
 # finished; running the same command again resumes it.
 PREEMPTED_EXIT = 3
+# A second Ctrl-C: stopped at once, like a shell reports a process that SIGINT ended (128 + 2).
+INTERRUPTED_EXIT = 130
 
 
 @dataclass
 class _State:
     received: Optional[int] = None  # the first stop signal
     count: int = 0
+    ctrl_c: int = 0  # SIGINTs received
+    step: Optional[int] = None  # the optimizer step in progress (note_step), for the Ctrl-C message
+    agreed_ctrl_c: bool = False  # stop_requested: some rank's stop came from a Ctrl-C, so none requeues
 
 
 _state = _State()
@@ -61,9 +74,29 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK', '0')}] " if world != "1" else ""
 
 
+def note_step(step: int) -> None:
+    """The loop says which optimizer step (1-based) it is running: a stop request saves at its end."""
+    _state.step = step
+
+
+def _on_ctrl_c() -> None:
+    _state.ctrl_c += 1
+    if _state.ctrl_c > 1:
+        os.write(2, (_rank_prefix() + "Ctrl-C again: stopping at once\n").encode())
+        raise KeyboardInterrupt
+    if _state.received is None:
+        _state.received = signal.SIGINT
+    boundary = f"the end of step {_state.step}" if _state.step is not None else "the next step boundary"
+    os.write(2, (_rank_prefix() + f"Ctrl-C: saving at {boundary} and stopping; press Ctrl-C again to stop "
+                 "at once\n").encode())
+
+
 def _on_signal(signum: int, frame) -> None:
     # Only async-signal-safe work here: the signal may arrive inside a logging call or a write.
     _state.count += 1
+    if signum == signal.SIGINT:
+        _on_ctrl_c()
+        return
     name = signal.Signals(signum).name
     if _state.received is None:
         _state.received = signum
@@ -77,7 +110,7 @@ def _on_signal(signum: int, frame) -> None:
 def watching() -> Iterator[None]:
     """Turn stop signals into a request checked at step boundaries; restore the old handlers after."""
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    _state.received, _state.count = None, 0
+    _state.received, _state.count, _state.ctrl_c, _state.step, _state.agreed_ctrl_c = None, 0, 0, None, False
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
     try:
@@ -93,18 +126,27 @@ def stop_received() -> bool:
     return _state.received is not None
 
 
+def stopped_on_ctrl_c() -> bool:
+    """Whether the ranks agreed to stop and one of them had a Ctrl-C (the last `stop_requested`)."""
+    return _state.agreed_ctrl_c
+
+
 def stop_requested(device) -> bool:
     """True on every rank when any rank got a stop signal. Call it at the same point on all ranks."""
     import torch
     import torch.distributed as dist
 
-    local = _state.received is not None
+    local = 0.0 if _state.received is None else 2.0 if _state.ctrl_c else 1.0
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return local
-    # Ranks get the signal at slightly different times; the maximum makes them stop at the same step.
-    flag = torch.tensor([1.0 if local else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+        agreed = local
+    else:
+        # Ranks get the signal at slightly different times; the maximum makes them stop at the same step,
+        # and 2 (a Ctrl-C somewhere) wins over 1, so that every rank knows the run is not to be requeued.
+        flag = torch.tensor([local], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        agreed = flag.item()
+    _state.agreed_ctrl_c = agreed == 2.0
+    return agreed > 0
 
 
 def slurm_job_id() -> Optional[str]:
@@ -135,7 +177,16 @@ def requeue(max_requeues: int) -> Optional[str]:
 
 
 def after_preemption(stop: Preempted, rank: int, max_requeues: int) -> int:
-    """Requeue (rank 0 only, once every rank has saved) and return the exit status of `otr train`."""
+    """Requeue (rank 0 only, once every rank has saved) and return the exit status of `otr train`.
+
+    After a Ctrl-C on any rank nothing is requeued and every rank returns PREEMPTED_EXIT: the person
+    who pressed it resumes with the same command when they choose to.
+    """
+    if _state.agreed_ctrl_c:
+        if rank == 0:
+            log.warning("Stopped at step %d on Ctrl-C: checkpoint %s saved; not requeued. Run the same command "
+                        "again to resume (trainer.resume=auto).", stop.step, stop.checkpoint)
+        return PREEMPTED_EXIT
     if rank != 0:
         return 0 if slurm_job_id() else PREEMPTED_EXIT
     not_requeued = requeue(max_requeues)
