@@ -117,6 +117,7 @@ def test_study_script_reports_user_errors_in_one_line():
     assert study.returncode == 2 and study.stderr.startswith("error: --jobs 0") and "Traceback" not in study.stderr
 
 
+@pytest.mark.faults
 def test_a_long_user_error_is_one_physical_line_in_a_pipe():
     """rich wraps at 80 columns when stderr is not a terminal; a script reading the error, or a user
     grepping a log, must get the message on one line."""

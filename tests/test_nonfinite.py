@@ -219,6 +219,7 @@ def test_nan_gradients_beyond_the_skip_limit_stop_both_ranks_under_zero2(tiny_mo
     assert json.loads((out / "run_state.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.faults
 def test_a_learning_rate_too_large_for_float32_is_refused_naming_optim_lr(tmp_path, capsys):
     """optim.lr=1e38 used to train into a raw 'value cannot be converted to type float without overflow'."""
     with pytest.raises(SystemExit) as refused:
