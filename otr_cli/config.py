@@ -194,6 +194,8 @@ class DeepSpeedConfig:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_param: bool = False
+    # How the run trains: "fp32", or "bf16"/"fp16" mixed precision (fp32 master weights in the optimizer).
+    # "auto": bf16 on a GPU with bf16, else fp32 (on every CPU); an explicit model.dtype sets it instead.
     precision: str = "auto"
     # "torch": torch.optim.AdamW (fused on GPU), nothing to compile; "deepspeed": DeepSpeed's FusedAdam, which
     # compiles with nvcc at start-up. ZeRO-Offload (offload_optimizer) always uses DeepSpeedCPUAdam.

@@ -57,22 +57,25 @@ def test_auto_precision_is_bf16_on_gpus_with_bf16_and_fp32_on_older_ones():
     assert older.precision == "fp32" and "without bf16" in older.reason
 
 
-def test_auto_precision_on_cpu_is_bf16_only_with_amx_bf16():
+def test_auto_precision_on_cpu_is_fp32_and_points_amx_cpus_to_bf16():
     amx = choose_precision("auto", "auto", on_gpu=False, native_bf16=True)
-    assert amx.precision == "bf16" and "AMX" in amx.reason and "bench_precision" in amx.reason
+    assert amx.precision == "fp32"
+    assert "AMX bf16" in amx.reason and "deepspeed.precision=bf16" in amx.reason and "bench_precision" in amx.reason
     plain = choose_precision("auto", "auto", on_gpu=False, native_bf16=False)
-    assert plain.precision == "fp32" and "without AMX" in plain.reason
+    assert plain.precision == "fp32" and "no AMX" in plain.reason
 
 
 def test_dry_run_says_what_auto_precision_chose_and_why(capsys):
-    from otr_cli.train.precision import native_bf16_matmul
+    import torch
+
+    from otr_cli.config import TrainConfig
+    from otr_cli.train.precision import precision_for
 
     main(["train", "dry_run=true"])
     out = capsys.readouterr().out
-    expected = choose_precision("auto", "auto", on_gpu=False, native_bf16=native_bf16_matmul(False))
-    line = next(line for line in out.splitlines() if line.startswith("precision:"))
-    assert line.startswith(f"precision: {expected.precision}")
-    assert "deepspeed.precision=auto on a CPU" in line and "(on this machine)" in line
+    expected = precision_for(TrainConfig(), on_gpu=torch.cuda.is_available())
+    assert f"{expected.describe()} (on this machine)" in out
+    assert "deepspeed.precision=auto on a" in expected.reason
     assert f'"enabled": {"true" if expected.precision == "bf16" else "false"}' in out
 
 

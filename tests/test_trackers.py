@@ -84,13 +84,18 @@ def _assert_equal(logged: dict, expected: dict, tracker: str) -> None:
 
 
 @pytest.mark.slow
-def test_tracker_logs_read_back_with_their_own_readers_equal_metrics_jsonl(tiny_model_dir, tmp_path, monkeypatch):
+def test_tracker_logs_read_back_with_their_own_readers_equal_metrics_jsonl(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "runs" / "tracked"
     main(["train", *tiny_overrides(tiny_model_dir, out, "loss=otr", "loss.k=8", "trainer.eval_steps=2",
                                    "trainer.report_to=[tensorboard,wandb,mlflow]", "run.name=tracked")])
+    printed = capsys.readouterr()
+    log = " ".join((printed.out + printed.err).split())
+    # Said once: which wandb mode and why (no login here: the autouse fixture hides any).
+    assert log.count("wandb: offline mode (no WANDB_MODE, WANDB_API_KEY or wandb login;") == 1
     expected = _expected(read_jsonl(out / "metrics.jsonl"))
     assert {"train/loss", "train/ce", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/match_rate",
             "val_ce"} <= set(expected)

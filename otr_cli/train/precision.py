@@ -9,8 +9,10 @@ small updates to rounding).
 
 ``auto``:
 - on a GPU: bf16 when the GPU computes in bf16 (Ampere and later), else fp32;
-- on a CPU: bf16 when the CPU has AMX bf16 matrix units (Intel Sapphire Rapids and later), else
-  fp32. docs/benchmarks/bench_precision.md measured the same SFT run on such a CPU in both.
+- on a CPU: fp32. A CPU with AMX bf16 matrix units (Intel Sapphire Rapids and later) trains faster
+  in bf16 (docs/benchmarks/bench_precision.md), and the choice says so, but ``auto`` stays fp32 so
+  that a recipe gives the same numbers on every CPU (the tests' and docs/results.md's runs included);
+  deepspeed.precision=bf16 asks for it.
 """
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ def choose_precision(requested: str, model_dtype: str, on_gpu: bool, native_bf16
             return PrecisionChoice("bf16", "deepspeed.precision=auto on a GPU that computes in bf16")
         return PrecisionChoice("fp32", "deepspeed.precision=auto on a GPU without bf16 support")
     if native_bf16:
-        return PrecisionChoice("bf16", "deepspeed.precision=auto on a CPU with AMX bf16 matrix units "
-                                       "(measured faster at the same loss: docs/benchmarks/bench_precision.md)")
-    return PrecisionChoice("fp32", "deepspeed.precision=auto on a CPU without AMX bf16 matrix units")
+        return PrecisionChoice("fp32", "deepspeed.precision=auto on a CPU is fp32, the same numbers on every CPU; "
+                                       "this CPU has AMX bf16 matrix units: deepspeed.precision=bf16 trains faster "
+                                       "(docs/benchmarks/bench_precision.md)")
+    return PrecisionChoice("fp32", "deepspeed.precision=auto on a CPU is fp32 (this CPU has no AMX bf16 matrix units)")
 
 
 def cpu_bf16_features() -> dict[str, bool]:
