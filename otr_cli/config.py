@@ -23,6 +23,9 @@ from otr_cli.losses.objectives import LossOptionError, LossOptions, make_options
 LOSS_REDUCTIONS = ("token", "sequence")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# deepspeed.precision -> the model.dtype it trains (train/precision.py: the one key that decides).
+DTYPE_OF_PRECISION = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TRUNCATIONS = ("truncate", "drop")
 DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer")
 # deepspeed.optimizer: who builds AdamW (otr_cli/train/optimizer.py).
@@ -62,7 +65,8 @@ class ModelConfig:
     # Tokenizer source when it differs from the model (defaults to the model's).
     tokenizer: Optional[str] = None
     trust_remote_code: bool = False
-    # "auto": bf16 on GPU, fp32 on CPU.
+    # The dtype the weights load in. "auto" follows deepspeed.precision, which decides how a run trains
+    # (otr_cli/train/precision.py); a value that disagrees with an explicit deepspeed.precision is refused.
     dtype: str = "auto"
     gradient_checkpointing: bool = False
     attn_implementation: Optional[str] = None
@@ -193,6 +197,8 @@ class DeepSpeedConfig:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_param: bool = False
+    # How the run trains: "fp32", or "bf16"/"fp16" mixed precision (fp32 master weights in the optimizer).
+    # "auto": bf16 on a GPU with bf16, else fp32 (on every CPU); an explicit model.dtype sets it instead.
     precision: str = "auto"
     # "torch": torch.optim.AdamW (fused on GPU), nothing to compile; "deepspeed": DeepSpeed's FusedAdam, which
     # compiles with nvcc at start-up. ZeRO-Offload (offload_optimizer) always uses DeepSpeedCPUAdam.
@@ -382,6 +388,20 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
 
 
+def check_precision_keys(model_dtype: str, precision: str) -> None:
+    """model.dtype and deepspeed.precision name one setting: refuse a pair that disagrees.
+
+    Without this, model.dtype=bfloat16 with fp32 precision trained pure bf16 (bf16 weights updated
+    in place, no fp32 master copy), and deepspeed.precision=bf16 silently overrode model.dtype=float32.
+    """
+    if model_dtype == "auto" or precision == "auto" or DTYPE_OF_PRECISION[precision] == model_dtype:
+        return
+    wanted = {dtype: name for name, dtype in DTYPE_OF_PRECISION.items()}[model_dtype]
+    raise ConfigError(f"model.dtype={model_dtype} and deepspeed.precision={precision} disagree: deepspeed.precision "
+                      f"decides how the run trains (bf16/fp16 keep fp32 master weights) and the weights load in "
+                      f"its dtype; set model.dtype=auto, or deepspeed.precision={wanted}")
+
+
 def _choice(path: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{path}={value!r} is not one of {', '.join(allowed)}")
@@ -464,7 +484,8 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
     resolve_report_to(trainer.report_to)
     # Checked now, not at the first evaluation hours later.
     check_chat_template_kwargs("eval.chat_template_kwargs", cfg.eval.chat_template_kwargs)
-    _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    _choice("model.dtype", cfg.model.dtype, MODEL_DTYPES)
+    check_precision_keys(cfg.model.dtype, ds.precision)
     validate_launcher(cfg.launcher)
     return cfg
 

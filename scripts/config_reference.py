@@ -101,7 +101,7 @@ KEY_HELP = {
     "deepspeed.zero_stage": "ZeRO stage 0-3 (docs/distributed.md)",
     "deepspeed.offload_optimizer": "optimizer state on CPU (stage >= 1)",
     "deepspeed.offload_param": "parameters on CPU (stage 3)",
-    "deepspeed.precision": "`auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16`, `fp16`",
+    "deepspeed.precision": "how the run trains: `auto` (bf16 on GPUs that compute in bf16, else fp32; fp32 on CPUs, and bf16 when only `model.dtype=bfloat16` is set), `fp32`, `bf16`, `fp16`; bf16 and fp16 keep fp32 master weights (docs/configuration.md, Precision)",
     "deepspeed.extra": "merged into the generated DeepSpeed JSON, e.g. "
                        "`+deepspeed.extra.zero_optimization.reduce_bucket_size=5e7`",
     "trainer.epochs": "epochs when `max_steps` is -1 (fractions allowed)",

@@ -144,9 +144,9 @@ def test_override_check_refuses_a_key_added_with_plus_that_the_schema_lacks():
 def test_deepspeed_config_for_cpu_uses_torch_adamw_and_offload_uses_cpu_adam():
     cfg = TrainConfig()
     cfg.deepspeed.optimizer = "deepspeed"  # the default, torch, declares no optimizer (tests/test_placement.py)
-    assert build_deepspeed_config(cfg, 1, on_gpu=False)["optimizer"]["params"]["torch_adam"] is True
+    assert build_deepspeed_config(cfg, 1, on_gpu=False, precision="fp32")["optimizer"]["params"]["torch_adam"] is True
     cfg.deepspeed.zero_stage, cfg.deepspeed.offload_optimizer = 2, True
-    ds = build_deepspeed_config(cfg, 2, on_gpu=False)
+    ds = build_deepspeed_config(cfg, 2, on_gpu=False, precision="fp32")
     assert "torch_adam" not in ds["optimizer"]["params"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["train_batch_size"] == cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * 2

@@ -54,7 +54,7 @@ def test_torch_adamw_is_the_default_and_the_deepspeed_json_declares_no_optimizer
     cfg = TrainConfig()
     assert not deepspeed_builds_optimizer(cfg.deepspeed)
     for on_gpu in (False, True):
-        assert "optimizer" not in build_deepspeed_config(cfg, 8, on_gpu=on_gpu)
+        assert "optimizer" not in build_deepspeed_config(cfg, 8, on_gpu=on_gpu, precision="fp32")
     assert describe_optimizer(cfg.deepspeed, on_gpu=True) == "torch.optim.AdamW(fused=True)"
     assert describe_optimizer(cfg.deepspeed, on_gpu=False) == "torch.optim.AdamW"
 
@@ -62,13 +62,13 @@ def test_torch_adamw_is_the_default_and_the_deepspeed_json_declares_no_optimizer
 def test_deepspeed_optimizer_when_asked_for_or_with_zero_offload():
     cfg = TrainConfig()
     cfg.deepspeed.optimizer = "deepspeed"
-    assert build_deepspeed_config(cfg, 8, on_gpu=True)["optimizer"]["type"] == "AdamW"
+    assert build_deepspeed_config(cfg, 8, on_gpu=True, precision="fp32")["optimizer"]["type"] == "AdamW"
     assert "FusedAdam" in describe_optimizer(cfg.deepspeed, on_gpu=True)
     offload = TrainConfig()
     offload.deepspeed.zero_stage, offload.deepspeed.offload_optimizer = 3, True
     # DeepSpeed refuses a client optimizer with ZeRO-Offload; its DeepSpeedCPUAdam needs no nvcc.
     assert deepspeed_builds_optimizer(offload.deepspeed)
-    assert "torch_adam" not in build_deepspeed_config(offload, 8, on_gpu=True)["optimizer"]["params"]
+    assert "torch_adam" not in build_deepspeed_config(offload, 8, on_gpu=True, precision="fp32")["optimizer"]["params"]
     assert describe_optimizer(offload.deepspeed, on_gpu=True).startswith("DeepSpeedCPUAdam")
 
 

@@ -12,7 +12,17 @@ import pytest
 from helpers import read_jsonl, read_wandb_records, tiny_overrides
 from otr_cli.cli import main
 from otr_cli.config import ConfigError, TrainConfig, resolve_report_to, validate
-from otr_cli.train.trackers import scalar_name
+from otr_cli.train.trackers import scalar_name, wandb_mode
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_login(tmp_path_factory, monkeypatch):
+    """The runs here stay offline whatever wandb login the machine has (no network in tests)."""
+    empty = tmp_path_factory.mktemp("no-wandb-login")
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(empty / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(empty / "wandb-config"))
 
 
 def _expected(records: list[dict]) -> dict[str, dict[int, float]]:
@@ -74,13 +84,18 @@ def _assert_equal(logged: dict, expected: dict, tracker: str) -> None:
 
 
 @pytest.mark.slow
-def test_tracker_logs_read_back_with_their_own_readers_equal_metrics_jsonl(tiny_model_dir, tmp_path, monkeypatch):
+def test_tracker_logs_read_back_with_their_own_readers_equal_metrics_jsonl(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "runs" / "tracked"
     main(["train", *tiny_overrides(tiny_model_dir, out, "loss=otr", "loss.k=8", "trainer.eval_steps=2",
                                    "trainer.report_to=[tensorboard,wandb,mlflow]", "run.name=tracked")])
+    printed = capsys.readouterr()
+    log = " ".join((printed.out + printed.err).split())
+    # Said once: which wandb mode and why (no login here: the autouse fixture hides any).
+    assert log.count("wandb: offline mode (no WANDB_MODE, WANDB_API_KEY or wandb login;") == 1
     expected = _expected(read_jsonl(out / "metrics.jsonl"))
     assert {"train/loss", "train/ce", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/match_rate",
             "val_ce"} <= set(expected)
@@ -198,3 +213,63 @@ def test_a_run_that_dies_before_closing_its_trackers_is_marked_failed_in_mlflow(
     trackers._close_failed()  # what the interpreter runs at exit when close() never ran
     client, _, runs = _mlflow_runs(tmp_path / "mlruns")
     assert runs[0].info.status == "FAILED" and runs[0].data.metrics == {"train/loss": 2.5}
+
+
+def _home_with_netrc(tmp_path: Path, text: str) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".netrc").write_text(text)
+    return home
+
+
+def test_wandb_is_offline_without_wandb_mode_api_key_or_login(tmp_path):
+    chosen = wandb_mode({}, tmp_path, tmp_path)
+    assert chosen.mode == "offline"
+    assert "no WANDB_MODE, WANDB_API_KEY or wandb login" in chosen.reason
+
+
+def test_wandb_follows_wandb_login_in_netrc(tmp_path):
+    home = _home_with_netrc(tmp_path, "machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    chosen = wandb_mode({}, home, tmp_path)
+    assert chosen.mode == "online"
+    assert str(home / ".netrc") in chosen.reason and "api.wandb.ai" in chosen.reason
+
+
+def test_wandb_login_for_another_host_or_a_broken_netrc_stays_offline(tmp_path):
+    home = _home_with_netrc(tmp_path, "machine github.com login user password secret\n")
+    assert wandb_mode({}, home, tmp_path).mode == "offline"
+    (home / ".netrc").write_text("machine api.wandb.ai login\n")  # malformed: no value after login
+    assert wandb_mode({}, home, tmp_path).mode == "offline"
+
+
+def test_wandb_netrc_key_for_a_self_hosted_server_counts_for_its_base_url(tmp_path):
+    home = _home_with_netrc(tmp_path, "machine wandb.example.org login user password key\n")
+    assert wandb_mode({}, home, tmp_path).mode == "offline"
+    assert wandb_mode({"WANDB_BASE_URL": "https://wandb.example.org"}, home, tmp_path).mode == "online"
+    netrc_elsewhere = {"NETRC": str(home / ".netrc"), "WANDB_BASE_URL": "https://wandb.example.org"}
+    assert wandb_mode(netrc_elsewhere, tmp_path, tmp_path).mode == "online"
+
+
+def test_wandb_api_key_in_the_environment_means_online(tmp_path):
+    chosen = wandb_mode({"WANDB_API_KEY": "0123456789abcdef"}, tmp_path, tmp_path)
+    assert (chosen.mode, chosen.reason) == ("online", "WANDB_API_KEY is set")
+
+
+def test_wandb_mode_in_the_environment_wins_over_a_login(tmp_path):
+    home = _home_with_netrc(tmp_path, "machine api.wandb.ai login user password key\n")
+    chosen = wandb_mode({"WANDB_MODE": "disabled", "WANDB_API_KEY": "key"}, home, tmp_path)
+    assert (chosen.mode, chosen.reason) == ("disabled", "WANDB_MODE=disabled")
+
+
+def test_wandb_offline_command_setting_wins_over_a_login(tmp_path):
+    home = _home_with_netrc(tmp_path, "machine api.wandb.ai login user password key\n")
+    settings = home / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\nmode = offline\n")  # what `wandb offline` writes
+    chosen = wandb_mode({}, home, tmp_path)
+    assert chosen.mode == "offline" and str(settings) in chosen.reason
+    # The directory's own settings (./wandb/settings) override the global file.
+    local = tmp_path / "project" / "wandb" / "settings"
+    local.parent.mkdir(parents=True)
+    local.write_text("[default]\nmode = online\n")
+    assert wandb_mode({}, home, tmp_path / "project").mode == "online"

@@ -166,13 +166,13 @@ def estimate_for_run(cfg: TrainConfig, on_gpu: bool, world_size: int) -> Checkpo
     """The estimate for this config, in the dtype build_engine (engine.py) will train in."""
     import torch
 
-    from otr_cli.models import default_dtype
-    from otr_cli.train.ds_config import resolve_precision
+    from otr_cli.train.precision import choose_precision, native_bf16_matmul
 
-    precision = resolve_precision(cfg.deepspeed.precision, on_gpu)
-    mixed = precision in ("bf16", "fp16")
-    dtype = default_dtype(cfg.model.dtype, torch.device("cuda" if on_gpu else "cpu"))
-    dtype_bytes = 2 if mixed else dtype.itemsize
+    # A GPU run planned from a machine without one (launcher.gpus_per_node): assume a GPU with bf16.
+    native_bf16 = native_bf16_matmul(on_gpu) if on_gpu == torch.cuda.is_available() else on_gpu
+    precision = choose_precision(cfg.deepspeed.precision, cfg.model.dtype, on_gpu, native_bf16)
+    dtype_bytes = getattr(torch, precision.weights_dtype).itemsize
     return estimate_checkpoint(model_size_from_config(cfg), dtype_bytes=dtype_bytes,
-                               zero_stage=cfg.deepspeed.zero_stage, world_size=world_size, mixed_precision=mixed,
+                               zero_stage=cfg.deepspeed.zero_stage, world_size=world_size,
+                               mixed_precision=precision.mixed,
                                hf_export=cfg.trainer.export_every_save)

@@ -114,15 +114,19 @@ def print_dry_run(typed, resolved_yaml: str) -> None:
 
     from otr_cli.train.distributed import world_size_from_env
     from otr_cli.train.ds_config import BatchArithmetic, build_deepspeed_config
+    from otr_cli.train.precision import precision_for
 
     console = Console()
     world_size = world_size_from_env()
     on_gpu = torch.cuda.is_available()
+    precision = precision_for(typed, on_gpu)
     console.print(sources_line(), highlight=False, soft_wrap=True)
     console.rule("resolved config")
     console.print(Syntax(resolved_yaml, "yaml", theme="ansi_dark"))
     console.rule(f"DeepSpeed config (world size {world_size}, {'GPU' if on_gpu else 'CPU'})")
-    console.print_json(json.dumps(build_deepspeed_config(typed, world_size=world_size, on_gpu=on_gpu)))
+    console.print(f"{precision.describe()} (on this machine)", highlight=False, soft_wrap=True)
+    console.print_json(json.dumps(build_deepspeed_config(typed, world_size=world_size, on_gpu=on_gpu,
+                                                         precision=precision.precision)))
     console.rule("batch")
     arithmetic = BatchArithmetic(typed.trainer.micro_batch_size, typed.trainer.grad_accum, world_size,
                                  typed.trainer.max_tokens_per_batch)

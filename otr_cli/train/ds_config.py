@@ -34,15 +34,8 @@ class BatchArithmetic:
                 f"{self.grad_accum} x world size {self.world_size} = {self.global_batch} sequences per step")
 
 
-def resolve_precision(requested: str, on_gpu: bool) -> str:
-    """'auto' means bf16 on GPU and fp32 on CPU."""
-    if requested == "auto":
-        return "bf16" if on_gpu else "fp32"
-    return requested
-
-
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, load_universal: bool = False
-                           ) -> dict[str, Any]:
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, precision: str,
+                           load_universal: bool = False) -> dict[str, Any]:
     """The dict handed to ``deepspeed.initialize(config=...)``.
 
     The optimizer is declared here only when DeepSpeed builds it (deepspeed.optimizer=deepspeed:
@@ -50,9 +43,9 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, load
     passes torch's AdamW in (otr_cli/train/optimizer.py). The learning-rate schedule is passed to
     ``initialize`` as a callable (see engine.py). `load_universal`: the engine will resume from a
     universal checkpoint (train/reshard.py: the checkpoint was saved by another number of ranks).
+    `precision`: "fp32" | "bf16" | "fp16", what train/precision.py chose (never "auto").
     """
     ds, optim, trainer = cfg.deepspeed, cfg.optim, cfg.trainer
-    precision = resolve_precision(ds.precision, on_gpu)
     adam: dict[str, Any] = {
         "type": "AdamW",
         "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,

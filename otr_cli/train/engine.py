@@ -9,11 +9,12 @@ from typing import Any, Callable
 import torch
 
 from otr_cli.config import TrainConfig
-from otr_cli.models import apply_lora, default_dtype, load_model
-from otr_cli.train.ds_config import build_deepspeed_config, resolve_precision
+from otr_cli.models import apply_lora, load_model
+from otr_cli.train.ds_config import build_deepspeed_config
 from otr_cli.train.host_memory import large_frees_return_to_os
 from otr_cli.train.optimizer import build_torch_adamw, deepspeed_builds_optimizer
 from otr_cli.train.packed_attention import prepare_for_packing
+from otr_cli.train.precision import PrecisionChoice, precision_for
 from otr_cli.train.token_loss_model import TokenLossLM
 
 
@@ -48,13 +49,13 @@ class TrainingEngine:
 
     deepspeed: the ``deepspeed.DeepSpeedEngine`` wrapping ``TokenLossLM(lm)`` (forward returns
     (loss, stats)); lm: the Hugging Face model (peft-wrapped with LoRA); ds_config: the DeepSpeed
-    JSON it was built from; precision: "fp32" | "bf16" | "fp16".
+    JSON it was built from; precision: "fp32" | "bf16" | "fp16" and why (train/precision.py).
     """
 
     deepspeed: Any
     lm: torch.nn.Module
     ds_config: dict[str, Any]
-    precision: str
+    precision: PrecisionChoice
 
     @property
     def zero_stage(self) -> int:
@@ -72,10 +73,11 @@ def _build_engine(cfg: TrainConfig, total_steps: int, world_size: int, load_univ
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    precision = resolve_precision(cfg.deepspeed.precision, on_gpu)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, default_dtype(cfg.model.dtype, device))
-    ds_config = build_deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu, load_universal=load_universal)
+    precision = precision_for(cfg, on_gpu)
+    # The weights load in the compute dtype; under bf16/fp16 DeepSpeed's optimizer keeps fp32 master copies.
+    dtype = getattr(torch, precision.weights_dtype)
+    ds_config = build_deepspeed_config(cfg, world_size=world_size, on_gpu=on_gpu, precision=precision.precision,
+                                       load_universal=load_universal)
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     # Under ZeRO-3 the model is partitioned as it loads: no rank ever holds all of it (models.partitioned_loading).
     lm = load_model(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, revision=cfg.model.revision, dtype=dtype,

@@ -561,6 +561,8 @@ def _train_in(cfg: TrainConfig, dist_info: DistInfo, output_dir: Path) -> dict[s
 
     engine = build_engine(cfg, total_steps=total_steps, world_size=dist_info.world_size,
                           load_universal=resume_plan is not None and resume_plan.universal)
+    if dist_info.is_main:
+        log.info("%s", engine.precision.describe())
     trainer = Trainer(cfg, dist_info, run_dir, data, tokenizer, engine, total_steps, plan, data_fingerprint=fingerprint)
     # Seeded alike up to here (the initial weights); from here on each rank's dropout draws its own masks.
     seed_for_rank(cfg.seed, dist_info.rank)

@@ -6,8 +6,10 @@ val_ce, eval/<benchmark>) as scalars named by ``scalar_name``. Rank 0 only (``Me
 enabled there alone). Nothing needs a network:
 
 - tensorboard: event files in ``<run>/tensorboard``.
-- wandb: offline (unless WANDB_MODE says otherwise), files under ``<run>/wandb``; ``wandb sync``
-  uploads them later. Project: WANDB_PROJECT, else "otr"; a sweep's points share a group.
+- wandb: the mode the user chose (``wandb_mode``: WANDB_MODE, ``wandb offline``/``online``, or a
+  login: WANDB_API_KEY or a key in ~/.netrc from ``wandb login``), else offline, files under
+  ``<run>/wandb`` that ``wandb sync`` uploads later. Project: WANDB_PROJECT, else "otr"; a sweep's
+  points share a group.
 - mlflow: MLFLOW_TRACKING_URI, else a file store ``mlruns/`` next to the run directory (for a
   sweep, in the sweep's directory); experiment MLFLOW_EXPERIMENT_NAME, else "otr", or one per sweep.
 
@@ -19,11 +21,16 @@ TensorBoard discards what was logged after the checkpoint it resumed from.
 from __future__ import annotations
 
 import atexit
+import configparser
 import json
 import logging
+import netrc
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 from otr_cli.atomic import write_json_atomic
 
@@ -100,14 +107,71 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+@dataclass(frozen=True)
+class WandbMode:
+    """mode: what wandb.init gets ("online", "offline", "disabled", ...); reason: why, naming the source."""
+
+    mode: str
+    reason: str
+
+
+def _wandb_settings(path: Path) -> dict[str, str]:
+    """The [default] section of a wandb settings file (``wandb offline`` writes ``mode`` there); {} if none."""
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error:
+        return {}
+    return dict(parser["default"]) if parser.has_section("default") else {}
+
+
+def _netrc_has_key(path: Path, host: str) -> bool:
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def wandb_mode(environ: Mapping[str, str], home: Path, cwd: Path) -> WandbMode:
+    """The mode a run's wandb uses, from the user's own wandb set-up (pure: reads only these files).
+
+    In order: WANDB_MODE; a ``mode`` in wandb's settings files (``./wandb/settings``, then
+    WANDB_CONFIG_DIR/settings or ~/.config/wandb/settings: ``wandb offline`` / ``wandb online``);
+    a login (WANDB_API_KEY, or a key for the W&B host in the netrc file: NETRC, else ~/.netrc, which
+    ``wandb login`` writes) means online; without any of these, offline (files for ``wandb sync``).
+    """
+    if environ.get("WANDB_MODE"):
+        return WandbMode(environ["WANDB_MODE"], f"WANDB_MODE={environ['WANDB_MODE']}")
+    config_dir = Path(environ["WANDB_CONFIG_DIR"]).expanduser() if environ.get("WANDB_CONFIG_DIR") \
+        else home / ".config" / "wandb"
+    settings: dict[str, str] = {}
+    for path in (cwd / "wandb" / "settings", config_dir / "settings"):  # the local file overrides the global one
+        found = _wandb_settings(path)
+        if "mode" in found:
+            return WandbMode(found["mode"], f"mode = {found['mode']} in {path} (wandb offline / online)")
+        for key, value in found.items():
+            settings.setdefault(key, value)
+    if environ.get("WANDB_API_KEY"):
+        return WandbMode("online", "WANDB_API_KEY is set")
+    base_url = environ.get("WANDB_BASE_URL") or settings.get("base_url") or "https://api.wandb.ai"
+    host = urlparse(base_url).hostname or base_url
+    netrc_path = Path(environ["NETRC"]).expanduser() if environ.get("NETRC") else home / ".netrc"
+    if _netrc_has_key(netrc_path, host):
+        return WandbMode("online", f"{netrc_path} holds a key for {host} (wandb login)")
+    return WandbMode("offline", "no WANDB_MODE, WANDB_API_KEY or wandb login; `wandb sync` uploads the run later")
+
+
 class WandbTracker:
     def __init__(self, run_root: Path, identity: RunIdentity, start_step: int, ids: dict):
         import wandb
 
         run_id = ids.get("wandb") if start_step > 0 else None
+        chosen = wandb_mode(os.environ, Path.home(), Path.cwd())
+        log.info("wandb: %s mode (%s)", chosen.mode, chosen.reason)
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), name=identity.name, group=identity.group,
-            config=identity.config, dir=str(run_root), mode=os.environ.get("WANDB_MODE", "offline"),
+            config=identity.config, dir=str(run_root), mode=chosen.mode,
             id=run_id, resume="allow" if run_id else None, reinit="create_new",
         )
         ids["wandb"] = self.run.id
