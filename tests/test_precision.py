@@ -12,7 +12,7 @@ from otr_cli.train.precision import choose_precision
 
 def test_model_dtype_that_disagrees_with_deepspeed_precision_is_refused_naming_both_keys(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "dry_run=true", "model.dtype=bfloat16", "deepspeed.precision=fp32"])
+        main(["train", "recipe=smollm2_demo", "dry_run=true", "model.dtype=bfloat16", "deepspeed.precision=fp32"])
     assert exit_info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())  # rich wraps the one line at the terminal's width
     assert err.startswith("error: model.dtype=bfloat16 and deepspeed.precision=fp32 disagree")
@@ -25,13 +25,13 @@ def test_model_dtype_that_disagrees_with_deepspeed_precision_is_refused_naming_b
 @pytest.mark.parametrize("model_dtype, precision", [("float32", "bf16"), ("float16", "bf16"), ("bfloat16", "fp16")])
 def test_every_disagreeing_pair_of_precision_keys_is_refused(capsys, model_dtype, precision):
     with pytest.raises(SystemExit):
-        main(["train", "dry_run=true", f"model.dtype={model_dtype}", f"deepspeed.precision={precision}"])
+        main(["train", "recipe=smollm2_demo", "dry_run=true", f"model.dtype={model_dtype}", f"deepspeed.precision={precision}"])
     err = " ".join(capsys.readouterr().err.split())
     assert f"model.dtype={model_dtype} and deepspeed.precision={precision} disagree" in err
 
 
 def test_agreeing_precision_keys_pass(capsys):
-    main(["train", "dry_run=true", "model.dtype=bfloat16", "deepspeed.precision=bf16"])
+    main(["train", "recipe=smollm2_demo", "dry_run=true", "model.dtype=bfloat16", "deepspeed.precision=bf16"])
     assert "precision: bf16" in capsys.readouterr().out
 
 
@@ -71,7 +71,7 @@ def test_dry_run_says_what_auto_precision_chose_and_why(capsys):
     from otr_cli.config import TrainConfig
     from otr_cli.train.precision import precision_for
 
-    main(["train", "dry_run=true"])
+    main(["train", "recipe=smollm2_demo", "dry_run=true"])
     out = capsys.readouterr().out
     expected = precision_for(TrainConfig(), on_gpu=torch.cuda.is_available())
     assert f"{expected.describe()} (on this machine)" in out
