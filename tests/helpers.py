@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,3 +81,15 @@ def read_wandb_records(path: Path) -> list:
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Wait until `path` exists (a run's checkpoint, a fault hook's ready marker); fail with the run's log when the
+    process exits first or the time runs out."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run exited ({process.returncode}) before {path} appeared:\n{log.read_text()}")
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear:\n{log.read_text()}")
+        time.sleep(0.05)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from test_checkpoints import single_process_run
 from helpers import read_jsonl, run_cli, tiny_overrides
-from otr_cli.train.checkpoints import CheckpointError, RunDirectory, verified_resume
-from otr_cli.train.distributed import DistInfo
+from otr_cli.train.checkpoints import CheckpointError, verified_resume
 from otr_cli.train.manifest import MANIFEST, chunks_of, list_files, share_chunks, verify_checkpoint
 
 HF_FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -20,12 +20,6 @@ HF_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 def verify(checkpoint: Path) -> list[str] | None:
     return verify_checkpoint(checkpoint, 0, 1, lambda decide: decide(), lambda value: [value])
-
-
-def single_process_run(root: Path) -> RunDirectory:
-    run_dir = RunDirectory(root, DistInfo(rank=0, world_size=1, local_rank=0))
-    run_dir.prepare(overwrite=False)
-    return run_dir
 
 
 def write_checkpoint(step: int):

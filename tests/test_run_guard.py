@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, read_jsonl, run_cli, subprocess_env, tiny_overrides
+from helpers import REPO, read_jsonl, run_cli, subprocess_env, tiny_overrides, wait_for
 
 from otr_cli.train.run_lock import LOCK_FILE, RunDirectoryInUse, RunLock, read_holder
 
@@ -31,15 +31,6 @@ def start_paused(args: list[str], log: Path, step: int, ready: Path, fault: str 
         return subprocess.Popen([sys.executable, INJECT, *args], cwd=REPO, env=env, stdout=handle,
                                 stderr=subprocess.STDOUT)
 
-
-def wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the run exited ({process.returncode}) before {path} appeared:\n{log.read_text()}")
-        if time.time() > deadline:
-            raise TimeoutError(f"{path} did not appear:\n{log.read_text()}")
-        time.sleep(0.05)
 
 
 def kill_9(process: subprocess.Popen) -> None:

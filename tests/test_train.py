@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import read_jsonl, run_cli, start_cli, tiny_overrides
+from helpers import read_jsonl, run_cli, start_cli, tiny_overrides, wait_for
 from otr_cli.cli import main
 
 # Every test here trains the tiny model end to end (seconds each); `make test-fast` skips them.
@@ -149,15 +147,6 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tiny_model_dir, tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5", "step-6"]
 
 
-def _wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the run exited ({process.returncode}) before {path} appeared:\n{log.read_text()}")
-        if time.time() > deadline:
-            raise TimeoutError(f"{path} did not appear:\n{log.read_text()}")
-        time.sleep(0.05)
-
 
 @pytest.mark.faults
 @pytest.mark.slow
@@ -171,7 +160,7 @@ def test_kill_9_and_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_mod
     log = tmp_path / "killed.log"
     process = start_cli(args, log)
     try:
-        _wait_for(out / "checkpoints" / "step-6", process, log, timeout=300)
+        wait_for(out / "checkpoints" / "step-6", process, log, timeout=300)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
