@@ -24,7 +24,7 @@ LOSS_REDUCTIONS = ("token", "sequence")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRUNCATIONS = ("truncate", "drop")
-DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer")
+DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer", "alpaca", "text")
 # deepspeed.optimizer: who builds AdamW (otr_cli/train/optimizer.py).
 DS_OPTIMIZERS = ("torch", "deepspeed")
 NONFINITE_POLICIES = ("skip", "stop")
@@ -99,6 +99,12 @@ class DataConfig:
     completion_field: str = "completion"
     question_field: str = "question"
     answer_field: str = "answer"
+    # alpaca: the user turn is instruction + "\n" + input (input optional), the reply is output.
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    # text: a document for language modelling, every token supervised, no chat template.
+    text_field: str = "text"
     # System prompt added to question/answer and prompt/completion examples (None: none added).
     system_prompt: Optional[str] = None
     # Jinja chat template overriding the tokenizer's (a template string or a path to a file).

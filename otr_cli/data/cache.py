@@ -51,7 +51,7 @@ from otr_cli.data.tokenized import TokenizedSplit
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 3: a record with no assistant reply is dropped (was kept with weight 0)
+FORMAT_VERSION = 4  # 4: alpaca and text formats, mixtures (data.sources); 3: a record with no reply is dropped
 CACHE_DIR_ENV = "OTR_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/otr/tokenized"
 # DataConfig fields that cannot change the tokenized result: where the cache lives and whether it is used.

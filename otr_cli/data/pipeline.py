@@ -34,7 +34,8 @@ from otr_cli.data.cache import CacheEntry, cache_entry, generated_records_digest
 from otr_cli.data.chat import encode_conversation, resolve_chat_template
 from otr_cli.data.errors import DataError
 from otr_cli.data.examples import IGNORE_INDEX, DataBundle, DataReport, TokenizedExample
-from otr_cli.data.formats import detect_format, to_messages
+from otr_cli.data.documents import encode_document
+from otr_cli.data.formats import detect_format, text_document, to_messages
 from otr_cli.data.shared_encoding import ONE_PROCESS, ChunkPlan, DataRanks, encode_in_rounds, read_chunk
 from otr_cli.data.sources import SYNTHETIC_SOURCE, RecordSet, read_split
 from otr_cli.data.tokenized import TokenizedSplit
@@ -116,11 +117,14 @@ def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer
         where = records.where(index)
         # One format for the whole split: a record lacking a field is an error, not another format.
         weight = example_weight(records[index], data_cfg, where)
-        messages, reply_weights = split_turn_weights(
-            to_messages(records[index], data_cfg, record_format=record_format, where=where, keep_weights=True))
-        example = _fit_length(encode_conversation(messages, tokenizer, template, where, template_kwargs,
-                                                  reply_weights),
-                              data_cfg.max_length, data_cfg.truncation, counts)
+        if record_format == "text":
+            reply_weights: list[float] = []
+            encoded = encode_document(text_document(records[index], data_cfg, where), tokenizer)
+        else:
+            messages, reply_weights = split_turn_weights(
+                to_messages(records[index], data_cfg, record_format=record_format, where=where, keep_weights=True))
+            encoded = encode_conversation(messages, tokenizer, template, where, template_kwargs, reply_weights)
+        example = _fit_length(encoded, data_cfg.max_length, data_cfg.truncation, counts)
         if example is None:
             continue
         example = _with_example_weight(example, weight)
