@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from otr_cli.config import ConfigError, DataConfig, SourceConfig, TrainConfig, validate
-from otr_cli.data import build_datasets
+from otr_cli.data import DataError, build_datasets
 
 RECORDS_PER_SOURCE = 300
 
@@ -87,6 +87,17 @@ def test_mixture_per_source_counts_are_in_the_report_and_its_lines(tokenizer, th
     assert f"source 2: {three_sources[1]} (20 examples), format text: {RECORDS_PER_SOURCE} records, 20 drawn, 20 kept" \
         in lines
     assert report.held_out == 6 and report.validation_kept == 6
+
+
+def test_mixture_validation_split_is_a_file_read_with_the_data_settings(tokenizer, three_sources, tmp_path):
+    validation = _jsonl(tmp_path / "validation.jsonl", [{"question": "Q", "answer": f"v {i}"} for i in range(3)])
+    cfg = DataConfig(cache=False, validation_split=str(validation),
+                     sources=[SourceConfig(source=three_sources[1], examples=4)])
+    bundle = build_datasets(cfg, tokenizer, seed=0)
+    assert len(bundle.validation) == 3 and bundle.report.validation_source == str(validation)
+    cfg.validation_split = "test"
+    with pytest.raises(DataError, match="with data.sources it must be a file"):
+        build_datasets(cfg, tokenizer, seed=0)
 
 
 def test_mixture_order_is_a_function_of_the_seed_and_the_records(tokenizer, three_sources):

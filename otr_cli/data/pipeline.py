@@ -38,7 +38,7 @@ from otr_cli.data.documents import encode_document
 from otr_cli.data.formats import detect_format, text_document, to_messages
 from otr_cli.data.mixture import MixtureParts, mixture_entries, mixture_order, read_mixture
 from otr_cli.data.shared_encoding import ONE_PROCESS, ChunkPlan, DataRanks, encode_in_rounds, read_chunk
-from otr_cli.data.sources import SYNTHETIC_SOURCE, RecordSet, read_split
+from otr_cli.data.sources import SYNTHETIC_SOURCE, RecordSet, read_source, read_split
 from otr_cli.data.tokenized import TokenizedSplit
 from otr_cli.data.weights import WeightCounts, example_weight, split_turn_weights
 
@@ -212,7 +212,10 @@ def _validation_records(data_cfg: Any, train_records: RecordSet) -> tuple[Option
             raise DataError(f"data.validation_split={data_cfg.validation_split!r}: with data.sources it must be a "
                             f"file (read with the data.* format settings), or hold validation records out of the "
                             f"mixture with data.validation_size")
-        records = read_split(data_cfg, data_cfg.validation_split)
+        if mixture_entries(data_cfg):
+            records = read_source(data_cfg.validation_split, data_cfg.validation_split)
+        else:
+            records = read_split(data_cfg, data_cfg.validation_split)
         return records, list(range(len(records))), train_order
     if data_cfg.validation_size > 0:
         size = _holdout_size(data_cfg.validation_size, len(train_records))
