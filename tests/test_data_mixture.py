@@ -159,3 +159,10 @@ def test_a_bad_mixture_entry_is_named_by_its_index(entry, message):
     cfg = compose_config("train", "train", [f"data.sources={sources}"], TrainConfig)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+def test_a_mixture_run_without_a_recipe_is_named_mixture():
+    from otr_cli.app import compose_config
+
+    cfg = compose_config("train", "train", ["data.sources=[{source: a.jsonl}, {source: b.jsonl}]"], TrainConfig)
+    assert cfg.run.name == "smollm2-135m-instruct_mixture_sft"
