@@ -568,7 +568,7 @@ def validate_data(data: DataConfig) -> None:
     What depends on the records (a hold-out larger than the set, nothing left after truncation)
     is checked where they are read (otr_cli/data/pipeline.py).
     """
-    sources = list(getattr(data, "sources", None) or [])
+    sources = source_entries(data)
     for index, entry in enumerate(sources):
         _validate_source(f"data.sources[{index}]", entry)
     if not data.source and not sources:
@@ -593,6 +593,20 @@ def validate_data(data: DataConfig) -> None:
     if data.max_examples is not None and data.max_examples < 1:
         raise ConfigError(f"data.max_examples={data.max_examples} must be >= 1 (or null for all)")
     check_chat_template_kwargs("data.chat_template_kwargs", data.chat_template_kwargs)
+
+
+def source_entries(data: Any) -> list[Any]:
+    """data.sources as a list; plain dicts (DataConfig built in Python) become SourceConfig, unknown keys a ConfigError."""
+    entries = []
+    for index, entry in enumerate(getattr(data, "sources", None) or []):
+        if isinstance(entry, Mapping) and not isinstance(entry, DictConfig):
+            unknown = sorted(set(entry) - {item.name for item in fields(SourceConfig)})
+            if unknown:
+                raise ConfigError(f"data.sources[{index}] has unknown keys {unknown}; the keys are "
+                                  f"{', '.join(item.name for item in fields(SourceConfig))}")
+            entry = SourceConfig(**entry)
+        entries.append(entry)
+    return entries
 
 
 def _validate_source(path: str, entry: Any) -> None:

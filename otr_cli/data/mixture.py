@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from otr_cli.config import SOURCE_SETTING_KEYS
+from otr_cli.config import SOURCE_SETTING_KEYS, source_entries
 from otr_cli.data.errors import DataError
 from otr_cli.data.sources import RecordSet, _Segment, read_source
 
 
 def mixture_entries(data_cfg: Any) -> list[Any]:
-    """data.sources as a list (empty: no mixture, data.source is read)."""
-    return list(getattr(data_cfg, "sources", None) or [])
+    """data.sources as a list of SourceConfig-like entries (empty: no mixture, data.source is read)."""
+    return source_entries(data_cfg)
 
 
 def source_settings(data_cfg: Any, entry: Any) -> SimpleNamespace:

@@ -41,7 +41,9 @@ def train_data_fingerprint(train_split, data_cfg: Any) -> dict[str, Any]:
 
 def data_source(data_cfg: Any) -> str:
     """data.source as a user reads it, with the hub subset and split where they matter; a mixture's sources."""
-    entries = list(getattr(data_cfg, "sources", None) or [])
+    from otr_cli.config import source_entries
+
+    entries = source_entries(data_cfg)
     if entries:
         from otr_cli.data.mixture import describe_entry
 
