@@ -93,3 +93,10 @@ def test_an_empty_text_names_the_line(tokenizer, tmp_path):
     path = _jsonl(tmp_path / "text.jsonl", [{"text": "fine"}, {"text": "  "}])
     with pytest.raises(DataError, match=rf"{path}:2: field 'text' \(data.text_field\) is empty"):
         _build(path, tokenizer)
+
+
+def test_text_needs_no_chat_template(tokenizer, tmp_path, monkeypatch):
+    path = _jsonl(tmp_path / "text.jsonl", [{"text": "A base model's tokenizer has no chat template."}])
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    bundle = _build(path, tokenizer, format="text")
+    assert bundle.train[0].labels == bundle.train[0].input_ids

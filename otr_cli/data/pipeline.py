@@ -288,7 +288,8 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int, ranks: DataRanks = 
     Raises DataError for bad records, templates or settings, and when no example is left.
     """
     validate_data(data_cfg)
-    template = resolve_chat_template(tokenizer, data_cfg.chat_template)
+    # Documents need no chat template: a base model's tokenizer (none) trains on data.format=text as it is.
+    template = None if _only_documents(data_cfg) else resolve_chat_template(tokenizer, data_cfg.chat_template)
     template_kwargs = check_chat_template_kwargs("data.chat_template_kwargs", data_cfg.chat_template_kwargs)
     if not getattr(data_cfg, "cache", True):
         ranks = ONE_PROCESS  # nothing stored to share: every rank builds its own copy
@@ -332,6 +333,14 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int, ranks: DataRanks = 
     for line in bundle.report.summary_lines():
         log.info(line)
     return bundle
+
+
+def _only_documents(data_cfg: Any) -> bool:
+    """Whether every source is set to data.format=text (auto-detected formats may need a template)."""
+    entries = mixture_entries(data_cfg)
+    if entries:
+        return all((getattr(entry, "format", None) or data_cfg.format) == "text" for entry in entries)
+    return data_cfg.format == "text"
 
 
 def _progress_dir(entry: CacheEntry) -> Optional[str]:
