@@ -13,7 +13,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from otr_cli.errors import UserError, fail
 
@@ -96,18 +96,20 @@ def sources_line() -> str:
     return line
 
 
-def default_run_name(model: str, source: str, objective: str) -> str:
+def default_run_name(model: str, source: str, objective: str, sources: Any = None) -> str:
     """`<model>_<data>_<objective>`, e.g. smollm2-135m-instruct_my_chats_sft: run.name of a run without a recipe.
 
     Each part is the last path component without its file extension, so a hub id, a directory and a
-    file all give a short name that is safe as a directory name.
+    file all give a short name that is safe as a directory name. A mixture (data.sources, not empty) is
+    named `mixture`: data.source is not read then.
     """
     def stem(text: str) -> str:
         last = str(text).rstrip("/").rsplit("/", 1)[-1]
         last = re.sub(r"\.(jsonl|json|parquet|csv|tsv|gguf|ya?ml)$", "", last)
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", last).strip("_.") or "none"
 
-    return f"{stem(model)}_{stem(source)}_{stem(objective)}"
+    data = "mixture" if sources else stem(source)
+    return f"{stem(model)}_{data}_{stem(objective)}"
 
 
 def register_resolvers() -> None:

@@ -27,7 +27,7 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # deepspeed.precision -> the model.dtype it trains (train/precision.py: the one key that decides).
 DTYPE_OF_PRECISION = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TRUNCATIONS = ("truncate", "drop")
-DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer")
+DATA_FORMATS = ("auto", "messages", "prompt_completion", "question_answer", "alpaca", "text")
 # deepspeed.optimizer: who builds AdamW (otr_cli/train/optimizer.py).
 DS_OPTIMIZERS = ("torch", "deepspeed")
 NONFINITE_POLICIES = ("skip", "stop")
@@ -91,6 +91,37 @@ class SyntheticArithConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (``data.sources``); a field left null takes data.*'s value."""
+
+    # A hub id, a local file or directory, or "synthetic_arith", as data.source.
+    source: str = ""
+    subset: Optional[str] = None
+    split: Optional[str] = None
+    format: Optional[str] = None
+    messages_field: Optional[str] = None
+    prompt_field: Optional[str] = None
+    completion_field: Optional[str] = None
+    question_field: Optional[str] = None
+    answer_field: Optional[str] = None
+    instruction_field: Optional[str] = None
+    input_field: Optional[str] = None
+    output_field: Optional[str] = None
+    text_field: Optional[str] = None
+    system_prompt: Optional[str] = None
+    # This source's share of the examples drawn for the weighted sources (null and no examples: 1).
+    weight: Optional[float] = None
+    # Exactly this many examples from this source (its records repeated when it has fewer); not with weight.
+    examples: Optional[int] = None
+
+
+# SourceConfig fields that replace the data.* field of the same name for that source's records.
+SOURCE_SETTING_KEYS = ("subset", "split", "format", "messages_field", "prompt_field", "completion_field",
+                       "question_field", "answer_field", "instruction_field", "input_field", "output_field",
+                       "text_field", "system_prompt")
+
+
+@dataclass
 class DataConfig:
     # "synthetic_arith", a hub id, or a local .json / .jsonl / .parquet file or directory.
     source: str = "synthetic_arith"
@@ -103,6 +134,12 @@ class DataConfig:
     completion_field: str = "completion"
     question_field: str = "question"
     answer_field: str = "answer"
+    # alpaca: the user turn is instruction + "\n" + input (input optional), the reply is output.
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    # text: a document for language modelling, every token supervised, no chat template.
+    text_field: str = "text"
     # System prompt added to question/answer and prompt/completion examples (None: none added).
     system_prompt: Optional[str] = None
     # Jinja chat template overriding the tokenizer's (a template string or a path to a file).
@@ -131,6 +168,9 @@ class DataConfig:
     # Reuse tokenized data from cache_dir across starts and ranks (false: always tokenize, write nothing).
     cache: bool = True
     synthetic: SyntheticArithConfig = field(default_factory=SyntheticArithConfig)
+    # A mixture: [{source: a.jsonl, format: alpaca, weight: 2}, {source: b.jsonl, examples: 1000}]; replaces
+    # data.source when not empty (docs/data.md, "Mixtures").
+    sources: List[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -549,7 +589,10 @@ def validate_data(data: DataConfig) -> None:
     What depends on the records (a hold-out larger than the set, nothing left after truncation)
     is checked where they are read (otr_cli/data/pipeline.py).
     """
-    if not data.source:
+    sources = source_entries(data)
+    for index, entry in enumerate(sources):
+        _validate_source(f"data.sources[{index}]", entry)
+    if not data.source and not sources:
         raise ConfigError("data.source is empty: say what to train on with a recipe (recipe=smollm2_demo, or a file: "
                           "`otr train my_recipe.yaml`), a data group (data=gsm8k) or a file "
                           "(data.source=my_chats.jsonl, docs/data.md)")
@@ -571,6 +614,36 @@ def validate_data(data: DataConfig) -> None:
     if data.max_examples is not None and data.max_examples < 1:
         raise ConfigError(f"data.max_examples={data.max_examples} must be >= 1 (or null for all)")
     check_chat_template_kwargs("data.chat_template_kwargs", data.chat_template_kwargs)
+
+
+def source_entries(data: Any) -> list[Any]:
+    """data.sources as a list; plain dicts (DataConfig built in Python) become SourceConfig, unknown keys a ConfigError."""
+    entries = []
+    for index, entry in enumerate(getattr(data, "sources", None) or []):
+        if isinstance(entry, Mapping) and not isinstance(entry, DictConfig):
+            unknown = sorted(set(entry) - {item.name for item in fields(SourceConfig)})
+            if unknown:
+                raise ConfigError(f"data.sources[{index}] has unknown keys {unknown}; the keys are "
+                                  f"{', '.join(item.name for item in fields(SourceConfig))}")
+            entry = SourceConfig(**entry)
+        entries.append(entry)
+    return entries
+
+
+def _validate_source(path: str, entry: Any) -> None:
+    """One data.sources entry; errors name it by its index (data.sources[1].format)."""
+    if not getattr(entry, "source", None):
+        raise ConfigError(f"{path}.source is empty: give a file, directory or hub id, e.g. {{source: chats.jsonl}}")
+    if getattr(entry, "format", None) is not None:
+        _choice(f"{path}.format", entry.format, DATA_FORMATS)
+    weight, examples = getattr(entry, "weight", None), getattr(entry, "examples", None)
+    if weight is not None and examples is not None:
+        raise ConfigError(f"{path} sets both weight={weight} and examples={examples}; set one: weight shares the "
+                          f"drawn examples, examples takes exactly that many")
+    if weight is not None and not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+        raise ConfigError(f"{path}.weight={weight!r} must be a number above 0")
+    if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
+        raise ConfigError(f"{path}.examples={examples!r} must be a whole number >= 1")
 
 
 # Arguments of tokenizer.apply_chat_template that otr sets (or that change what it returns): a template

@@ -199,3 +199,16 @@ def test_in_a_terminal_supervised_text_is_highlighted_instead_of_marked(tmp_path
     out = capsys.readouterr().out
     assert "supervised text highlighted" in out and "⟦" not in out
     assert "\x1b[30;42m" in out  # black on green
+
+
+@pytest.mark.slow
+def test_otr_data_counts_each_source_of_a_mixture(tiny_model_dir, tmp_path):
+    alpaca, text = tmp_path / "alpaca.jsonl", tmp_path / "text.jsonl"
+    alpaca.write_text("".join(json.dumps({"instruction": f"Say {i}", "output": f"{i}"}) + "\n" for i in range(12)))
+    text.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(12)))
+    sources = f"data.sources=[{{source: '{alpaca}', weight: 2}}, {{source: '{text}', examples: 5}}]"
+    result = run_cli(["data", *_data_overrides(tiny_model_dir, tmp_path, sources), "--examples", "0"])
+    out = result.stdout
+    assert f"source 1: {alpaca} (weight 2), format alpaca: 12 records, 12 drawn, 12 kept" in out
+    assert f"source 2: {text} (5 examples), format text: 12 records, 5 drawn, 5 kept" in out
+    assert "train: 17 examples kept" in out

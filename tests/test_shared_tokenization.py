@@ -75,6 +75,20 @@ def test_every_rank_tokenizes_a_share_and_the_result_equals_one_process(tokenize
     assert [r["reads"] > 0 for r in again] == [True, False, False], "only rank 0 reads and hashes the records"
 
 
+@pytest.mark.slow
+def test_every_rank_builds_the_same_mixture_as_one_process(tokenizer, tmp_path, monkeypatch):
+    first, second = _qa_file(tmp_path / "a.jsonl", 30), tmp_path / "b.jsonl"
+    second.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(20)))
+    data = {"cache_dir": str(tmp_path / "cache"), "max_length": 64, "validation_size": 4,
+            "sources": [{"source": str(first), "weight": 2.0}, {"source": str(second), "examples": 25}]}
+    monkeypatch.setattr(shared_encoding, "CHUNK_RECORDS", 4)
+    one = build_datasets(DataConfig(**{**data, "cache": False}), tokenizer, seed=1)
+    results = _run(tmp_path, data, world=2, chunk_records=4)
+    assert [r.get("cache") for r in results] == ["miss"] * 2, results
+    assert {r["train_digest"] for r in results} == {_digest(one)}
+    assert all(r["report"]["sources"] == one.report.sources for r in results)
+
+
 @pytest.mark.faults
 @pytest.mark.slow
 def test_a_bad_record_in_another_ranks_share_stops_every_rank_with_its_location(tmp_path):

@@ -51,7 +51,7 @@ from otr_cli.data.tokenized import TokenizedSplit
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # 3: a record with no assistant reply is dropped (was kept with weight 0)
+FORMAT_VERSION = 4  # 4: alpaca and text formats, mixtures (data.sources); 3: a record with no reply is dropped
 CACHE_DIR_ENV = "OTR_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/otr/tokenized"
 # DataConfig fields that cannot change the tokenized result: where the cache lives and whether it is used.
@@ -146,8 +146,8 @@ def generated_records_digest(data_cfg: Any) -> Optional[str]:
     from otr_cli.data import synthetic_arith
     from otr_cli.data.sources import SYNTHETIC_SOURCE
 
-    if getattr(data_cfg, "source", None) != SYNTHETIC_SOURCE:
-        return None
+    if getattr(data_cfg, "source", None) != SYNTHETIC_SOURCE or getattr(data_cfg, "sources", None):
+        return None  # a mixture (data.sources) is keyed on its records, whatever data.source says
     code = hashlib.blake2b(Path(synthetic_arith.__file__).read_bytes(), digest_size=20).hexdigest()
     # random.Random's draws may change between Python versions: the interpreter is part of the generator
     return f"generator:python{sys.version_info[0]}.{sys.version_info[1]}:{code}"

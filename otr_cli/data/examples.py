@@ -40,7 +40,9 @@ class DataReport:
     the kept unless truncation left them with no supervised token). Token counts are over the
     kept training examples; ``supervised_tokens`` counts positions with a label (loss tokens).
     ``kept`` includes the ``zero_weight_examples``: weights take an example out of the loss, never
-    out of the data order.
+    out of the data order. For a mixture (data.sources) the records drawn replace ``loaded - held_out``:
+    ``sum(drawn) - unused == kept + dropped_too_long + dropped_no_supervised``, and ``sources`` holds one
+    dict per source: source (in words), format, records (read), drawn, kept, supervised_tokens.
     """
 
     source: str = ""
@@ -69,6 +71,7 @@ class DataReport:
     validation_dropped: int = 0
     validation_supervised_tokens: int = 0
     notes: list[str] = field(default_factory=list)  # warnings worth showing the user
+    sources: list[dict] = field(default_factory=list)  # per source of a mixture (data.sources); [] otherwise
     # The tokenized-data cache (data/cache.py): "hit" (loaded from cache_path), "miss" (tokenized, stored in
     # cache_path; "" when it could not be written) or "off" (data.cache=false).
     cache: str = "off"
@@ -91,6 +94,9 @@ class DataReport:
         if self.unused:
             train += f", {self.unused} not used (data.max_examples)"
         lines.append(train)
+        for number, part in enumerate(self.sources, start=1):
+            lines.append(f"  source {number}: {part['source']}, format {part['format']}: {part['records']} records, "
+                         f"{part['drawn']} drawn, {part['kept']} kept ({part['supervised_tokens']} supervised tokens)")
         if self.truncation == "truncate":
             limits = f"{self.truncated} truncated to data.max_length={self.max_length} tokens"
         else:

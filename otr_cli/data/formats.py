@@ -9,7 +9,13 @@ Formats (``data.format``):
   (TRL's conversational prompt/completion).
 - ``question_answer``: ``record[data.question_field]`` / ``record[data.answer_field]`` as one
   user turn and one assistant reply (GSM8K: question / answer).
-- ``auto``: the first of those whose fields the record has.
+- ``alpaca``: ``record[data.instruction_field]`` and, when present and not empty,
+  ``record[data.input_field]`` joined by one newline as the user turn (as LLaMA-Factory joins
+  them), ``record[data.output_field]`` the reply; a ``system`` field opens the conversation.
+- ``text``: ``record[data.text_field]`` is a document for language modelling: no chat template,
+  every token supervised (``text_document``, encoded by data/pipeline.py, not by to_messages).
+- ``auto``: the first of those whose fields the record has (messages also under ShareGPT's
+  ``conversations`` field).
 
 ``data.system_prompt`` (when set) opens prompt/completion and question/answer conversations.
 An assistant message may carry ``"weight"`` (0: context, not a target; see ``data/weights.py``).
@@ -28,7 +34,13 @@ FORMAT_FIELD_KEYS = {
     "messages": ("messages_field",),
     "prompt_completion": ("prompt_field", "completion_field"),
     "question_answer": ("question_field", "answer_field"),
+    "alpaca": ("instruction_field", "output_field"),
+    "text": ("text_field",),
 }
+# ShareGPT files keep their conversations here; looked at when data.messages_field is not in the record.
+SHAREGPT_FIELD = "conversations"
+# An alpaca record's own system prompt (LLaMA-Factory's "system" column).
+ALPACA_SYSTEM_FIELD = "system"
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "tool": "tool"}
 
@@ -46,12 +58,16 @@ def detect_format(record: dict, data_cfg: Any, where: str) -> str:
     for name, keys in FORMAT_FIELD_KEYS.items():
         if all(getattr(data_cfg, key) in record for key in keys):
             return name
+        if name == "messages" and SHAREGPT_FIELD in record:
+            return name
     raise DataError(
         f"{where}: cannot tell the format of this record (data.format=auto); it has fields {_field_list(record)}. "
         f"Set data.format=messages (field data.messages_field={data_cfg.messages_field!r}), "
         f"prompt_completion (data.prompt_field={data_cfg.prompt_field!r}, data.completion_field="
-        f"{data_cfg.completion_field!r}) or question_answer (data.question_field={data_cfg.question_field!r}, "
-        f"data.answer_field={data_cfg.answer_field!r}), e.g. data.format=question_answer "
+        f"{data_cfg.completion_field!r}), question_answer (data.question_field={data_cfg.question_field!r}, "
+        f"data.answer_field={data_cfg.answer_field!r}), alpaca (data.instruction_field="
+        f"{data_cfg.instruction_field!r}, data.output_field={data_cfg.output_field!r}) or text (data.text_field="
+        f"{data_cfg.text_field!r}), e.g. data.format=question_answer "
         f"data.question_field=Question data.answer_field=Answer"
     )
 
@@ -136,8 +152,11 @@ def to_messages(record: dict, data_cfg: Any, *, record_format: Optional[str] = N
     fmt = record_format or detect_format(record, data_cfg, where)
     system = [{"role": "system", "content": data_cfg.system_prompt}] if data_cfg.system_prompt else []
     if fmt == "messages":
-        messages = _messages(_field(record, data_cfg, "messages_field", fmt, where), "messages_field",
-                             data_cfg.messages_field, where)
+        if data_cfg.messages_field not in record and SHAREGPT_FIELD in record:
+            messages = _messages(record[SHAREGPT_FIELD], "messages_field", SHAREGPT_FIELD, where)
+        else:
+            messages = _messages(_field(record, data_cfg, "messages_field", fmt, where), "messages_field",
+                                 data_cfg.messages_field, where)
     elif fmt == "prompt_completion":
         prompt = _field(record, data_cfg, "prompt_field", fmt, where)
         completion = _field(record, data_cfg, "completion_field", fmt, where)
@@ -159,10 +178,40 @@ def to_messages(record: dict, data_cfg: Any, *, record_format: Optional[str] = N
         answer = _as_text(_field(record, data_cfg, "answer_field", fmt, where), "answer_field",
                           data_cfg.answer_field, where)
         messages = system + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    elif fmt == "alpaca":
+        messages = _alpaca_messages(record, data_cfg, system, where)
+    elif fmt == "text":
+        raise DataError(f"{where}: data.format=text is a document for language modelling, not a conversation; "
+                        f"it has no prompt to ask a model (use a chat format for evaluation prompts)")
     else:
         raise DataError(f"data.format={fmt!r} is not one of auto, {', '.join(FORMAT_FIELD_KEYS)}")
     _check_conversation(messages, where)
     return messages if keep_weights else _without_weights(messages)
+
+
+def _alpaca_messages(record: dict, data_cfg: Any, system: list[dict], where: str) -> list[dict]:
+    """Instruction and input joined by one newline (LLaMA-Factory's join) as the user turn, output the reply."""
+    fmt = "alpaca"
+    instruction = _as_text(_field(record, data_cfg, "instruction_field", fmt, where), "instruction_field",
+                           data_cfg.instruction_field, where)
+    extra = record.get(data_cfg.input_field)
+    extra = "" if extra is None else _as_text(extra, "input_field", data_cfg.input_field, where)
+    output = _as_text(_field(record, data_cfg, "output_field", fmt, where), "output_field",
+                      data_cfg.output_field, where)
+    own_system = record.get(ALPACA_SYSTEM_FIELD)
+    if own_system is not None and _as_text(own_system, "system_prompt", ALPACA_SYSTEM_FIELD, where).strip():
+        system = [{"role": "system", "content": str(own_system)}]
+    prompt = "\n".join(part for part in (instruction, extra) if part)
+    return system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def text_document(record: dict, data_cfg: Any, where: str) -> str:
+    """The document of a ``text`` record (data.text_field); empty text is a DataError."""
+    text = _as_text(_field(record, data_cfg, "text_field", "text", where), "text_field", data_cfg.text_field, where)
+    if not text.strip():
+        raise DataError(f"{where}: field {data_cfg.text_field!r} (data.text_field) is empty; remove the record "
+                        f"or fill in the text")
+    return text
 
 
 def prompt_messages(messages: list[dict]) -> list[dict]:

@@ -34,9 +34,11 @@ from otr_cli.data.cache import CacheEntry, cache_entry, generated_records_digest
 from otr_cli.data.chat import encode_conversation, resolve_chat_template
 from otr_cli.data.errors import DataError
 from otr_cli.data.examples import IGNORE_INDEX, DataBundle, DataReport, TokenizedExample
-from otr_cli.data.formats import detect_format, to_messages
+from otr_cli.data.documents import encode_document
+from otr_cli.data.formats import detect_format, text_document, to_messages
+from otr_cli.data.mixture import MixtureParts, mixture_entries, mixture_order, read_mixture
 from otr_cli.data.shared_encoding import ONE_PROCESS, ChunkPlan, DataRanks, encode_in_rounds, read_chunk
-from otr_cli.data.sources import SYNTHETIC_SOURCE, RecordSet, read_split
+from otr_cli.data.sources import SYNTHETIC_SOURCE, RecordSet, read_source, read_split
 from otr_cli.data.tokenized import TokenizedSplit
 from otr_cli.data.weights import WeightCounts, example_weight, split_turn_weights
 
@@ -58,6 +60,9 @@ class _SplitCounts:
     total_tokens: int = 0
     weights: WeightCounts = field(default_factory=WeightCounts)
     first_dropped: str = ""  # where the first record dropped with no supervised token is (file:line), for errors
+    # Per source of a mixture (data.sources; one entry otherwise): kept examples, their supervised tokens.
+    source_kept: list[int] = field(default_factory=list)
+    source_supervised_tokens: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +78,11 @@ class _SplitCounts:
         for name in asdict(self.weights):
             setattr(self.weights, name, getattr(self.weights, name) + getattr(other.weights, name))
         self.first_dropped = self.first_dropped or other.first_dropped
+        for name in ("source_kept", "source_supervised_tokens"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            size = max(len(mine), len(theirs))
+            setattr(self, name, [(mine[i] if i < len(mine) else 0) + (theirs[i] if i < len(theirs) else 0)
+                                 for i in range(size)])
 
 
 def _with_example_weight(example: TokenizedExample, weight: float) -> TokenizedExample:
@@ -98,29 +108,61 @@ def _fit_length(example: TokenizedExample, max_length: int, truncation: str,
     return TokenizedExample(example.input_ids[:max_length], example.labels[:max_length], weights)
 
 
-def _split_format(records: RecordSet, order: list[int], data_cfg: Any) -> str:
-    """The record format of a whole split, detected on its first record in encoding order."""
-    return detect_format(records[order[0]], data_cfg, records.where(order[0])) if order else data_cfg.format
+@dataclass
+class _Encoding:
+    """How the records of one split are encoded: the settings and format of each source (one unless a mixture).
+
+    settings: data.* as it applies to the source's records (a mixture's source may set its own format and fields).
+    formats: the record format of each source, detected once per source: a record lacking a field is an error,
+        not another format.
+    """
+
+    settings: list[Any]
+    formats: list[str]
+    parts: Optional[MixtureParts] = None
+
+    def at(self, index: int) -> tuple[int, Any, str]:
+        """(source number, settings, format) of record `index`."""
+        part = self.parts.part_of(index) if self.parts is not None else 0
+        return part, self.settings[part], self.formats[part]
+
+    @property
+    def format_name(self) -> str:
+        """The format(s) in words, for the report: ``alpaca`` or ``alpaca, text``."""
+        return ", ".join(dict.fromkeys(self.formats))
 
 
-def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer: Any, template: Optional[str],
-                  template_kwargs: dict[str, Any], limit: Optional[int], record_format: str
-                  ) -> tuple[list[TokenizedExample], _SplitCounts]:
-    """Encode records[order[...]] in `record_format` until `limit` are kept; returns examples and counts."""
-    counts = _SplitCounts()
+def _split_encoding(records: RecordSet, order: list[int], data_cfg: Any, parts: Optional[MixtureParts]) -> _Encoding:
+    """A single source's format is detected on its first record in encoding order; a mixture's on each source's first."""
+    if parts is not None:
+        formats = [detect_format(records[start], settings, records.where(start))
+                   for start, settings in zip(parts.starts, parts.settings)]
+        return _Encoding(list(parts.settings), formats, parts)
+    fmt = detect_format(records[order[0]], data_cfg, records.where(order[0])) if order else data_cfg.format
+    return _Encoding([data_cfg], [fmt])
+
+
+def _encode_split(records: RecordSet, order: list[int], encoding: _Encoding, tokenizer: Any, template: Optional[str],
+                  template_kwargs: dict[str, Any], limit: Optional[int]) -> tuple[list[TokenizedExample], _SplitCounts]:
+    """Encode records[order[...]] as `encoding` says until `limit` are kept; returns examples and counts."""
+    counts = _SplitCounts(source_kept=[0] * len(encoding.settings),
+                          source_supervised_tokens=[0] * len(encoding.settings))
     examples: list[TokenizedExample] = []
     for position, index in enumerate(order):
         if limit is not None and len(examples) >= limit:
             counts.unused = len(order) - position
             break
         where = records.where(index)
-        # One format for the whole split: a record lacking a field is an error, not another format.
+        part, data_cfg, record_format = encoding.at(index)
         weight = example_weight(records[index], data_cfg, where)
-        messages, reply_weights = split_turn_weights(
-            to_messages(records[index], data_cfg, record_format=record_format, where=where, keep_weights=True))
-        example = _fit_length(encode_conversation(messages, tokenizer, template, where, template_kwargs,
-                                                  reply_weights),
-                              data_cfg.max_length, data_cfg.truncation, counts)
+        if record_format == "text":
+            reply_weights: list[float] = []
+            encoded = encode_document(text_document(records[index], data_cfg, where), tokenizer)
+        else:
+            messages, reply_weights = split_turn_weights(
+                to_messages(records[index], data_cfg, record_format=record_format, where=where, keep_weights=True))
+            encoded = encode_conversation(messages, tokenizer, template, where, template_kwargs, reply_weights)
+        example = _fit_length(encoded, data_cfg.max_length, data_cfg.truncation, counts)
         if example is None:
             continue
         example = _with_example_weight(example, weight)
@@ -135,6 +177,8 @@ def _encode_split(records: RecordSet, order: list[int], data_cfg: Any, tokenizer
         examples.append(example)
         counts.kept += 1
         counts.supervised_tokens += supervised
+        counts.source_kept[part] += 1
+        counts.source_supervised_tokens[part] += supervised
         counts.total_tokens += len(example.input_ids)
     return examples, counts
 
@@ -164,7 +208,14 @@ def _validation_records(data_cfg: Any, train_records: RecordSet) -> tuple[Option
     """(validation record set or None, validation indices, training indices into train_records)."""
     train_order = list(range(len(train_records)))
     if data_cfg.validation_split:
-        records = read_split(data_cfg, data_cfg.validation_split)
+        if mixture_entries(data_cfg) and not Path(data_cfg.validation_split).expanduser().is_file():
+            raise DataError(f"data.validation_split={data_cfg.validation_split!r}: with data.sources it must be a "
+                            f"file (read with the data.* format settings), or hold validation records out of the "
+                            f"mixture with data.validation_size")
+        if mixture_entries(data_cfg):
+            records = read_source(data_cfg.validation_split, data_cfg.validation_split)
+        else:
+            records = read_split(data_cfg, data_cfg.validation_split)
         return records, list(range(len(records))), train_order
     if data_cfg.validation_size > 0:
         size = _holdout_size(data_cfg.validation_size, len(train_records))
@@ -176,7 +227,7 @@ def _validation_records(data_cfg: Any, train_records: RecordSet) -> tuple[Option
         held_out = sorted(shuffled[:size])
         held = set(held_out)
         return train_records, held_out, [index for index in train_order if index not in held]
-    if data_cfg.source == SYNTHETIC_SOURCE and data_cfg.synthetic.num_validation > 0:
+    if data_cfg.source == SYNTHETIC_SOURCE and data_cfg.synthetic.num_validation > 0 and not mixture_entries(data_cfg):
         records = read_split(data_cfg, "validation")
         return records, list(range(len(records))), train_order
     return None, [], train_order
@@ -187,19 +238,38 @@ class _Inputs:
     """The records to encode, in encoding order: what every rank reads before a first tokenization."""
 
     train_records: RecordSet
-    train_order: list[int]  # shuffled with the run's seed when data.shuffle
+    train_order: list[int]  # shuffled with the run's seed when data.shuffle; a mixture's drawn records
     validation_records: Optional[RecordSet]
     validation_order: list[int]
+    held_out: int = 0  # training records moved to validation (data.validation_size)
+    parts: Optional[MixtureParts] = None  # where each source of a mixture (data.sources) starts in train_records
+    drawn: list[int] = field(default_factory=list)  # a mixture's records drawn from each source (data/mixture.py)
+
+    def encoding(self, data_cfg: Any, split: str) -> _Encoding:
+        """How the records of `split` ("train" or "validation") are encoded."""
+        if split == "train":
+            return _split_encoding(self.train_records, self.train_order, data_cfg, self.parts)
+        records = self.validation_records
+        parts = self.parts if records is self.train_records else None
+        return _split_encoding(records, self.validation_order, data_cfg, parts)
 
 
 def _read_inputs(data_cfg: Any, seed: int) -> _Inputs:
-    train_records = read_split(data_cfg, data_cfg.split)
+    parts: Optional[MixtureParts] = None
+    if mixture_entries(data_cfg):
+        train_records, parts = read_mixture(data_cfg, data_cfg.split)
+    else:
+        train_records = read_split(data_cfg, data_cfg.split)
     if len(train_records) == 0:
         raise DataError(f"{train_records.description} has no records (data.source / data.split)")
     validation_records, validation_order, train_order = _validation_records(data_cfg, train_records)
-    if data_cfg.shuffle:
+    held_out = len(train_records) - len(train_order)
+    drawn: list[int] = []
+    if parts is not None:
+        train_order, drawn = mixture_order(parts, train_order, seed, data_cfg.shuffle)
+    elif data_cfg.shuffle:
         random.Random(seed).shuffle(train_order)
-    return _Inputs(train_records, train_order, validation_records, validation_order)
+    return _Inputs(train_records, train_order, validation_records, validation_order, held_out, parts, drawn)
 
 
 def build_datasets(data_cfg: Any, tokenizer: Any, seed: int, ranks: DataRanks = ONE_PROCESS) -> DataBundle:
@@ -218,7 +288,8 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int, ranks: DataRanks = 
     Raises DataError for bad records, templates or settings, and when no example is left.
     """
     validate_data(data_cfg)
-    template = resolve_chat_template(tokenizer, data_cfg.chat_template)
+    # Documents need no chat template: a base model's tokenizer (none) trains on data.format=text as it is.
+    template = None if _only_documents(data_cfg) else resolve_chat_template(tokenizer, data_cfg.chat_template)
     template_kwargs = check_chat_template_kwargs("data.chat_template_kwargs", data_cfg.chat_template_kwargs)
     if not getattr(data_cfg, "cache", True):
         ranks = ONE_PROCESS  # nothing stored to share: every rank builds its own copy
@@ -264,6 +335,14 @@ def build_datasets(data_cfg: Any, tokenizer: Any, seed: int, ranks: DataRanks = 
     return bundle
 
 
+def _only_documents(data_cfg: Any) -> bool:
+    """Whether every source is set to data.format=text (auto-detected formats may need a template)."""
+    entries = mixture_entries(data_cfg)
+    if entries:
+        return all((getattr(entry, "format", None) or data_cfg.format) == "text" for entry in entries)
+    return data_cfg.format == "text"
+
+
 def _progress_dir(entry: CacheEntry) -> Optional[str]:
     """The entry's progress directory, created; None (with a warning) when the cache cannot be written."""
     try:
@@ -285,21 +364,19 @@ def _build(data_cfg: Any, tokenizer: Any, template: Optional[str], template_kwar
     # Chunks by split and index, where no progress directory keeps them (one process builds them all).
     memory: dict[str, dict] = {"train": {}, "validation": {}}
 
-    def encoder(records: RecordSet, record_format: str):
+    def encoder(records: RecordSet, encoding: _Encoding):
         def encode(indices: list[int], limit: Optional[int]) -> tuple[TokenizedSplit, dict]:
-            examples, counts = _encode_split(records, indices, data_cfg, tokenizer, template, template_kwargs, limit,
-                                             record_format)
+            examples, counts = _encode_split(records, indices, encoding, tokenizer, template, template_kwargs, limit)
             return TokenizedSplit.from_examples(examples), counts.as_dict()
         return encode
 
-    train_format = _split_format(inputs.train_records, inputs.train_order, data_cfg)
-    encode_train = encoder(inputs.train_records, train_format)
+    train_encoding = inputs.encoding(data_cfg, "train")
+    encode_train = encoder(inputs.train_records, train_encoding)
     train_plan = encode_in_rounds("train", inputs.train_order, data_cfg.max_examples, encode_train, ranks, progress,
                                   memory["train"])
     encode_validation = validation_plan = None
     if inputs.validation_records is not None:
-        encode_validation = encoder(inputs.validation_records,
-                                    _split_format(inputs.validation_records, inputs.validation_order, data_cfg))
+        encode_validation = encoder(inputs.validation_records, inputs.encoding(data_cfg, "validation"))
         validation_plan = encode_in_rounds("validation", inputs.validation_order, None, encode_validation, ranks,
                                            progress, memory["validation"])
 
@@ -310,7 +387,7 @@ def _build(data_cfg: Any, tokenizer: Any, template: Optional[str], template_kwar
         if validation_plan is not None:
             validation, val_counts = _merge_chunks("validation", validation_plan, None, len(inputs.validation_order),
                                                    encode_validation, progress, memory["validation"])
-        return _bundle(data_cfg, inputs, train_format, train, counts, validation, val_counts)
+        return _bundle(data_cfg, inputs, train_encoding, train, counts, validation, val_counts)
 
     outcome: dict[str, Any] = {}
     bundle: Optional[DataBundle] = None
@@ -369,7 +446,18 @@ def _merge_chunks(name: str, plan: ChunkPlan, limit: Optional[int], num_records:
     return TokenizedSplit.concatenate(parts), counts
 
 
-def _bundle(data_cfg: Any, inputs: _Inputs, record_format: str, train: TokenizedSplit, counts: _SplitCounts,
+def _source_reports(inputs: _Inputs, encoding: _Encoding, counts: _SplitCounts) -> list[dict[str, Any]]:
+    """Per source of a mixture: what it is, its format, records read, drawn, kept and their supervised tokens."""
+    if inputs.parts is None:
+        return []
+    return [{"source": label, "format": encoding.formats[i], "records": inputs.parts.sizes[i],
+             "drawn": inputs.drawn[i], "kept": counts.source_kept[i] if i < len(counts.source_kept) else 0,
+             "supervised_tokens": counts.source_supervised_tokens[i] if i < len(counts.source_supervised_tokens)
+             else 0}
+            for i, label in enumerate(inputs.parts.labels)]
+
+
+def _bundle(data_cfg: Any, inputs: _Inputs, encoding: _Encoding, train: TokenizedSplit, counts: _SplitCounts,
             validation: Optional[TokenizedSplit], val_counts: Optional[_SplitCounts]) -> DataBundle:
     """The bundle and its report; raises DataError when a split kept nothing."""
     if not len(train):
@@ -381,14 +469,14 @@ def _bundle(data_cfg: Any, inputs: _Inputs, record_format: str, train: Tokenized
                         f"{counts.kept} kept have weight 0 (data.weight_field, or \"weight\": 0 on every assistant "
                         f"reply); give some examples a weight above 0")
     report = DataReport(
-        source=inputs.train_records.description, split=data_cfg.split, format=record_format,
+        source=inputs.train_records.description, split=data_cfg.split, format=encoding.format_name,
         max_length=data_cfg.max_length, truncation=data_cfg.truncation, loaded=len(inputs.train_records),
-        held_out=len(inputs.train_records) - len(inputs.train_order), unused=counts.unused, kept=counts.kept,
+        held_out=inputs.held_out, unused=counts.unused, kept=counts.kept,
         truncated=counts.truncated, dropped_too_long=counts.dropped_too_long,
         dropped_no_supervised=counts.dropped_no_supervised, supervised_tokens=counts.supervised_tokens,
         total_tokens=counts.total_tokens, zero_weight_examples=counts.weights.zero_weight_examples,
         weighted_examples=counts.weights.weighted_examples, context_turns=counts.weights.context_turns,
-        weighted_turns=counts.weights.weighted_turns,
+        weighted_turns=counts.weights.weighted_turns, sources=_source_reports(inputs, encoding, counts),
     )
     if validation is None:
         validation = TokenizedSplit.from_examples([])

@@ -40,7 +40,14 @@ def train_data_fingerprint(train_split, data_cfg: Any) -> dict[str, Any]:
 
 
 def data_source(data_cfg: Any) -> str:
-    """data.source as a user reads it, with the hub subset and split where they matter."""
+    """data.source as a user reads it, with the hub subset and split where they matter; a mixture's sources."""
+    from otr_cli.config import source_entries
+
+    entries = source_entries(data_cfg)
+    if entries:
+        from otr_cli.data.mixture import describe_entry
+
+        return "mixture of " + ", ".join(describe_entry(entry) for entry in entries)
     source = str(data_cfg.source)
     parts = [f"subset {data_cfg.subset}"] if getattr(data_cfg, "subset", None) else []
     if getattr(data_cfg, "split", "train") != "train":
