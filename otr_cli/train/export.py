@@ -72,6 +72,14 @@ def export_lora(lm, state_dict: dict[str, Any], target_dir: Path) -> None:
     peft rebuilds the model around these tensors on the meta device and merges with its own
     arithmetic, so no second copy of the weights is made.
     """
+    skeleton = lora_skeleton(lm, state_dict)
+    save_adapter(skeleton, target_dir / ADAPTER_DIR)
+    merged = skeleton.merge_and_unload()
+    merged.save_pretrained(target_dir, safe_serialization=True)
+
+
+def lora_skeleton(lm, state_dict: dict[str, Any]):
+    """A ``PeftModel`` of `lm`'s class, config and peft config whose tensors are `state_dict`'s (no copy)."""
     from peft import get_peft_model
 
     base = lm.get_base_model()
@@ -81,6 +89,9 @@ def export_lora(lm, state_dict: dict[str, Any], target_dir: Path) -> None:
                                   adapter_name=adapter_name)
     skeleton.load_state_dict(state_dict, strict=True, assign=True)
     skeleton.get_base_model().tie_weights()  # assign=True gives tied keys separate Parameters
-    skeleton.save_pretrained(target_dir / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
-    merged = skeleton.merge_and_unload()
-    merged.save_pretrained(target_dir, safe_serialization=True)
+    return skeleton
+
+
+def save_adapter(skeleton, target_dir: Path) -> None:
+    """The adapter alone: what ``peft.PeftModel.from_pretrained(base_model, target_dir)`` loads."""
+    skeleton.save_pretrained(target_dir, safe_serialization=True, save_embedding_layers=False)
