@@ -86,14 +86,15 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: Optional[str] = None, 
     _check_checkpoint(checkpoint, DS_TAG)
     _check_out(Path(out))
     settings = _run_settings(checkpoint, config_file)
-    state_dict, trained_dtype = _training_state_dict(checkpoint / DS_TAG, checkpoint)
-    target_dtype = getattr(torch, dtype) if dtype else trained_dtype
-    state_dict = {key.removeprefix("lm."): value.to(target_dtype) if value.is_floating_point() else value
-                  for key, value in state_dict.items()}
-    lora = any(".lora_A." in key for key in state_dict)
+    module, trained_dtype = _module_states(checkpoint / DS_TAG)
+    lora = any(".lora_A." in key for key in module)
     if adapter_only and not lora:
         raise ExportError(f"--adapter: {checkpoint} is not of a LoRA run (its weights hold no LoRA adapter); "
                           f"leave --adapter out to export the model")
+    state_dict = _training_state_dict(checkpoint / DS_TAG, checkpoint, module)
+    target_dtype = getattr(torch, dtype) if dtype else trained_dtype
+    state_dict = {key.removeprefix("lm."): value.to(target_dtype) if value.is_floating_point() else value
+                  for key, value in state_dict.items()}
     model = _model_skeleton(checkpoint, settings, lora, target_dtype)
     tokenizer = _tokenizer(checkpoint, settings)
     staging = Path(out).parent / f".tmp-{Path(out).name}"
@@ -159,8 +160,9 @@ def _run_settings(checkpoint: Path, config_file: Optional[Path]) -> RunSettings:
                                                                        cfg.data.chat_template_kwargs))
 
 
-def _training_state_dict(ds_dir: Path, checkpoint: Path):
-    """Every weight of the model, whole, on the CPU (keys as DeepSpeed saved them), and the dtype it trained in."""
+def _module_states(ds_dir: Path):
+    """Rank 0's module state dict as DeepSpeed saved it (under ZeRO-3 its tensors are empty, but named and typed),
+    and the dtype the run trained in."""
     import torch
 
     model_files = sorted(ds_dir.glob("*model_states.pt"))
@@ -168,16 +170,25 @@ def _training_state_dict(ds_dir: Path, checkpoint: Path):
         raise ExportError(f"{ds_dir} holds no DeepSpeed model states (*model_states.pt): the checkpoint is "
                           f"incomplete; export another checkpoint of the run")
     # mmap: ZeRO-0's file holds the whole model; only the tensors read are paged in.
-    first = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)
-    module = first["module"]
+    module = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)["module"]
     trained_dtype = next((value.dtype for value in module.values() if value.is_floating_point()), torch.float32)
+    return module, trained_dtype
+
+
+def _training_state_dict(ds_dir: Path, checkpoint: Path, module: dict) -> dict:
+    """Every weight of the model, whole, on the CPU, keyed as DeepSpeed saved them."""
     if _zero_stage(checkpoint, ds_dir) == 0:
-        return dict(module), trained_dtype
+        return dict(module)
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    chatter = io.StringIO()  # DeepSpeed's prints and progress bars; what went wrong it raises
     try:
-        # The fp32 master weights, merged from every rank's shard; frozen weights (LoRA's base) included.
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ds_dir.name), trained_dtype
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            # The fp32 master weights, merged from every rank's shard; frozen weights (LoRA's base) included.
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ds_dir.name)
     except (ValueError, FileNotFoundError) as err:
         raise ExportError(f"{checkpoint}: DeepSpeed could not merge the ZeRO shards in {ds_dir}: {err}") from err
 
