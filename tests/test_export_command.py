@@ -186,3 +186,35 @@ def test_export_help_names_the_options(capsys):
     text = capsys.readouterr().out
     for option in ("--out", "--dtype", "--adapter", "--config", "bfloat16"):
         assert option in text
+
+
+@pytest.fixture(scope="module")
+def zero0_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """One process, ZeRO-0, the tied-embedding model; every checkpoint holds its own export."""
+    out = tmp_path_factory.mktemp("zero0") / "run"
+    main(["train", *tiny_overrides(tiny_model_dir, out, "loss=sft", "deepspeed=zero0", "trainer.save_steps=2")])
+    return out
+
+
+@pytest.mark.slow
+def test_export_of_a_zero0_checkpoint_equals_its_own_export(zero0_run, tmp_path):
+    checkpoint = last_checkpoint(zero0_run)
+    out = tmp_path / "exported"
+    assert main(["export", str(checkpoint), "--out", str(out)]) == 0
+    assert_same_tensors(out / "model.safetensors", checkpoint / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_export_of_a_checkpoint_moved_away_from_its_run_reads_the_architecture_from_its_config_json(zero0_run,
+                                                                                                   tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    checkpoint = last_checkpoint(zero0_run)
+    moved = tmp_path / "elsewhere" / checkpoint.name  # no config.yaml above it
+    shutil.copytree(checkpoint, moved)
+    out = tmp_path / "exported"
+    assert main(["export", str(moved), "--out", str(out)]) == 0
+    assert_same_tensors(out / "model.safetensors", moved / "model.safetensors")
+    assert AutoTokenizer.from_pretrained(out).chat_template == AutoTokenizer.from_pretrained(moved).chat_template
