@@ -75,7 +75,10 @@ def add_stop_token(target_dir: Path, model_config: Any, tokenizer: Any, chat: Op
         generation = GenerationConfig.from_model_config(model_config)
     eos = generation.eos_token_id
     ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    before = list(ids)
     ids += [token for token in (tokenizer.eos_token_id, chat.end_of_turn_id) if token is not None]
     ids = list(dict.fromkeys(ids))
+    if ids == before and (target_dir / "generation_config.json").is_file():
+        return  # the model stops there already
     generation.eos_token_id = ids[0] if len(ids) == 1 else ids
     generation.save_pretrained(target_dir)
