@@ -72,3 +72,12 @@ def test_export_of_a_model_trained_with_another_template_than_its_own_carries_th
     assert_renders_as_in_training(exported, tokenizer, template)
     assert exported.chat_template == template != tokenizer.chat_template
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in eos_ids(generation)
+
+
+def test_export_with_a_template_that_is_not_prefix_stable_finds_its_end_of_turn_token(base_tokenizer, tmp_path):
+    from chat_templates import QWEN3_TEMPLATE
+
+    chat = chat_export_for(base_tokenizer, QWEN3_TEMPLATE, {"enable_thinking": False})
+    assert chat.end_of_turn_id == base_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    exported, _ = export(base_tokenizer, QWEN3_TEMPLATE, tmp_path)
+    assert_renders_as_in_training(exported, base_tokenizer, QWEN3_TEMPLATE)
