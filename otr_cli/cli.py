@@ -21,6 +21,7 @@ commands:
   data     look at the data before training: otr data recipe=smollm2_gsm8k [--examples N] [--ranks N] [--json]
   eval     benchmark a model:                otr eval model=outputs/run/final eval.benchmarks=[gsm8k,humaneval]
            compare two evaluations:          otr eval compare outputs/a outputs/b
+  export   a Hugging Face model of a checkpoint: otr export outputs/run/checkpoints/step-40 --out DIR [--adapter]
   grade    grade completions from anywhere:  otr grade predictions=preds.jsonl grader=math|choice|code
   sweep    summarise a sweep's points:       otr sweep summary multirun/smollm2_demo/2025-01-01_12-00-00
 
@@ -39,6 +40,12 @@ def _data(args: list[str]) -> int:
     from otr_cli.train.data_command import data_entry
 
     return data_entry(args)
+
+
+def _export(args: list[str]) -> int:
+    from otr_cli.train.export_command import export_entry
+
+    return export_entry(args)
 
 
 def _grade(args: list[str]) -> int:
@@ -61,7 +68,7 @@ def _sweep(args: list[str]) -> int:
 
 # Each subcommand's entry in its room, taking the arguments after the subcommand's name; imported
 # on use, so `otr --version` and `otr grade` do not pay for torch and DeepSpeed.
-COMMANDS = {"train": _train, "data": _data, "eval": _eval, "grade": _grade, "sweep": _sweep}
+COMMANDS = {"train": _train, "data": _data, "eval": _eval, "export": _export, "grade": _grade, "sweep": _sweep}
 
 
 def _take_local_rank_argument(argv: list[str]) -> list[str]:

@@ -1,7 +1,10 @@
 """Hugging Face exports of the model being trained, written into a checkpoint folder.
 
     <dir>/model.safetensors, config.json, tokenizer files     what AutoModelForCausalLM.from_pretrained loads
-                                                               (LoRA runs: the base model with the adapter merged)
+                                                               (LoRA runs: the base model with the adapter merged);
+                                                               the tokenizer carries the run's chat template and
+                                                               generation_config.json its end-of-turn token
+                                                               (train/chat_export.py)
     <dir>/adapter/adapter_config.json, adapter_model.safetensors
                                                                LoRA runs only: what peft.PeftModel.from_pretrained loads
 
@@ -17,16 +20,18 @@ from typing import Any, Optional
 
 import torch
 
+from otr_cli.train.chat_export import ChatExport, add_stop_token, save_tokenizer_with_template
+
 ADAPTER_DIR = "adapter"
 
 
-def export_hf_model(engine, target_dir, tokenizer, is_main: bool) -> None:
+def export_hf_model(engine, target_dir, tokenizer, is_main: bool, chat: Optional[ChatExport] = None) -> None:
     """Write a Hugging Face model (safetensors) + tokenizer that ``from_pretrained`` loads; a collective.
 
     Under ZeRO-3 the parameters are partitioned: every rank joins the gather and rank 0 writes
     the consolidated state dict. LoRA runs write the merged model and the adapter, both made on
     rank 0's CPU from one full state dict, so the model being trained is neither copied on its
-    device nor touched.
+    device nor touched. chat: the run's chat template and end-of-turn token, saved with the model.
     """
     target_dir = Path(target_dir)
     lm = engine.lm
@@ -45,7 +50,13 @@ def export_hf_model(engine, target_dir, tokenizer, is_main: bool) -> None:
         export_lora(lm, state_dict, target_dir)
     else:
         lm.save_pretrained(target_dir, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(target_dir)
+    save_chat_files(target_dir, tokenizer, lm.config, chat)
+
+
+def save_chat_files(target_dir: Path, tokenizer, model_config, chat: Optional[ChatExport]) -> None:
+    """The tokenizer with the run's chat template, and the template's stop token in generation_config.json."""
+    save_tokenizer_with_template(tokenizer, target_dir, chat)
+    add_stop_token(target_dir, model_config, tokenizer, chat)
 
 
 def is_lora_model(lm: torch.nn.Module) -> bool:
@@ -61,6 +72,14 @@ def export_lora(lm, state_dict: dict[str, Any], target_dir: Path) -> None:
     peft rebuilds the model around these tensors on the meta device and merges with its own
     arithmetic, so no second copy of the weights is made.
     """
+    skeleton = lora_skeleton(lm, state_dict)
+    save_adapter(skeleton, target_dir / ADAPTER_DIR)
+    merged = skeleton.merge_and_unload()
+    merged.save_pretrained(target_dir, safe_serialization=True)
+
+
+def lora_skeleton(lm, state_dict: dict[str, Any]):
+    """A ``PeftModel`` of `lm`'s class, config and peft config whose tensors are `state_dict`'s (no copy)."""
     from peft import get_peft_model
 
     base = lm.get_base_model()
@@ -70,6 +89,9 @@ def export_lora(lm, state_dict: dict[str, Any], target_dir: Path) -> None:
                                   adapter_name=adapter_name)
     skeleton.load_state_dict(state_dict, strict=True, assign=True)
     skeleton.get_base_model().tie_weights()  # assign=True gives tied keys separate Parameters
-    skeleton.save_pretrained(target_dir / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
-    merged = skeleton.merge_and_unload()
-    merged.save_pretrained(target_dir, safe_serialization=True)
+    return skeleton
+
+
+def save_adapter(skeleton, target_dir: Path) -> None:
+    """The adapter alone: what ``peft.PeftModel.from_pretrained(base_model, target_dir)`` loads."""
+    skeleton.save_pretrained(target_dir, safe_serialization=True, save_embedding_layers=False)

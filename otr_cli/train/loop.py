@@ -15,7 +15,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from otr_cli.atomic import write_json_atomic, write_text_atomic
-from otr_cli.config import PhaseConfig, TrainConfig, loss_options
+from otr_cli.config import PhaseConfig, TrainConfig, check_chat_template_kwargs, loss_options
 from otr_cli.data import DataBundle, build_datasets, collate_batch, collate_packed
 from otr_cli.losses.objectives import ROLLOUT_STAT_NAMES, STAT_NAMES, stat_names
 from otr_cli.models import load_run_tokenizer
@@ -29,6 +29,7 @@ from otr_cli.train.data_identity import train_data_fingerprint
 from otr_cli.train.distributed import DistInfo, barrier, decide_on_main, init_distributed
 from otr_cli.train.checkpoint_size import estimate_for_run
 from otr_cli.train.engine import TrainingEngine, build_engine
+from otr_cli.train.chat_export import chat_export_for
 from otr_cli.train.export import export_hf_model
 from otr_cli.train.metrics import MetricsLog, plot_curves, read_metrics
 from otr_cli.train.micro_batch import MicroBatch, micro_batch_to_device
@@ -82,6 +83,10 @@ class Trainer:
         self.run_dir = run_dir
         self.data = data
         self.tokenizer = tokenizer
+        # What every export saves so the model is prompted as it was trained: the template and its stop token.
+        self.chat_export = chat_export_for(tokenizer, cfg.data.chat_template,
+                                           check_chat_template_kwargs("data.chat_template_kwargs",
+                                                                      cfg.data.chat_template_kwargs))
         self.engine = engine
         self.total_steps = total_steps
         self.plan = plan
@@ -136,7 +141,8 @@ class Trainer:
 
         def write_export(tmp_dir: Path) -> None:
             if self.cfg.trainer.export_every_save:
-                export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main)
+                export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main,
+                                chat=self.chat_export)
             if self.dist.is_main:
                 write_json_atomic(tmp_dir / "trainer_state.json", {
                     "step": self.step, "epoch": self.plan.epoch_at(self.step), "total_steps": self.total_steps,
@@ -286,7 +292,8 @@ class Trainer:
         if self.engine.zero_stage == 3 or eval_cfg.backend == "vllm":
             if model_dir is None:
                 temporary = model_dir = out_dir / "model"
-                export_hf_model(self.engine, temporary, self.tokenizer, self.dist.is_main)  # a collective
+                export_hf_model(self.engine, temporary, self.tokenizer, self.dist.is_main,
+                                chat=self.chat_export)  # a collective
                 barrier()  # rank 0 has written it
             if eval_cfg.backend == "vllm":
                 release_memory()  # hand the trainer's cached, unused GPU blocks to the vLLM process
@@ -467,7 +474,8 @@ class Trainer:
             records.append(final_record)
         # Without an export in the checkpoint, final/ gets one of its own (a collective).
         export = None if self.cfg.trainer.export_every_save else (
-            lambda target: export_hf_model(self.engine, target, self.tokenizer, self.dist.is_main))
+            lambda target: export_hf_model(self.engine, target, self.tokenizer, self.dist.is_main,
+                                           chat=self.chat_export))
         self.run_dir.publish_final(last, export)
         self.metrics.close()
         return records
