@@ -87,6 +87,13 @@ def test_export_of_a_zero3_checkpoint_without_a_model_equals_the_runs_final_mode
 
 
 @pytest.mark.slow
+def test_the_runs_own_exports_keep_the_generation_cache_on(zero3_run):
+    """Training switches the KV cache off; final/ (an export of its own with export_every_save=false) must not
+    keep that, or every `generate` of its users recomputes the whole prefix."""
+    assert json.loads((zero3_run / "final" / "config.json").read_text())["use_cache"] is True
+
+
+@pytest.mark.slow
 def test_export_with_dtype_bfloat16_writes_the_final_model_cast_to_bfloat16(zero3_run, tmp_path):
     from transformers import AutoModelForCausalLM
 

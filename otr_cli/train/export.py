@@ -15,11 +15,13 @@ adapter and would load the base model named inside it instead of the merged mode
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from otr_cli.atomic import write_text_atomic
 from otr_cli.train.chat_export import ChatExport, add_stop_token, save_tokenizer_with_template
 
 ADAPTER_DIR = "adapter"
@@ -54,9 +56,23 @@ def export_hf_model(engine, target_dir, tokenizer, is_main: bool, chat: Optional
 
 
 def save_chat_files(target_dir: Path, tokenizer, model_config, chat: Optional[ChatExport]) -> None:
-    """The tokenizer with the run's chat template, and the template's stop token in generation_config.json."""
+    """The tokenizer with the run's chat template, the template's stop token in generation_config.json, and
+    the KV cache switched back on in config.json."""
     save_tokenizer_with_template(tokenizer, target_dir, chat)
     add_stop_token(target_dir, model_config, tokenizer, chat)
+    enable_generation_cache(target_dir)
+
+
+def enable_generation_cache(target_dir: Path) -> None:
+    """config.json's use_cache back to true: training switches the KV cache off (it only costs memory there),
+    and an export that kept false would make every `generate` of its users recompute the whole prefix."""
+    config_file = Path(target_dir) / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    if config.get("use_cache") is False:
+        config["use_cache"] = True
+        write_text_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def is_lora_model(lm: torch.nn.Module) -> bool:
