@@ -21,10 +21,11 @@ commands:
   data     look at the data before training: otr data recipe=smollm2_gsm8k [--examples N] [--ranks N] [--json]
   eval     benchmark a model:                otr eval model=outputs/run/final eval.benchmarks=[gsm8k,humaneval]
            compare two evaluations:          otr eval compare outputs/a outputs/b
-  grade    grade completions from anywhere:  otr grade predictions=preds.jsonl grader=math|choice|code
+  grade    grade completions from anywhere:  otr grade preds.jsonl --grader math|choice|code
   sweep    summarise a sweep's points:       otr sweep summary multirun/smollm2_demo/2025-01-01_12-00-00
 
-{version}. `otr train --help` lists every config group and option;
+{version}. `otr train --help` lists every config group and option; `otr grade`, `otr eval compare`
+and `otr sweep summary` take flags (`otr grade --help`);
 your own recipe: `otr train my_recipe.yaml`, `otr eval my_eval.yaml` (docs/configuration.md).
 """
 
