@@ -22,10 +22,11 @@ commands:
   eval     benchmark a model:                otr eval model=outputs/run/final eval.benchmarks=[gsm8k,humaneval]
            compare two evaluations:          otr eval compare outputs/a outputs/b
   export   a Hugging Face model of a checkpoint: otr export outputs/run/checkpoints/step-40 --out DIR [--adapter]
-  grade    grade completions from anywhere:  otr grade predictions=preds.jsonl grader=math|choice|code
+  grade    grade completions from anywhere:  otr grade preds.jsonl --grader math|choice|code
   sweep    summarise a sweep's points:       otr sweep summary multirun/smollm2_demo/2025-01-01_12-00-00
 
-{version}. `otr train --help` lists every config group and option;
+{version}. `otr train --help` lists every config group and option; `otr grade`, `otr eval compare`
+and `otr sweep summary` take flags (`otr grade --help`);
 your own recipe: `otr train my_recipe.yaml`, `otr eval my_eval.yaml` (docs/configuration.md).
 """
 

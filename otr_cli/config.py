@@ -21,7 +21,8 @@ from otr_cli.losses.objectives import LossOptionError, LossOptions, make_options
 
 # loss.reduction: every supervised token weighs the same, or every sequence (the paper's 1/T).
 LOSS_REDUCTIONS = ("token", "sequence")
-SCHEDULERS = ("cosine", "linear", "constant")
+# transformers.get_scheduler builds each (train/lr_schedule.py has the mapping).
+SCHEDULERS = ("cosine", "linear", "constant", "cosine_with_min_lr", "warmup_stable_decay")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # deepspeed.precision -> the model.dtype it trains (train/precision.py: the one key that decides).
@@ -227,8 +228,10 @@ class OptimConfig:
     scheduler: str = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    # Final learning rate as a fraction of lr (cosine and linear).
+    # Final learning rate as a fraction of lr (all but constant).
     min_lr_ratio: float = 0.0
+    # warmup_stable_decay: the final decay's share of the steps (rounded up); the rest after warm-up is stable.
+    decay_ratio: float = 0.1
     max_grad_norm: float = 1.0
 
 
@@ -486,6 +489,10 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
         raise ConfigError(f"optim.betas={optim.betas} must have two values")
     if not 0.0 <= optim.warmup_ratio < 1.0:
         raise ConfigError(f"optim.warmup_ratio={optim.warmup_ratio} must be in [0, 1)")
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={optim.min_lr_ratio} must be in [0, 1]")
+    if not 0.0 <= optim.decay_ratio <= 1.0:
+        raise ConfigError(f"optim.decay_ratio={optim.decay_ratio} must be in [0, 1]")
     _choice("deepspeed.precision", ds.precision, PRECISIONS)
     if ds.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={ds.zero_stage} must be 0, 1, 2 or 3")

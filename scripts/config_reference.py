@@ -94,9 +94,10 @@ KEY_HELP = {
     "optim.weight_decay": "AdamW weight decay",
     "optim.betas": "AdamW betas",
     "optim.eps": "AdamW epsilon",
-    "optim.scheduler": "`cosine`, `linear`, `constant` (after warm-up)",
-    "optim.warmup_steps": "linear warm-up steps; wins over `warmup_ratio`",
-    "optim.warmup_ratio": "linear warm-up as a fraction of the run's steps",
+    "optim.scheduler": "`cosine`, `linear`, `constant`, `cosine_with_min_lr`, `warmup_stable_decay` (after warm-up; "
+                       "transformers' schedules, see configuration.md)",
+    "optim.warmup_steps": "linear warm-up steps from 0; wins over `warmup_ratio`",
+    "optim.warmup_ratio": "linear warm-up as a fraction of the run's steps, rounded up",
     "optim.max_grad_norm": "gradient clipping (DeepSpeed `gradient_clipping`)",
     "deepspeed.zero_stage": "ZeRO stage 0-3 (docs/distributed.md)",
     "deepspeed.offload_optimizer": "optimizer state on CPU (stage >= 1)",

@@ -83,7 +83,7 @@ def test_eval_user_error_is_one_line_with_exit_2(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command, target", [
-    (["grade", "predictions=p.jsonl", "grader=math"], "otr_cli.eval.predictions.grade_command"),
+    (["grade", "p.jsonl", "--grader", "math"], "otr_cli.eval.predictions.grade_command"),
     (["eval", "compare", "a", "b"], "otr_cli.eval.compare.compare_command"),
     (["sweep", "summary", "somewhere"], "otr_cli.sweep.command.summary_command"),
 ], ids=["grade", "eval-compare", "sweep"])
@@ -95,8 +95,8 @@ def test_unexpected_errors_of_the_other_entry_points_are_not_user_errors(monkeyp
 
 
 @pytest.mark.parametrize("command, message", [
-    (["grade", "predictions=missing.jsonl", "grader=math"], "missing.jsonl"),
-    (["grade", "predictions=p.jsonl", "grader=code", "isolation=chroot"], "isolation"),
+    (["grade", "missing.jsonl", "--grader", "math"], "missing.jsonl"),
+    (["grade", "p.jsonl", "--grader", "code", "--isolation", "chroot"], "isolation"),
     (["eval", "compare", "no/such/a", "no/such/b"], "no/such/a"),
     (["sweep", "summary", "no/such/sweep"], "no/such/sweep"),
 ], ids=["grade", "grade-isolation", "eval-compare", "sweep"])

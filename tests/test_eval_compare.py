@@ -39,7 +39,7 @@ def test_compare_command_prints_table_and_writes_png_and_json(tmp_path):
     make_eval_dir(tmp_path / "a", {"gsm8k": [True, False] * 10, "svamp": [False] * 20})
     make_eval_dir(tmp_path / "b", {"gsm8k": [True] * 20, "svamp": [True, False] * 10})
     chart = tmp_path / "cmp.png"
-    result = run_cli(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), f"output={chart}"])
+    result = run_cli(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(chart)])
     assert "McNemar" in result.stdout and "gsm8k" in result.stdout and "svamp" in result.stdout
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(json.loads(chart.with_suffix(".json").read_text())["comparisons"]) == 2

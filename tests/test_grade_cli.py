@@ -5,6 +5,7 @@ import json
 import pytest
 
 from helpers import read_jsonl, run_cli
+from otr_cli.command_line import CommandLineError
 from otr_cli.eval.predictions import GradeInputError, parse_grade_args, read_predictions
 
 
@@ -20,7 +21,7 @@ def test_grade_math_file_keeps_order_and_adds_correct_and_extracted(tmp_path):
         {"id": "c", "completion": "#### 1,000", "gold": "1000"},
     ])
     out = tmp_path / "graded.jsonl"
-    result = run_cli(["grade", f"predictions={preds}", "grader=math", f"output={out}"])
+    result = run_cli(["grade", str(preds), "--grader", "math", "--output", str(out)])
     rows = read_jsonl(out)
     assert [r["id"] for r in rows] == ["a", "b", "c"]
     assert [r["correct"] for r in rows] == [True, False, True]
@@ -31,7 +32,7 @@ def test_grade_math_file_keeps_order_and_adds_correct_and_extracted(tmp_path):
 def test_grade_choice_file(tmp_path):
     preds = write_lines(tmp_path / "preds.jsonl", [{"completion": "The answer is (B)", "gold": 1},
                                                    {"completion": "Answer: D", "gold": "C"}])
-    run_cli(["grade", f"predictions={preds}", "grader=choice"])
+    run_cli(["grade", str(preds), "--grader", "choice"])
     rows = read_jsonl(tmp_path / "preds.graded.jsonl")
     assert [(r["extracted"], r["correct"]) for r in rows] == [("B", True), ("D", False)]
 
@@ -40,7 +41,7 @@ def test_grade_code_file_reports_isolation_and_status(tmp_path):
     base = {"prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(2, 3) == 5\n", "entry_point": "add"}
     preds = write_lines(tmp_path / "preds.jsonl", [dict(base, completion="    return a + b\n"),
                                                    dict(base, completion="    import sys; sys.exit(0)\n")])
-    result = run_cli(["grade", f"predictions={preds}", "grader=code", "workers=2"])
+    result = run_cli(["grade", str(preds), "--grader", "code", "--workers", "2"])
     rows = read_jsonl(tmp_path / "preds.graded.jsonl")
     assert [(r["correct"], r["status"]) for r in rows] == [(True, "passed"), (False, "failed")]
     assert "sandbox isolation:" in result.stdout and "sandbox outcomes: failed 1, passed 1" in result.stdout
@@ -49,7 +50,7 @@ def test_grade_code_file_reports_isolation_and_status(tmp_path):
 
 def test_malformed_predictions_line_is_named_with_its_number(tmp_path):
     preds = write_lines(tmp_path / "preds.jsonl", [{"completion": "1", "gold": "1"}, "", "{not json"])
-    result = run_cli(["grade", f"predictions={preds}", "grader=math"], check=False)
+    result = run_cli(["grade", str(preds), "--grader", "math"], check=False)
     assert result.returncode == 2
     assert f"{preds}:3: malformed JSON" in " ".join((result.stderr + result.stdout).split())
 
@@ -76,7 +77,9 @@ def test_missing_file_and_unknown_grader_are_rejected(tmp_path):
 
 
 def test_grade_arguments_are_checked():
-    with pytest.raises(GradeInputError, match="missing grader"):
-        parse_grade_args(["predictions=x.jsonl"])
-    with pytest.raises(GradeInputError, match="unknown argument 'gradr'"):
-        parse_grade_args(["predictions=x.jsonl", "gradr=math"])
+    with pytest.raises(CommandLineError, match="required: --grader"):
+        parse_grade_args(["x.jsonl"])
+    with pytest.raises(CommandLineError, match="unrecognized arguments: --gradr"):
+        parse_grade_args(["x.jsonl", "--grader", "math", "--gradr", "math"])
+    options = parse_grade_args(["x.jsonl", "--grader", "code", "--timeout", "5", "--memory-mb", "512"])
+    assert (str(options.predictions), options.grader, options.timeout, options.memory_mb) == ("x.jsonl", "code", 5.0, 512)

@@ -97,8 +97,9 @@ def test_tracker_logs_read_back_with_their_own_readers_equal_metrics_jsonl(tiny_
     # Said once: which wandb mode and why (no login here: the autouse fixture hides any).
     assert log.count("wandb: offline mode (no WANDB_MODE, WANDB_API_KEY or wandb login;") == 1
     expected = _expected(read_jsonl(out / "metrics.jsonl"))
-    assert {"train/loss", "train/ce", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/match_rate",
-            "val_ce"} <= set(expected)
+    assert {"train/loss", "train/ce", "train/learning_rate", "train/grad_norm", "train/epoch", "train/tokens_per_s",
+            "train/match_rate", "eval/loss"} <= set(expected)
+    assert not {"train/lr", "val_ce"} & set(expected)
 
     _assert_equal(_tensorboard_scalars(out / "tensorboard"), expected, "tensorboard")
 
@@ -174,6 +175,16 @@ def test_resume_with_weights_is_exact_and_continues_the_same_tracker_runs(tiny_m
     tensorboard = _tensorboard_scalars(resumed_out / "tensorboard")
     assert sorted(tensorboard["train/loss"]) == [1, 2, 3, 4]
     assert tensorboard["train/loss"][4] == pytest.approx(reference[3]["loss"], rel=1e-6)
+
+
+def test_tracker_names_are_those_a_transformers_trainer_logs_and_metrics_jsonl_keeps_otrs():
+    """A dashboard made for TRL / Trainer runs finds otr's loss, learning rate, gradient norm, epoch and eval loss."""
+    record = {"step": 3, "loss": 1.5, "lr": 1e-4, "grad_norm": 0.5, "epoch": 0.25, "val_ce": 2.0, "ce": 1.4,
+              "eval/gsm8k": 0.3, "objective": "otr", "skipped": False}
+    from otr_cli.train.trackers import scalars
+
+    assert scalars(record) == {"train/loss": 1.5, "train/learning_rate": 1e-4, "train/grad_norm": 0.5,
+                               "train/epoch": 0.25, "eval/loss": 2.0, "train/ce": 1.4, "eval/gsm8k": 0.3}
 
 
 def test_a_tracker_that_is_not_installed_fails_at_start_up_with_the_pip_command(monkeypatch, capsys):

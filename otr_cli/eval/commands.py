@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def grade_entry(args: list[str]) -> int:
-    """`otr grade key=value ...`: user errors become one clear message and exit code 2."""
+    """`otr grade FILE --grader NAME ...`: user errors become one clear message and exit code 2."""
     from otr_cli.errors import UserError, fail
     from otr_cli.eval.predictions import grade_command
 

@@ -15,7 +15,8 @@ from otr_cli.atomic import write_json_atomic
 from otr_cli.errors import UserError
 from otr_cli.eval.stats import paired_comparison, shared_outcomes
 
-COMPARE_USAGE = "usage: otr eval compare DIR_A DIR_B [DIR_C ...] [output=compare.png]"
+# The old `output=FILE` spelling, still taken for one release (command_line.py).
+DEPRECATED_COMPARE_KEYS = {"output": "--output"}
 
 
 class CompareError(UserError, ValueError):
@@ -107,23 +108,39 @@ def plot_comparison(runs: list[dict[str, Any]], rows: list[dict[str, Any]], path
     plt.close(fig)
 
 
+def compare_parser():
+    from otr_cli.command_line import CommandParser
+
+    parser = CommandParser(
+        prog="otr eval compare",
+        description="Per-benchmark table of finished evaluations with deltas, paired 95% intervals and McNemar "
+                    "p-values against the first directory; a bar chart and its numbers as JSON.",
+        epilog="The old spelling `output=compare.png` still works in this release, with a deprecation note.")
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR",
+                        help="an eval directory (results.json and <benchmark>.jsonl), the output directory of "
+                             "`otr eval` or a training run; the first is the baseline; two or more")
+    parser.add_argument("--output", type=Path, default=Path("compare.png"), metavar="FILE.png",
+                        help="the chart; the numbers go beside it as FILE.json (default compare.png)")
+    return parser
+
+
+def parse_compare_args(args: list[str]):
+    """`otr eval compare`'s arguments (flags, or the deprecated output=FILE) as an argparse namespace."""
+    from otr_cli.command_line import rewrite_deprecated_key_values
+
+    return compare_parser().parse_args(rewrite_deprecated_key_values(args, DEPRECATED_COMPARE_KEYS,
+                                                                     "otr eval compare"))
+
+
 def compare_command(args: list[str]) -> int:
     """Body of `otr eval compare`: print the table, write compare.json and the PNG beside it."""
     from rich.console import Console
     from rich.table import Table
 
-    output = Path("compare.png")
-    dirs = []
-    for arg in args:
-        if arg.startswith("output="):
-            output = Path(arg.split("=", 1)[1])
-        elif arg in ("-h", "--help"):
-            print(COMPARE_USAGE)
-            return 0
-        else:
-            dirs.append(Path(arg))
+    options = parse_compare_args(args)
+    output, dirs = options.output, options.dirs
     if len(dirs) < 2:
-        raise CompareError(f"need at least two directories\n{COMPARE_USAGE}")
+        raise CompareError("otr eval compare: need at least two directories (see `otr eval compare --help`)")
     for directory in dirs:
         if not directory.is_dir():
             raise CompareError(f"{directory} is not a directory")

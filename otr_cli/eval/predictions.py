@@ -100,51 +100,57 @@ def grade_file(predictions: Path, grader: str, output: Path, *, limits: SandboxL
     return GradeSummary(grader, len(graded), sum(bool(r["correct"]) for r in graded), output)
 
 
-GRADE_USAGE = """usage: otr grade predictions=FILE.jsonl grader=math|choice|code [output=OUT.jsonl]
-                 [workers=2] [timeout=10] [memory_mb=2048] [isolation=auto|namespaces|user_namespaces|rlimits]"""
-GRADE_KEYS = ("predictions", "grader", "output", "workers", "timeout", "memory_mb", "isolation")
+# The old `otr grade key=value` spelling, still taken for one release (command_line.py).
+DEPRECATED_GRADE_KEYS = {"predictions": None, "grader": "--grader", "output": "--output", "workers": "--workers",
+                         "timeout": "--timeout", "memory_mb": "--memory-mb", "isolation": "--isolation"}
 
 
-def parse_grade_args(args: list[str]) -> dict[str, str]:
-    """key=value arguments of `otr grade`, with unknown or missing keys named."""
-    values: dict[str, str] = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise GradeInputError(f"argument {arg!r} is not key=value\n{GRADE_USAGE}")
-        if key not in GRADE_KEYS:
-            raise GradeInputError(f"unknown argument {key!r}; known: {', '.join(GRADE_KEYS)}\n{GRADE_USAGE}")
-        values[key] = value
-    for key in ("predictions", "grader"):
-        if key not in values:
-            raise GradeInputError(f"missing {key}=...\n{GRADE_USAGE}")
-    return values
+def grade_parser():
+    from otr_cli.command_line import CommandParser
+    from otr_cli.eval.sandbox import ISOLATIONS
+
+    parser = CommandParser(
+        prog="otr grade", description="Grade every line of a predictions file with one grader; write each line "
+                                      "with `extracted` and `correct` added, in the input order.",
+        epilog="The old spelling `otr grade predictions=FILE grader=math output=OUT workers=2 timeout=10 "
+               "memory_mb=2048 isolation=auto` still works in this release, with a deprecation note.")
+    parser.add_argument("predictions", type=Path, metavar="PREDICTIONS.jsonl",
+                        help="JSON lines: completion and gold (math, choice); prompt, completion, test, "
+                             "entry_point (code)")
+    parser.add_argument("--grader", required=True, choices=GRADERS, help="how to score a completion")
+    parser.add_argument("--output", type=Path, metavar="OUT.jsonl",
+                        help="graded lines (default: PREDICTIONS.graded.jsonl beside the input)")
+    parser.add_argument("--workers", type=int, default=2, help="code: programs run at once (default 2)")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="code: wall and CPU time of one program (default 10)")
+    parser.add_argument("--memory-mb", type=int, default=2048, help="code: memory of one program (default 2048)")
+    parser.add_argument("--isolation", default="auto", choices=ISOLATIONS,
+                        help="code: the sandbox (default auto: the strongest this machine allows)")
+    return parser
+
+
+def parse_grade_args(args: list[str]):
+    """`otr grade`'s arguments (flags, or the deprecated key=value) as an argparse namespace."""
+    from otr_cli.command_line import rewrite_deprecated_key_values
+
+    return grade_parser().parse_args(rewrite_deprecated_key_values(args, DEPRECATED_GRADE_KEYS, "otr grade"))
 
 
 def grade_command(args: list[str]) -> int:
     """Body of `otr grade`: grade a file, print a summary. Returns the exit code."""
     from rich.console import Console
 
-    if any(a in ("-h", "--help", "help") for a in args):
-        print(GRADE_USAGE)
-        return 0
-    values = parse_grade_args(args)
-    predictions = Path(values["predictions"])
-    output = Path(values.get("output") or predictions.with_name(predictions.stem + ".graded.jsonl"))
-    try:
-        limits = SandboxLimits(timeout_s=float(values.get("timeout", 10)), memory_mb=int(values.get("memory_mb", 2048)),
-                               cpu_s=int(float(values.get("timeout", 10))))
-        workers = int(values.get("workers", 2))
-    except ValueError as exc:
-        raise GradeInputError(f"bad number in arguments: {exc}") from exc
+    options = parse_grade_args(args)
+    output = options.output or options.predictions.with_name(options.predictions.stem + ".graded.jsonl")
+    limits = SandboxLimits(timeout_s=options.timeout, memory_mb=options.memory_mb, cpu_s=int(options.timeout))
     console = Console()
-    if values["grader"] == "code":
-        isolation = detect_isolation(values.get("isolation", "auto"))
+    if options.grader == "code":
+        isolation = detect_isolation(options.isolation)
         console.print(f"sandbox isolation: {isolation.describe()}", highlight=False)
-    summary = grade_file(predictions, values["grader"], output, limits=limits, workers=workers)
+    summary = grade_file(options.predictions, options.grader, output, limits=limits, workers=options.workers)
     console.print(f"grader={summary.grader}: {summary.correct}/{summary.n} correct "
                   f"(accuracy {summary.accuracy:.1%}); graded lines in {output}", highlight=False)
-    if values["grader"] == "code":
+    if options.grader == "code":
         from collections import Counter
 
         statuses = Counter(json.loads(line)["status"] for line in output.read_text().splitlines() if line)

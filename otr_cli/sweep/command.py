@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
+from otr_cli.command_line import CommandParser
 from otr_cli.errors import UserError, fail
 from otr_cli.sweep.summary import SweepSummary, best_setting, format_value, summarize, write_csv
 
@@ -14,16 +14,18 @@ USAGE = "otr sweep summary SWEEP_DIR [--metric NAME] [--mode max|min] [--out DIR
 STATUS_STYLE = {"finished": "green", "running": "yellow", "preempted": "yellow", "failed": "red"}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="otr sweep summary", usage=USAGE,
+def _parser() -> CommandParser:
+    parser = CommandParser(prog="otr sweep summary", usage=USAGE,
                                      description="One row per sweep point: swept values, status, final loss and "
                                                  "metrics; the best point is marked.")
-    parser.add_argument("sweep_dir", type=Path, help="the directory `otr train -m` wrote (one subdirectory per point)")
-    parser.add_argument("--metric", help="metric that picks the best point (default: the first benchmark of the "
+    parser.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR",
+                        help="the directory `otr train -m` wrote (one subdirectory per point)")
+    parser.add_argument("--metric", metavar="NAME", help="metric that picks the best point (default: the first benchmark of the "
                                          "final evaluation, else val_ce, else ce)")
     parser.add_argument("--mode", choices=("max", "min"), help="max or min is best (default: min for loss, ce and "
                                                                "val_ce, max for benchmark scores)")
-    parser.add_argument("--out", type=Path, help="where sweep_summary.csv and .png go (default: SWEEP_DIR)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="where sweep_summary.csv and .png go (default: SWEEP_DIR)")
     return parser
 
 
@@ -100,7 +102,7 @@ def sweep_entry(args: list[str]) -> int:
     """`otr sweep SUBCOMMAND ...` (wired in otr_cli/cli.py); user errors exit 2 with one message."""
 
     if not args or args[0] in ("-h", "--help"):
-        print(f"usage: {USAGE}")
+        print(f"usage: {USAGE}\n\n`otr sweep summary --help` describes the options.")
         return 0
     if args[0] != "summary":
         fail(f"unknown sweep command {args[0]!r}; usage: {USAGE}")

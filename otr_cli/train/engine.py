@@ -2,45 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from otr_cli.config import TrainConfig
 from otr_cli.models import apply_lora, load_model
 from otr_cli.train.ds_config import build_deepspeed_config
+from otr_cli.train.lr_schedule import build_lr_scheduler
 from otr_cli.train.host_memory import large_frees_return_to_os
 from otr_cli.train.optimizer import build_torch_adamw, deepspeed_builds_optimizer
 from otr_cli.train.packed_attention import prepare_for_packing
 from otr_cli.train.precision import PrecisionChoice, precision_for
 from otr_cli.train.token_loss_model import TokenLossLM
-
-
-def lr_lambda(scheduler: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-
-    def multiplier(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if scheduler == "constant":
-            return 1.0
-        decay_steps = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / decay_steps)
-        if scheduler == "linear":
-            shape = 1.0 - progress
-        else:
-            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * shape
-
-    return multiplier
-
-
-def warmup_steps_for(cfg: TrainConfig, total_steps: int) -> int:
-    if cfg.optim.warmup_steps > 0:
-        return cfg.optim.warmup_steps
-    return math.ceil(cfg.optim.warmup_ratio * total_steps)
 
 
 @dataclass
@@ -92,14 +67,13 @@ def _build_engine(cfg: TrainConfig, total_steps: int, world_size: int, load_univ
     if cfg.model.lora.enabled:
         lm = apply_lora(lm, cfg.model.lora)
     wrapper = TokenLossLM(lm, zero_stage=cfg.deepspeed.zero_stage)
-    schedule = lr_lambda(cfg.optim.scheduler, warmup_steps_for(cfg, total_steps), total_steps, cfg.optim.min_lr_ratio)
     trainable = [p for p in wrapper.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
         model=wrapper,
         model_parameters=trainable,
         optimizer=None if deepspeed_builds_optimizer(cfg.deepspeed) else build_torch_adamw(trainable, cfg.optim, on_gpu),
         config=ds_config,
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        lr_scheduler=lambda optimizer: build_lr_scheduler(optimizer, cfg.optim, total_steps),
     )
     if world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
         # Alone there is nothing to average, but stage 0 would still copy every gradient into a

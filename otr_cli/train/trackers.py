@@ -2,7 +2,9 @@
 
 Every record that goes to metrics.jsonl goes to each tracker too, at the same step, through the
 tracker's own client: its numbers (loss, ce, lr, grad_norm, tokens_per_s, the OTR statistics,
-val_ce, eval/<benchmark>) as scalars named by ``scalar_name``. Rank 0 only (``MetricsLog`` is
+val_ce, eval/<benchmark>) as scalars named by ``scalar_name``: where a Hugging Face Trainer (and so
+TRL) logs the same quantity, under its name (``train/learning_rate``, ``eval/loss``), so that one
+dashboard shows both kinds of run; metrics.jsonl keeps otr's names. Rank 0 only (``MetricsLog`` is
 enabled there alone). Nothing needs a network:
 
 - tensorboard: event files in ``<run>/tensorboard``.
@@ -40,8 +42,16 @@ IDS_FILE = "trackers.json"
 DEFAULT_PROJECT = "otr"
 
 
+# metrics.jsonl key -> the name a Hugging Face Trainer / TRL run logs the same quantity under.
+TRANSFORMERS_NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+                      "epoch": "train/epoch", "val_ce": "eval/loss"}
+
+
 def scalar_name(key: str) -> str:
-    """The tracker name of a metrics.jsonl key: ``train/<key>``; val_* and eval/* keep their names."""
+    """The tracker name of a metrics.jsonl key: transformers' name where it has one (TRANSFORMERS_NAMES), else
+    ``train/<key>``; other val_* and eval/<benchmark> keep their names."""
+    if key in TRANSFORMERS_NAMES:
+        return TRANSFORMERS_NAMES[key]
     return key if key.startswith("val") or "/" in key else f"train/{key}"
 
 
