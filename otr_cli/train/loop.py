@@ -435,7 +435,9 @@ class Trainer:
         signal_monitor = WeakSignalMonitor.from_config(self.cfg.loss)
         with progress:
             self._finish_interrupted_evaluation(progress)
-            while self.step < self.total_steps:
+            # A resumed run whose record already says stop (killed between the decision and the end) stops here.
+            stopped_early = self.resumed_at is not None and self._early_stop()
+            while self.step < self.total_steps and not stopped_early:
                 record = self._timed_step()
                 self._maybe_validate(record)
                 if self.best is not None and self.best.metric == "val_ce":
@@ -537,7 +539,10 @@ class Trainer:
                                     for r in records))
         if all_reduce_sum([missing], self.device)[0] > 0:  # rank 0 read the file; every rank must agree
             log.info("Resumed at step %d without its evaluation (eval.every_steps=%d): evaluating now", self.step, every)
+            self.periodic_scores = {}
             self._maybe_evaluate(progress, periodic_only=True)
+            if self.best is not None and self.best.metric.startswith("eval/"):
+                self._observe_best(self.periodic_scores.get(self.best.metric))  # the score the stop cut off
             self._maybe_stop()  # a stop during it: save and leave before another step
 
     def _maybe_stop(self) -> None:
