@@ -141,3 +141,42 @@ def test_a_new_best_within_the_early_stopping_threshold_counts_as_no_improvement
     tracker.observe(1, 3.0, Path("a"))
     tracker.observe(2, 2.8, Path("b"))  # better, so the best, but by less than the threshold
     assert tracker.step == 2 and tracker.should_stop()
+
+
+@pytest.mark.slow
+def test_two_ranks_take_the_same_best_and_early_stopping_decisions(tiny_model_dir, tmp_path):
+    from ranks import start_ranks, wait_all
+
+    out = tmp_path / "two"
+    args = ["train", *tiny_overrides(tiny_model_dir, out, "loss=sft", "deepspeed=zero2", "trainer.micro_batch_size=2",
+                                     *BEST_RUN, "trainer.greater_is_better=true", "trainer.final_model=best",
+                                     "trainer.early_stopping_patience=2")]
+    processes = start_ranks(args, tmp_path)
+    codes = wait_all(processes, timeout=600)
+    logs = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-3"]
+    assert json.loads((out / "summary.json").read_text())["stopped_early_at_step"] == 3
+    assert (out / "final" / "model.safetensors").read_bytes() == (
+        out / "checkpoints" / "checkpoint-1" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_benchmark_score_as_metric_for_best_keeps_and_records_the_best(tiny_model_dir, tmp_path):
+    out = tmp_path / "scored"
+    overrides = [o for o in tiny_overrides(tiny_model_dir, out, "loss=sft") if o != "eval=none"]
+    main(["train", *overrides, "eval=synthetic_arith", "eval.limit=2", "eval.batch_size=2", "eval.max_new_tokens=4",
+          "eval.before_training=false", "eval.after_warmup=false", "eval.every_steps=1", "eval.every_steps_limit=2",
+          "trainer.max_steps=6", "trainer.save_steps=1", "trainer.save_total_limit=1",
+          "trainer.metric_for_best=eval/synthetic_arith", "trainer.early_stopping_patience=2"])
+    scores = {r["step"]: r["eval/synthetic_arith"] for r in read_jsonl(out / "metrics.jsonl")
+              if "eval/synthetic_arith" in r}
+    # A random tiny model scores the same at every step: no evaluation improves on the first.
+    assert scores == {1: scores[1], 2: scores[1], 3: scores[1]}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-3"]
+    assert json.loads((out / "summary.json").read_text())["stopped_early_at_step"] == 3
+    # The score of a step comes after its save: the checkpoint's trainer_state.json is rewritten with it.
+    assert state_of(out / "checkpoints" / "checkpoint-1")["best_global_step"] == 1
+    assert state_of(out / "checkpoints" / "checkpoint-3")["best_model_checkpoint"] == str(
+        out / "checkpoints" / "checkpoint-1")
+    assert state_of(out / "checkpoints" / "checkpoint-3")["best"]["evaluations_without_improvement"] == 2
