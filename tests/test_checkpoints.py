@@ -149,3 +149,24 @@ def test_final_leaves_out_an_atomic_writers_temporary_file(tmp_path):
     (checkpoint / ".trainer_state.json.zwbl12pd.tmp").write_text("{}")
     run_dir.publish_final(checkpoint)
     assert not list(run_dir.final.glob(".*.tmp")) and (run_dir.final / "config.json").is_file()
+
+
+def test_pruning_keeps_the_best_checkpoint_beside_the_newest(tmp_path):
+    run_dir = single_process_run(tmp_path / "run")
+    run_dir.save_checkpoint(1, write_checkpoint(1), limit=1)
+    run_dir.best_checkpoint = run_dir.checkpoint_path(1)
+    for step in (2, 3):
+        run_dir.save_checkpoint(step, write_checkpoint(step), limit=1)
+    run_dir.background.wait()
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-3"]
+
+
+def test_old_step_n_checkpoints_are_listed_with_the_new_checkpoint_n_ones(tmp_path):
+    run_dir = single_process_run(tmp_path / "run")
+    for name, step in (("step-1", 1), ("step-2", 2), ("checkpoint-3", 3)):
+        (run_dir.checkpoints / name).mkdir()
+        (run_dir.checkpoints / name / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (run_dir.checkpoints / "damaged-checkpoint-4").mkdir()
+    assert [(step, path.name) for step, path in run_dir.complete_checkpoints()] == [
+        (1, "step-1"), (2, "step-2"), (3, "checkpoint-3")]
+    assert run_dir.latest_checkpoint() == run_dir.checkpoints / "checkpoint-3"
