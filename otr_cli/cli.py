@@ -21,7 +21,7 @@ commands:
   data     look at the data before training: otr data recipe=smollm2_gsm8k [--examples N] [--ranks N] [--json]
   eval     benchmark a model:                otr eval model=outputs/run/final eval.benchmarks=[gsm8k,humaneval]
            compare two evaluations:          otr eval compare outputs/a outputs/b
-  export   a Hugging Face model of a checkpoint: otr export outputs/run/checkpoints/step-40 --out DIR [--adapter]
+  export   a Hugging Face model of a checkpoint: otr export outputs/run/checkpoints/checkpoint-40 --out DIR [--adapter]
   grade    grade completions from anywhere:  otr grade preds.jsonl --grader math|choice|code
   sweep    summarise a sweep's points:       otr sweep summary multirun/smollm2_demo/2025-01-01_12-00-00
 

@@ -285,6 +285,20 @@ class TrainerConfig:
     on_nonfinite: str = "skip"
     # on_nonfinite=skip: the run stops at the first non-finite step after this many skipped in a row.
     max_nonfinite_skips: int = 3
+    # The metric that picks the best checkpoint ("": none): val_ce (validation cross-entropy, every
+    # trainer.eval_steps, lower is better) or eval/<benchmark> (every eval.every_steps, higher is
+    # better). The best is never pruned and is named in trainer_state.json (best_model_checkpoint);
+    # trainer.save_steps must be a multiple of the metric's evaluation interval.
+    metric_for_best: str = ""
+    # Override the direction of trainer.metric_for_best (null: lower for val_ce, higher for eval/*).
+    greater_is_better: Optional[bool] = None
+    # What final/ holds: the "last" checkpoint, or the "best" by trainer.metric_for_best.
+    final_model: str = "last"
+    # Stop after this many evaluations of trainer.metric_for_best without improvement (0: never); the
+    # stop saves and finishes like the end of training (final/, evaluations).
+    early_stopping_patience: int = 0
+    # A new best by no more than this still counts as no improvement for early stopping.
+    early_stopping_threshold: float = 0.0
 
 
 @dataclass
@@ -528,6 +542,7 @@ def validate(cfg: TrainConfig | DictConfig) -> TrainConfig:
             raise ConfigError(f"trainer.max_tokens_per_batch={trainer.max_tokens_per_batch} is below "
                               f"data.max_length={data.max_length}: an example of that length would fit no "
                               f"micro-batch; raise it (several times data.max_length is typical)")
+    _validate_best_checkpoint(cfg)
     resolve_report_to(trainer.report_to)
     # Checked now, not at the first evaluation hours later.
     check_chat_template_kwargs("eval.chat_template_kwargs", cfg.eval.chat_template_kwargs)
@@ -588,6 +603,44 @@ def check_phases_cover(loss: LossConfig, total_steps: int) -> None:
     if covered < total_steps:
         raise ConfigError(f"loss.phases cover {covered} optimizer steps but the run has {total_steps}; "
                           f"give the last phase steps: -1 (until the end) or lower trainer.max_steps")
+
+
+FINAL_MODELS = ("last", "best")
+
+
+def _validate_best_checkpoint(cfg: TrainConfig) -> None:
+    """trainer.metric_for_best and what depends on it: the metric must be measured at every checkpoint step
+    (the best is a checkpoint: kept, named, put in final/), so trainer.save_steps is a multiple of its interval."""
+    trainer = cfg.trainer
+    metric = trainer.metric_for_best
+    _choice("trainer.final_model", trainer.final_model, FINAL_MODELS)
+    _positive("trainer.early_stopping_patience", trainer.early_stopping_patience, strict=False)
+    if trainer.early_stopping_threshold < 0:
+        raise ConfigError(f"trainer.early_stopping_threshold={trainer.early_stopping_threshold} must be >= 0")
+    if not metric:
+        for key, value, default in (("trainer.final_model", trainer.final_model, "last"),
+                                    ("trainer.early_stopping_patience", trainer.early_stopping_patience, 0)):
+            if value != default:
+                raise ConfigError(f"{key}={value} needs trainer.metric_for_best (val_ce, or eval/<benchmark>) "
+                                  f"to say which checkpoint is the best")
+        return
+    if metric == "val_ce":
+        interval, interval_key = trainer.eval_steps, "trainer.eval_steps"
+    elif metric.startswith("eval/") and metric[len("eval/"):] in cfg.eval.benchmarks:
+        interval, interval_key = cfg.eval.every_steps, "eval.every_steps"
+    else:
+        raise ConfigError(f"trainer.metric_for_best={metric!r} must be val_ce or eval/<benchmark> with the benchmark "
+                          f"in eval.benchmarks ({', '.join(cfg.eval.benchmarks) or 'none'})")
+    if interval <= 0:
+        raise ConfigError(f"trainer.metric_for_best={metric} is measured every {interval_key} steps, which is "
+                          f"{interval}: set {interval_key} (e.g. to trainer.save_steps)")
+    if trainer.save_steps <= 0 or trainer.save_steps % interval:
+        raise ConfigError(f"trainer.save_steps={trainer.save_steps} must be a multiple of {interval_key}={interval} "
+                          f"with trainer.metric_for_best={metric}: the best is chosen among checkpoints, and a "
+                          f"checkpoint has the metric only at a step where it is measured")
+    if trainer.final_model == "best" and not trainer.export_every_save:
+        raise ConfigError("trainer.final_model=best needs trainer.export_every_save=true: final/ is the best "
+                          "checkpoint's Hugging Face export, which checkpoints hold only with it")
 
 
 def validate_data(data: DataConfig) -> None:

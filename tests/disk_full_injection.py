@@ -16,7 +16,7 @@ original_save = torch.save
 
 def refusing_save(obj, f, *args, **kwargs):
     if (os.environ["RANK"] == os.environ["OTR_FAULT_RANK"]
-            and f".tmp-step-{os.environ['OTR_FAULT_STEP']}" in str(f)):
+            and f".tmp-checkpoint-{os.environ['OTR_FAULT_STEP']}" in str(f)):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
     return original_save(obj, f, *args, **kwargs)
 

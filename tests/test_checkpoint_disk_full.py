@@ -62,15 +62,15 @@ def squeezed(text: str) -> str:
 
 
 def assert_disk_full_message(text: str, out: Path) -> None:
-    for fragment in (f"checkpoint step-4 was not saved: the file system of {out / 'checkpoints'} is full",
-                     "One checkpoint needs about", "(the size of step-2) and", "was free when the save began",
-                     "it resumes from step-2, which is intact"):
+    for fragment in (f"checkpoint-4 was not saved: the file system of {out / 'checkpoints'} is full",
+                     "One checkpoint needs about", "(the size of checkpoint-2) and", "was free when the save began",
+                     "it resumes from checkpoint-2, which is intact"):
         assert squeezed(fragment) in squeezed(text), (fragment, flat(text)[-2000:])
 
 
 def assert_only_step_2_is_left(out: Path) -> None:
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]  # .tmp-step-4 removed
-    assert intact(out / "checkpoints" / "step-2") == []  # every byte as its manifest recorded at the save
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]  # .tmp-checkpoint-4 removed
+    assert intact(out / "checkpoints" / "checkpoint-2") == []  # every byte as its manifest recorded at the save
 
 
 @pytest.mark.slow
@@ -148,15 +148,15 @@ def test_a_write_refused_for_lack_of_space_removes_the_partial_checkpoint_and_na
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "model.safetensors"))
 
     run_dir.save_checkpoint(2, write(2), limit=None)
-    before = {p: p.read_bytes() for p in (run_dir.checkpoints / "step-2").rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in (run_dir.checkpoints / "checkpoint-2").rglob("*") if p.is_file()}
     with pytest.raises(DiskFullError) as raised:
         run_dir.save_checkpoint(4, [write(4), full], limit=1)
     message = str(raised.value)
     assert "\n" not in message
-    assert "checkpoint step-4 was not saved: the file system of" in message and "No space left on device" in message
-    assert "One checkpoint needs about 5" in message and "(the size of step-2)" in message, message
-    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["step-2"]
-    assert {p: p.read_bytes() for p in (run_dir.checkpoints / "step-2").rglob("*") if p.is_file()} == before
+    assert "checkpoint-4 was not saved: the file system of" in message and "No space left on device" in message
+    assert "One checkpoint needs about 5" in message and "(the size of checkpoint-2)" in message, message
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["checkpoint-2"]
+    assert {p: p.read_bytes() for p in (run_dir.checkpoints / "checkpoint-2").rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow
@@ -195,7 +195,7 @@ def test_a_write_failing_for_another_reason_removes_the_partial_checkpoint_and_n
         (directory / "ds").mkdir()
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory / "ds" / "optimizer.pt"))
 
-    with pytest.raises(CheckpointWriteError, match=r"checkpoint step-2 was not saved: writing it failed on rank\(s\) 0 "
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint-2 was not saved: writing it failed on rank\(s\) 0 "
                                                    r"\(rank 0: PermissionError: \[Errno 13\] Permission denied"):
         run_dir.save_checkpoint(2, refused, limit=None)
     assert list(run_dir.checkpoints.iterdir()) == []

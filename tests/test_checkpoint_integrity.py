@@ -93,9 +93,9 @@ def test_resume_auto_sets_a_damaged_checkpoint_aside_and_takes_the_previous_one(
     truncate(run_dir.checkpoint_path(4) / "ds" / "optimizer.pt")
     with caplog.at_level(logging.WARNING, logger="otr.train"):
         assert verified_resume(run_dir, "auto") == run_dir.checkpoint_path(2)
-    assert ("checkpoint step-4 is damaged since it was saved (ds/optimizer.pt: 5120 bytes, expected 10240): moved to "
-            f"{run_dir.checkpoints / 'damaged-step-4'}, not deleted") in caplog.text
-    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["damaged-step-4", "step-2"]
+    assert ("checkpoint-4 is damaged since it was saved (ds/optimizer.pt: 5120 bytes, expected 10240): moved to "
+            f"{run_dir.checkpoints / 'damaged-checkpoint-4'}, not deleted") in caplog.text
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["checkpoint-2", "damaged-checkpoint-4"]
     assert [step for step, _ in run_dir.complete_checkpoints()] == [2]  # pruning and listings no longer see it
 
 
@@ -148,15 +148,15 @@ def said(fragment: str, log: str) -> bool:
 def test_resume_auto_falls_back_from_a_damaged_checkpoint_and_the_run_finishes(
         tiny_model_dir, run_with_two_checkpoints, tmp_path, damage, named):
     out = crashed_copy(run_with_two_checkpoints, tmp_path / "run")
-    damage(out / "checkpoints" / "step-4")
+    damage(out / "checkpoints" / "checkpoint-4")
     result = run_cli(["train", *tiny_overrides(tiny_model_dir, out, *RUN)])
     log = flat(result.stdout + result.stderr)
-    assert said("checkpoint step-4 is damaged since it was saved (" + named, log), log[-3000:]
-    assert said(f"Resumed from {out / 'checkpoints' / 'step-2'} at step 2", log)
-    assert (out / "checkpoints" / "damaged-step-4").is_dir()
+    assert said("checkpoint-4 is damaged since it was saved (" + named, log), log[-3000:]
+    assert said(f"Resumed from {out / 'checkpoints' / 'checkpoint-2'} at step 2", log)
+    assert (out / "checkpoints" / "damaged-checkpoint-4").is_dir()
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
     assert json.loads((out / "run_state.json").read_text())["status"] == "finished"
-    assert verify(out / "checkpoints" / "step-4") == [] and verify(out / "final") == []
+    assert verify(out / "checkpoints" / "checkpoint-4") == [] and verify(out / "final") == []
 
 
 @pytest.mark.slow
@@ -164,7 +164,7 @@ def test_resume_auto_falls_back_from_a_damaged_checkpoint_and_the_run_finishes(
 def test_an_explicit_resume_to_a_damaged_checkpoint_stops_with_the_damage_named(
         tiny_model_dir, run_with_two_checkpoints, tmp_path):
     out = crashed_copy(run_with_two_checkpoints, tmp_path / "run")
-    step_4 = out / "checkpoints" / "step-4"
+    step_4 = out / "checkpoints" / "checkpoint-4"
     truncate(step_4 / "tokenizer.json")
     result = run_cli(["train", *tiny_overrides(tiny_model_dir, out, *RUN, f"trainer.resume={step_4}")], check=False)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -176,12 +176,12 @@ def test_an_explicit_resume_to_a_damaged_checkpoint_stops_with_the_damage_named(
 @pytest.mark.faults
 def test_a_checkpoint_saved_before_manifests_still_resumes(tiny_model_dir, run_with_two_checkpoints, tmp_path):
     out = crashed_copy(run_with_two_checkpoints, tmp_path / "run")
-    for checkpoint in (out / "checkpoints").glob("step-*"):
+    for checkpoint in (out / "checkpoints").glob("checkpoint-*"):
         (checkpoint / MANIFEST).unlink()
     result = run_cli(["train", *tiny_overrides(tiny_model_dir, out, *RUN, "trainer.max_steps=6")])
     log = flat(result.stdout + result.stderr)
-    assert said(f"{out / 'checkpoints' / 'step-4'} has no manifest.json (saved before otr wrote one)", log), log[-3000:]
-    assert said(f"Resumed from {out / 'checkpoints' / 'step-4'} at step 4", log)
+    assert said(f"{out / 'checkpoints' / 'checkpoint-4'} has no manifest.json (saved before otr wrote one)", log), log[-3000:]
+    assert said(f"Resumed from {out / 'checkpoints' / 'checkpoint-4'} at step 4", log)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
@@ -204,13 +204,13 @@ def test_two_ranks_fall_back_alike_from_a_truncated_optimizer_shard(tiny_model_d
 
     assert two_ranks(tmp_path / "first") == [0, 0], (tmp_path / "first" / "rank0.log").read_text()[-3000:]
     (out / "run_state.json").write_text(json.dumps({"status": "running", "step": 4, "total_steps": 4}))
-    truncate(out / "checkpoints" / "step-4" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    truncate(out / "checkpoints" / "checkpoint-4" / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     codes = two_ranks(tmp_path / "resumed")
     logs = [flat((tmp_path / "resumed" / f"rank{rank}.log").read_text()) for rank in (0, 1)]
     assert codes == [0, 0], logs[0][-3000:]
-    assert said("checkpoint step-4 is damaged since it was saved (ds/zero_pp_rank_1_mp_rank_00_optim_states.pt: ", logs[0])
+    assert said("checkpoint-4 is damaged since it was saved (ds/zero_pp_rank_1_mp_rank_00_optim_states.pt: ", logs[0])
     # Rank 1 logs warnings only; it resumed with rank 0, or their collectives would not have matched.
-    assert said(f"Resumed from {out / 'checkpoints' / 'step-2'} at step 2", logs[0]), logs[0][-3000:]
+    assert said(f"Resumed from {out / 'checkpoints' / 'checkpoint-2'} at step 2", logs[0]), logs[0][-3000:]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
 
 
@@ -226,4 +226,4 @@ def test_resume_auto_with_no_intact_checkpoint_left_is_an_error_that_a_rerun_mee
     for _ in range(2):  # the same command again meets the same error
         with pytest.raises(CheckpointError, match=r"no intact checkpoint.*trainer.overwrite=true"):
             verified_resume(run_dir, "auto")
-    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["damaged-step-4", "step-2"]
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["checkpoint-2", "damaged-checkpoint-4"]

@@ -47,11 +47,11 @@ def test_a_pruned_checkpoint_disappears_at_once_and_is_deleted_in_the_background
     run_dir.save_checkpoint(3, write_checkpoint(3), limit=1)
     # The save returned while the deletion waits: the pruned checkpoint is already out of sight.
     assert [step for step, _ in run_dir.complete_checkpoints()] == [3]
-    assert sorted(p.name for p in run_dir.checkpoints.iterdir() if not p.name.startswith(".trash-")) == ["step-3"]
-    assert len(list(run_dir.checkpoints.glob(".trash-step-2-*"))) == 1
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir() if not p.name.startswith(".trash-")) == ["checkpoint-3"]
+    assert len(list(run_dir.checkpoints.glob(".trash-checkpoint-2-*"))) == 1
     release.set()
     run_dir.background.wait()
-    assert [p.name for p in run_dir.checkpoints.iterdir()] == ["step-3"]
+    assert [p.name for p in run_dir.checkpoints.iterdir()] == ["checkpoint-3"]
 
 
 @pytest.mark.faults
@@ -60,7 +60,7 @@ def test_a_run_killed_while_deleting_leaves_trash_that_the_next_run_removes(tmp_
     run_dir = single_process_run(root)
     run_dir.save_checkpoint(1, write_checkpoint(1), limit=None)
     # What a kill in the middle of a deletion leaves: a renamed, half-deleted directory.
-    half_deleted = run_dir.checkpoints / ".trash-step-0-123"
+    half_deleted = run_dir.checkpoints / ".trash-checkpoint-0-123"
     (half_deleted / "ds").mkdir(parents=True)
     (half_deleted / "trainer_state.json").write_text(json.dumps({"step": 0}))
     assert [step for step, _ in run_dir.complete_checkpoints()] == [1]
@@ -68,7 +68,7 @@ def test_a_run_killed_while_deleting_leaves_trash_that_the_next_run_removes(tmp_
 
     resumed = single_process_run(root)
     resumed.background.wait()
-    assert [p.name for p in resumed.checkpoints.iterdir()] == ["step-1"]
+    assert [p.name for p in resumed.checkpoints.iterdir()] == ["checkpoint-1"]
 
 
 def test_final_is_hard_links_to_the_last_checkpoints_export_and_outlives_it(tmp_path):
@@ -117,14 +117,14 @@ def test_a_rank_whose_listing_shows_no_checkpoint_resumes_from_rank_0s_choice(ti
     processes = start_ranks(args, tmp_path / "first")
     try:
         deadline = time.time() + 300
-        while not (out / "checkpoints" / "step-2" / "trainer_state.json").is_file():
+        while not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file():
             assert all(p.poll() is None for p in processes) and time.time() < deadline
             time.sleep(0.05)
     finally:
         for process in processes:
             process.send_signal(signal.SIGKILL)
             process.wait()
-    saved = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    saved = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
 
     (tmp_path / "resumed").mkdir()
     processes = start_ranks([a if not a.startswith("trainer.max_steps") else f"trainer.max_steps={saved + 1}"
@@ -149,3 +149,24 @@ def test_final_leaves_out_an_atomic_writers_temporary_file(tmp_path):
     (checkpoint / ".trainer_state.json.zwbl12pd.tmp").write_text("{}")
     run_dir.publish_final(checkpoint)
     assert not list(run_dir.final.glob(".*.tmp")) and (run_dir.final / "config.json").is_file()
+
+
+def test_pruning_keeps_the_best_checkpoint_beside_the_newest(tmp_path):
+    run_dir = single_process_run(tmp_path / "run")
+    run_dir.save_checkpoint(1, write_checkpoint(1), limit=1)
+    run_dir.best_checkpoint = run_dir.checkpoint_path(1)
+    for step in (2, 3):
+        run_dir.save_checkpoint(step, write_checkpoint(step), limit=1)
+    run_dir.background.wait()
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-3"]
+
+
+def test_old_step_n_checkpoints_are_listed_with_the_new_checkpoint_n_ones(tmp_path):
+    run_dir = single_process_run(tmp_path / "run")
+    for name, step in (("step-1", 1), ("step-2", 2), ("checkpoint-3", 3)):
+        (run_dir.checkpoints / name).mkdir()
+        (run_dir.checkpoints / name / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (run_dir.checkpoints / "damaged-checkpoint-4").mkdir()
+    assert [(step, path.name) for step, path in run_dir.complete_checkpoints()] == [
+        (1, "step-1"), (2, "step-2"), (3, "checkpoint-3")]
+    assert run_dir.latest_checkpoint() == run_dir.checkpoints / "checkpoint-3"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from otr_cli.cli import main
@@ -150,3 +152,33 @@ def test_deepspeed_config_for_cpu_uses_torch_adamw_and_offload_uses_cpu_adam():
     assert "torch_adam" not in ds["optimizer"]["params"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["train_batch_size"] == cfg.trainer.micro_batch_size * cfg.trainer.grad_accum * 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.metric_for_best=val_ce", "trainer.save_steps=3", "trainer.eval_steps=2"],
+     "trainer.save_steps=3 must be a multiple of trainer.eval_steps=2 with trainer.metric_for_best=val_ce"),
+    (["trainer.metric_for_best=val_ce", "trainer.save_steps=2"], "measured every trainer.eval_steps steps, which is 0"),
+    (["trainer.metric_for_best=eval/gsm8k", "trainer.save_steps=2"],
+     "trainer.metric_for_best='eval/gsm8k' must be val_ce or eval/<benchmark> with the benchmark in eval.benchmarks"),
+    (["eval.benchmarks=[gsm8k]", "trainer.metric_for_best=eval/gsm8k", "trainer.save_steps=4", "eval.every_steps=3"],
+     "trainer.save_steps=4 must be a multiple of eval.every_steps=3"),
+    (["trainer.final_model=best"], "trainer.final_model=best needs trainer.metric_for_best"),
+    (["trainer.early_stopping_patience=2"], "trainer.early_stopping_patience=2 needs trainer.metric_for_best"),
+    (["trainer.final_model=newest"], "trainer.final_model='newest' is not one of last, best"),
+    (["trainer.metric_for_best=val_ce", "trainer.save_steps=2", "trainer.eval_steps=2", "trainer.final_model=best",
+      "trainer.export_every_save=false"], "trainer.final_model=best needs trainer.export_every_save=true"),
+])
+def test_metric_for_best_settings_are_checked_naming_the_keys(overrides, message):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist(["data.source=x.jsonl", *overrides]))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(cfg)
+
+
+def test_save_steps_a_multiple_of_the_metrics_interval_is_accepted():
+    from omegaconf import OmegaConf
+
+    validate(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist([
+        "data.source=x.jsonl", "trainer.metric_for_best=val_ce", "trainer.eval_steps=2", "trainer.save_steps=4",
+        "trainer.final_model=best", "trainer.early_stopping_patience=3"])))

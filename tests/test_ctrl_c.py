@@ -61,8 +61,8 @@ def test_sigterm_or_one_ctrl_c_saves_at_a_step_boundary_exits_3_and_resume_auto_
         assert f"Stopped at step {state['step']} on Ctrl-C" in text and "not requeued" in text
     else:
         assert "SIGTERM received" in text and "not requeued (not running under SLURM)" in text
-    assert published(out) == [f"step-{state['step']}"]
-    assert_complete(out / "checkpoints" / f"step-{state['step']}")
+    assert published(out) == [f"checkpoint-{state['step']}"]
+    assert_complete(out / "checkpoints" / f"checkpoint-{state['step']}")
 
     run_cli(args)  # the same command again: trainer.resume=auto resumes and finishes
     assert json.loads((out / "run_state.json").read_text())["status"] == "finished"
@@ -104,8 +104,8 @@ def test_a_second_ctrl_c_during_the_save_stops_at_once_with_130_and_publishes_no
     assert "stopped at once on a second Ctrl-C; the newest complete checkpoint is" in err
     assert signal.getsignal(signal.SIGINT) is handler_before
     # The step-2 checkpoint is published and complete; step 3's half-written one was never published.
-    assert published(out) == ["step-2"]
-    assert_complete(out / "checkpoints" / "step-2")
+    assert published(out) == ["checkpoint-2"]
+    assert_complete(out / "checkpoints" / "checkpoint-2")
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert json.loads((out / "run_state.json").read_text())["status"] == "preempted"  # not "running" forever
     assert json.loads((out / "run_state.json").read_text())["step"] == 2
@@ -138,8 +138,8 @@ def test_ctrl_c_to_the_process_group_of_two_ranks_makes_one_clean_save_and_stop(
     assert codes == [preemption.PREEMPTED_EXIT] * 2, [text[-2000:] for text in logs]
     assert all("Ctrl-C: saving at the end of step" in text and "Traceback" not in text for text in logs), logs
     step = json.loads((out / "run_state.json").read_text())["step"]
-    assert step < 8 and published(out) == [f"step-{step}"]
-    checkpoint = out / "checkpoints" / f"step-{step}"
+    assert step < 8 and published(out) == [f"checkpoint-{step}"]
+    checkpoint = out / "checkpoints" / f"checkpoint-{step}"
     assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2  # both ranks saved the same step
     assert_complete(checkpoint)
 
@@ -176,8 +176,8 @@ def test_ctrl_c_to_torchrun_makes_one_clean_save_and_stop(tiny_model_dir, tmp_pa
     assert text.count("Ctrl-C: saving at the end of step") == 2, text[-3000:]  # one per rank, no second one
     assert "Unable to shutdown process" not in text  # no SIGKILL was needed
     state = json.loads((out / "run_state.json").read_text())
-    assert state["status"] == "preempted" and published(out) == [f"step-{state['step']}"]
-    checkpoint = out / "checkpoints" / f"step-{state['step']}"
+    assert state["status"] == "preempted" and published(out) == [f"checkpoint-{state['step']}"]
+    checkpoint = out / "checkpoints" / f"checkpoint-{state['step']}"
     assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2
     assert_complete(checkpoint)
 
@@ -202,7 +202,7 @@ def test_a_ctrl_c_during_an_evaluation_stops_it_at_the_next_batch_and_saves(tiny
     assert codes == [preemption.PREEMPTED_EXIT] * 2, [text[-3000:] for text in logs]
     assert all("Ctrl-C: saving at the end of step 2" in text for text in logs)
     state = json.loads((out / "run_state.json").read_text())
-    assert state["status"] == "preempted" and state["step"] == 2 and published(out) == ["step-2"]
+    assert state["status"] == "preempted" and state["step"] == 2 and published(out) == ["checkpoint-2"]
     assert generated_per_rank(out / "eval" / "step-2") == [2, 2]  # each rank stopped after its first batch
     assert not (out / "eval" / "step-2" / "summary.json").exists()
 
@@ -231,6 +231,6 @@ def test_two_quick_ctrl_cs_to_two_ranks_stop_both_without_a_hang_or_a_half_check
     # Whether the second came before the stop's save ended decides 130 or 3; either way no rank is left hanging.
     assert set(codes) <= {preemption.INTERRUPTED_EXIT, preemption.PREEMPTED_EXIT}, [t[-3000:] for t in logs]
     assert not any("Traceback" in text for text in logs), [t[-3000:] for t in logs]
-    for checkpoint in (out / "checkpoints").glob("step-*"):
+    for checkpoint in (out / "checkpoints").glob("checkpoint-*"):
         assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2
         assert_complete(checkpoint)

@@ -49,7 +49,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def test_two_rank_zero3_lora_run_saves_its_checkpoint(zero3_lora_run, tiny_qwen3_model_dir):
     from transformers import AutoModelForCausalLM
 
-    for folder in (zero3_lora_run / "checkpoints" / "step-2", zero3_lora_run / "checkpoints" / "step-4",
+    for folder in (zero3_lora_run / "checkpoints" / "checkpoint-2", zero3_lora_run / "checkpoints" / "checkpoint-4",
                    zero3_lora_run / "final"):
         assert (folder / "adapter" / "adapter_config.json").is_file(), folder
         assert (folder / "adapter" / "adapter_model.safetensors").is_file(), folder
@@ -117,7 +117,7 @@ def test_two_rank_zero3_lora_run_resumes_with_the_losses_of_an_uninterrupted_run
     shutil.copytree(zero3_lora_run, cut)
     # Turn the copy back into a run killed after step 2.
     shutil.rmtree(cut / "final")
-    shutil.rmtree(cut / "checkpoints" / "step-4")
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
     (cut / "run_state.json").write_text('{"status": "running"}')
     torchrun(zero3_lora_args(tiny_qwen3_model_dir, cut))
     full = [r for r in read_jsonl(zero3_lora_run / "metrics.jsonl") if "loss" in r]

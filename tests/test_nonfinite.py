@@ -95,11 +95,11 @@ def test_a_nan_loss_step_is_skipped_leaving_weights_and_optimizer_state_unchange
     main(["train", *tiny_overrides(tiny_model_dir, out, *SAVE_EVERY_STEP, "trainer.max_steps=4",
                                    "optim.scheduler=linear", "optim.warmup_steps=0", "optim.min_lr_ratio=0")])
     checkpoints = out / "checkpoints"
-    assert any("exp_avg" in key for key in state_tensors(checkpoints / "step-1"))  # the optimizer state is compared
-    assert_same_state(checkpoints / "step-1", checkpoints / "step-2")
+    assert any("exp_avg" in key for key in state_tensors(checkpoints / "checkpoint-1"))  # the optimizer state is compared
+    assert_same_state(checkpoints / "checkpoint-1", checkpoints / "checkpoint-2")
     for step in (3, 4):
-        assert_finite_state(checkpoints / f"step-{step}")
-    assert_finite_state(out / "checkpoints" / "step-4")
+        assert_finite_state(checkpoints / f"checkpoint-{step}")
+    assert_finite_state(out / "checkpoints" / "checkpoint-4")
     records = read_jsonl(out / "metrics.jsonl")
     steps = {r["step"]: r for r in records if "loss" in r}
     assert steps[2]["skipped"] is True and steps[2]["nonfinite"] == "loss"
@@ -126,8 +126,8 @@ def test_on_nonfinite_stop_stops_at_the_first_nan_gradient_naming_step_examples_
     ids = expected_example_ids(out, 2, 1)
     assert squeezed(f"step 2: the gradient norm is not finite (trainer.on_nonfinite=stop); the step's training examples "
             f"(indices into the training set): [{', '.join(map(str, ids))}]; nothing was saved after it, the last "
-            f"good checkpoint is {out / 'checkpoints' / 'step-1'}") in message
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+            f"good checkpoint is {out / 'checkpoints' / 'checkpoint-1'}") in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
     assert not (out / "final").exists()
     state = json.loads((out / "run_state.json").read_text())
     assert state["status"] == "failed" and "step 2: the gradient norm is not finite" in state["error"]
@@ -147,9 +147,9 @@ def test_more_nan_steps_in_a_row_than_max_nonfinite_skips_stop_the_run(tiny_mode
     message = squeezed(capsys.readouterr().err)
     assert squeezed("step 3: the loss is not finite (2 non-finite steps in a row, more than "
                     "trainer.max_nonfinite_skips=1)") in message
-    assert squeezed(f"the last good checkpoint is {out / 'checkpoints' / 'step-2'}") in message
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
-    assert_same_state(out / "checkpoints" / "step-1", out / "checkpoints" / "step-2")
+    assert squeezed(f"the last good checkpoint is {out / 'checkpoints' / 'checkpoint-2'}") in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert_same_state(out / "checkpoints" / "checkpoint-1", out / "checkpoints" / "checkpoint-2")
     assert not (out / "final").exists()
     assert json.loads((out / "run_state.json").read_text())["status"] == "failed"
 
@@ -184,8 +184,8 @@ def test_a_nan_in_one_micro_batch_of_one_of_two_ranks_skips_the_step_on_both(tin
     checkpoints = out / "checkpoints"
     # Every rank's partition of the weights and of the Adam moments is in the checkpoint: a rank that had
     # stepped would show here.
-    assert_same_state(checkpoints / "step-1", checkpoints / "step-2")
-    assert_finite_state(checkpoints / "step-3")
+    assert_same_state(checkpoints / "checkpoint-1", checkpoints / "checkpoint-2")
+    assert_finite_state(checkpoints / "checkpoint-3")
     records = read_jsonl(out / "metrics.jsonl")
     skips = [r for r in records if "warning" in r and r.get("skipped")]
     assert [(r["step"], r["nonfinite"]) for r in skips] == [(2, "loss" if kind == "loss" else "gradient")]
@@ -213,8 +213,8 @@ def test_nan_gradients_beyond_the_skip_limit_stop_both_ranks_under_zero2(tiny_mo
                         f"not finite (2 non-finite steps in a row") in squeezed(log), log
     ids = ", ".join(map(str, expected_example_ids(out, 3, 2)))
     assert squeezed(f"[{ids}]; nothing was saved after it, the last good checkpoint is "
-                    f"{out / 'checkpoints' / 'step-2'}") in squeezed(logs[0])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+                    f"{out / 'checkpoints' / 'checkpoint-2'}") in squeezed(logs[0])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "final").exists()
     assert json.loads((out / "run_state.json").read_text())["status"] == "failed"
 

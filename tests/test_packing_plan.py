@@ -136,7 +136,7 @@ def test_resume_check_allows_other_ranks_with_the_same_global_batches_and_names_
 
     from otr_cli.train.checkpoints import CheckpointError, check_same_data_order
 
-    checkpoint = tmp_path / "step-2"
+    checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
     saved = budget_plan(world_size=1, grad_accum=2)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "data_order": saved.order_settings()}))

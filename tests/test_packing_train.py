@@ -47,13 +47,13 @@ def test_packed_run_with_a_token_budget_resumes_exactly_and_refuses_another_budg
               "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.save_steps=2"]
     full = tmp_path / "full"
     main(["train", *tiny_overrides(tiny_model_dir, full, *common)])
-    state = json.loads((full / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    state = json.loads((full / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["max_tokens_per_batch"] == 300
     # The same run, as if killed after step 2's checkpoint.
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "final")
-    shutil.rmtree(cut / "checkpoints" / "step-4")
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
     (cut / "run_state.json").write_text('{"status": "running"}')
     # Resuming with another token budget would train the remaining steps on other batches: refused,
     # before the model loads, with the run's files left as they were (run_state.json says why it failed).

@@ -61,7 +61,7 @@ def test_sigusr1_to_a_local_run_saves_at_a_step_boundary_exits_and_resumes_like_
     assert "SIGUSR1 received" in text and "not requeued (not running under SLURM)" in text
     state = json.loads((out / "run_state.json").read_text())
     assert state["status"] == "preempted" and 2 <= state["step"] < 8
-    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{state['step']}"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"checkpoint-{state['step']}"]
     assert not (out / "final").exists()
 
     run_cli(args)  # the same command again: resumes from the checkpoint and finishes
@@ -98,7 +98,7 @@ def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, t
     assert stopped.value.code == preemption.PREEMPTED_EXIT
     err = capfd.readouterr().err  # the handler writes to fd 2 directly (async-signal-safe)
     assert "SIGTERM received again: already stopping" in err
-    checkpoint = out / "checkpoints" / "step-3"
+    checkpoint = out / "checkpoints" / "checkpoint-3"
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 3
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "ds").is_dir()
     assert not list((out / "checkpoints").glob(".tmp-*"))
@@ -131,7 +131,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_model_dir, tmp_pa
     assert codes == [preemption.PREEMPTED_EXIT] * 2, [(tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1)]
     step = json.loads((out / "run_state.json").read_text())["step"]
     assert step < 8
-    checkpoint = out / "checkpoints" / f"step-{step}"
+    checkpoint = out / "checkpoints" / f"checkpoint-{step}"
     assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2  # both ranks saved the same step
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
     # (Resuming a 2-rank checkpoint in 2 ranks is tested in tests/test_train_distributed.py.)
@@ -197,7 +197,7 @@ def test_a_signal_during_an_evaluation_stops_it_at_the_next_batch_and_saves(tiny
     assert codes == [preemption.PREEMPTED_EXIT] * 2, logs
     state = json.loads((out / "run_state.json").read_text())
     assert state["status"] == "preempted" and state["step"] == 2
-    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
     evaluation = out / "eval" / "step-2"
     assert not (evaluation / "summary.json").exists()
     generated = generated_per_rank(evaluation)

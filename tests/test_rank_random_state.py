@@ -61,7 +61,7 @@ def test_two_rank_zero2_lora_dropout_run_resumes_each_rank_with_its_own_random_s
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
     shutil.rmtree(cut / "final")
-    shutil.rmtree(cut / "checkpoints" / "step-4")
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
     (cut / "run_state.json").write_text('{"status": "running"}')
     torchrun(["train", *tiny_overrides(tiny_model_dir, cut, *common)])
 
@@ -70,6 +70,6 @@ def test_two_rank_zero2_lora_dropout_run_resumes_each_rank_with_its_own_random_s
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for left, right in zip(full, resumed, strict=True):
         assert right["loss"] == pytest.approx(left["loss"], rel=1e-5), f"step {left['step']}"
-    saved = [read_rank_states(cut / "checkpoints" / "step-2" / "ds", rank, world_size=2) for rank in (0, 1)]
+    saved = [read_rank_states(cut / "checkpoints" / "checkpoint-2" / "ds", rank, world_size=2) for rank in (0, 1)]
     assert None not in saved, "each rank's states are in the checkpoint"
     assert not torch.equal(saved[0]["torch"], saved[1]["torch"]), "the ranks draw from streams of their own"

@@ -224,8 +224,8 @@ def test_without_an_export_in_each_checkpoint_zero3_evaluations_and_final_still_
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "eval/gsm8k" in r] == [2]
     assert not (out / "eval" / "step-2" / "model").exists()
     for step in (2, 3):
-        assert not (out / "checkpoints" / f"step-{step}" / "model.safetensors").exists()
+        assert not (out / "checkpoints" / f"checkpoint-{step}" / "model.safetensors").exists()
     assert read_jsonl(out / "eval" / "final" / "gsm8k.jsonl")
     AutoModelForCausalLM.from_pretrained(out / "final")
     log = " ".join((tmp_path / "logs" / "rank0.log").read_text().split())  # rich wraps long lines
-    assert "checkpoint step-2 saved in" in log and "the other ranks waited" in log
+    assert "checkpoint-2 saved in" in log and "the other ranks waited" in log

@@ -27,7 +27,7 @@ def cut_after_step_2(full: Path, cut: Path) -> Path:
     """A copy of a 4-step run turned back into one killed after its step-2 checkpoint."""
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "final")
-    shutil.rmtree(cut / "checkpoints" / "step-4")
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
     (cut / "run_state.json").write_text('{"status": "running"}')
     return cut
 
@@ -59,15 +59,15 @@ def test_two_rank_checkpoint_resumes_in_one_process_with_the_losses_continuing(t
     torchrun(["train", *tiny_overrides(tiny_model_dir, full, *common, *TWO_RANKS)])
     cut = cut_after_step_2(full, tmp_path / "cut")
     if stage == 3 and not variant:  # a checkpoint from before otr recorded its topology: the world size is read from ds/
-        state_file = cut / "checkpoints" / "step-2" / "trainer_state.json"
+        state_file = cut / "checkpoints" / "checkpoint-2" / "trainer_state.json"
         state = json.loads(state_file.read_text())
         del state["topology"]
         state_file.write_text(json.dumps(state))
-    original = file_stamps(cut / "checkpoints" / "step-2")
+    original = file_stamps(cut / "checkpoints" / "checkpoint-2")
     result = run_cli(["train", *tiny_overrides(tiny_model_dir, cut, *common, *ONE_PROCESS)])
     assert "converting it to DeepSpeed's universal checkpoint" in " ".join(result.stdout.split())
     assert_losses_continue(full, cut)
-    assert file_stamps(cut / "checkpoints" / "step-2") == original, "the original checkpoint is never modified"
+    assert file_stamps(cut / "checkpoints" / "checkpoint-2") == original, "the original checkpoint is never modified"
     # The finished run no longer needs the converted copy (as big as the optimizer state).
     assert not list((cut / "checkpoints").glob("universal-*"))
 
@@ -99,7 +99,7 @@ def test_a_conversion_is_reused_by_a_second_requeue_and_redone_for_another_check
 
     run = tmp_path / "run"
     run_cli(["train", *tiny_overrides(tiny_model_dir, run, *SFT, "deepspeed=zero2", *ONE_PROCESS)])
-    step_2, step_4 = run / "checkpoints" / "step-2", run / "checkpoints" / "step-4"
+    step_2, step_4 = run / "checkpoints" / "checkpoint-2", run / "checkpoints" / "checkpoint-4"
     assert plan_resume(step_2, world_size=1, zero_stage=2).universal is False  # same rank count: as saved
     plan = plan_resume(step_2, world_size=2, zero_stage=2)
     assert plan.universal and plan.convert and plan.load_dir == universal_dir_for(step_2)
@@ -108,7 +108,7 @@ def test_a_conversion_is_reused_by_a_second_requeue_and_redone_for_another_check
     assert plan_resume(step_2, world_size=2, zero_stage=2).convert is False, "a second requeue reuses it"
     assert plan_resume(step_4, world_size=2, zero_stage=2).convert is True
     convert_to_universal(step_4, workers=1)
-    assert [p.name for p in (run / "checkpoints").glob("universal-*")] == ["universal-step-4"], "only the newest kept"
+    assert [p.name for p in (run / "checkpoints").glob("universal-*")] == ["universal-checkpoint-4"], "only the newest kept"
 
 
 
@@ -120,7 +120,7 @@ def test_a_failing_conversion_is_a_one_line_error_that_leaves_no_partial_copy(ti
     run = tmp_path / "run"
     run_cli(["train", *tiny_overrides(tiny_model_dir, run, *SFT, "deepspeed=zero2", *ONE_PROCESS,
                                       "trainer.max_steps=2")])
-    checkpoint = run / "checkpoints" / "step-2"
+    checkpoint = run / "checkpoints" / "checkpoint-2"
     shard = next((checkpoint / "ds").glob("zero_pp_rank_0_*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:1000])  # a shard cut short, as by a full disk
     before = file_stamps(checkpoint)
@@ -128,7 +128,7 @@ def test_a_failing_conversion_is_a_one_line_error_that_leaves_no_partial_copy(ti
         convert_to_universal(checkpoint, workers=1)
     assert "converting it to DeepSpeed's universal checkpoint" in str(failure.value)
     assert "\n" not in str(failure.value) and "model.name_or_path=" in str(failure.value)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert file_stamps(checkpoint) == before
 
 

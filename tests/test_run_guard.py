@@ -212,7 +212,7 @@ def test_a_resume_on_edited_training_data_is_refused_naming_the_file(tiny_model_
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     recorded = [r for r in records if r.get("resumed_with_changed_data")]
     assert len(recorded) == 1 and recorded[0]["step"] == 2 and str(data) in recorded[0]["warning"]
-    saved = json.loads((out / "checkpoints" / "step-4" / "trainer_state.json").read_text())["data_fingerprint"]
+    saved = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())["data_fingerprint"]
     assert saved["source"] == str(data) and saved["examples"] == 48
     assert "warnings" in json.loads((out / "summary.json").read_text())
 
@@ -233,12 +233,12 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tiny_model_dir,
         wait_for(tmp_path / "ready1", first, tmp_path / "first.log")  # step-4 saved, hung in step 5
     finally:
         kill_9(first)
-    old = {step: file_digest(checkpoints / f"step-{step}" / "model.safetensors") for step in (3, 4)}
+    old = {step: file_digest(checkpoints / f"checkpoint-{step}" / "model.safetensors") for step in (3, 4)}
 
     # The new branch from step 2 with another objective (say the old one diverged), killed in its step 4
     # (after its step-3 was saved).
     branch = [*args, "loss=dft"]
-    second = start_paused([*branch, f"trainer.resume={checkpoints / 'step-2'}"], tmp_path / "second.log", step=4,
+    second = start_paused([*branch, f"trainer.resume={checkpoints / 'checkpoint-2'}"], tmp_path / "second.log", step=4,
                           ready=tmp_path / "ready2")
     try:
         wait_for(tmp_path / "ready2", second, tmp_path / "second.log")
@@ -246,24 +246,24 @@ def test_resuming_an_older_checkpoint_moves_the_newer_ones_aside(tiny_model_dir,
         kill_9(second)
     abandoned = list(checkpoints.glob("abandoned-*"))
     assert len(abandoned) == 1, sorted(p.name for p in checkpoints.iterdir())
-    assert {p.name for p in abandoned[0].iterdir()} == {"step-3", "step-4"}
-    assert {step: file_digest(abandoned[0] / f"step-{step}" / "model.safetensors") for step in (3, 4)} == old
-    assert "moved checkpoints/step-3, checkpoints/step-4 to" in " ".join((tmp_path / "second.log").read_text().split())
-    new_3 = file_digest(checkpoints / "step-3" / "model.safetensors")
-    assert new_3 != old[3] and not (checkpoints / "step-4").exists()
+    assert {p.name for p in abandoned[0].iterdir()} == {"checkpoint-3", "checkpoint-4"}
+    assert {step: file_digest(abandoned[0] / f"checkpoint-{step}" / "model.safetensors") for step in (3, 4)} == old
+    assert "moved checkpoints/checkpoint-3, checkpoints/checkpoint-4 to" in " ".join((tmp_path / "second.log").read_text().split())
+    new_3 = file_digest(checkpoints / "checkpoint-3" / "model.safetensors")
+    assert new_3 != old[3] and not (checkpoints / "checkpoint-4").exists()
 
     # resume=auto after that kill continues the new branch (step-3), not the abandoned one's step-4.
     resumed = run_cli(branch)
     output = resumed.stdout + resumed.stderr
     assert "at step 3" in " ".join(output[output.index("Resumed from"):].split())[:400]
-    assert sorted(p.name for p in checkpoints.glob("step-*")) == [f"step-{n}" for n in range(1, 7)]
-    assert file_digest(checkpoints / "step-3" / "model.safetensors") == new_3  # kept, not replaced
-    assert file_digest(checkpoints / "step-4" / "model.safetensors") != old[4]
-    assert file_digest(out / "final" / "model.safetensors") == file_digest(checkpoints / "step-6" / "model.safetensors")
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == [f"checkpoint-{n}" for n in range(1, 7)]
+    assert file_digest(checkpoints / "checkpoint-3" / "model.safetensors") == new_3  # kept, not replaced
+    assert file_digest(checkpoints / "checkpoint-4" / "model.safetensors") != old[4]
+    assert file_digest(out / "final" / "model.safetensors") == file_digest(checkpoints / "checkpoint-6" / "model.safetensors")
     trained = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in trained] == [1, 2, 3, 4, 5, 6]
     assert [r["objective"] for r in trained] == ["otr"] * 2 + ["dft"] * 4  # the default objective, then the branch's
-    assert {p.name for p in abandoned[0].iterdir()} == {"step-3", "step-4"}  # never deleted
+    assert {p.name for p in abandoned[0].iterdir()} == {"checkpoint-3", "checkpoint-4"}  # never deleted
 
 
 @pytest.mark.slow

@@ -70,15 +70,15 @@ def test_each_save_is_timed_and_the_estimate_matches_the_real_checkpoint(tiny_mo
     # signal_delay_s=0: every save takes more than half of it, so every save warns.
     main(["train", *tiny_overrides(tiny_model_dir, out, f"deepspeed={preset}", "trainer.max_steps=2",
                                    "trainer.save_steps=1", "launcher.signal_delay_s=0")])
-    state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["save_time_s"] > 0
     # Measured before these two fields were added to trainer_state.json.
-    assert state["checkpoint_bytes"] == pytest.approx(directory_bytes(out / "checkpoints" / "step-2"), abs=100)
-    assert [line.split(" saved in ")[0] for line in logged if " saved in " in line] == ["checkpoint step-1",
-                                                                                         "checkpoint step-2"]
+    assert state["checkpoint_bytes"] == pytest.approx(directory_bytes(out / "checkpoints" / "checkpoint-2"), abs=100)
+    assert [line.split(" saved in ")[0] for line in logged if " saved in " in line] == ["checkpoint-1",
+                                                                                         "checkpoint-2"]
     # Sized by rank 0's background thread, which the end of the run waits for.
-    assert [line.split(":")[0] for line in logged if "as seen from rank 0" in line] == ["checkpoint step-1",
-                                                                                       "checkpoint step-2"]
+    assert [line.split(":")[0] for line in logged if "as seen from rank 0" in line] == ["checkpoint-1",
+                                                                                       "checkpoint-2"]
     warnings = [r for r in read_jsonl(out / "metrics.jsonl") if "warning" in r]
     assert [r["step"] for r in warnings] == [1, 2]
     assert "more than half of launcher.signal_delay_s=0" in warnings[0]["warning"]

@@ -97,7 +97,7 @@ def test_resume_inside_the_schedule_lands_in_the_right_phase_at_the_right_step(t
     # A crash right after the step-1 checkpoint: the resumed run must redo SFT step 2, then OTR.
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step-1", resumed_dir / "checkpoints" / "step-1")
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "checkpoint-1", resumed_dir / "checkpoints" / "checkpoint-1")
     resumed = _train(tiny_model_dir, resumed_dir, *common)
     assert [(r["step"], r["objective"]) for r in resumed] == [(2, "sft"), (3, "otr"), (4, "otr"), (5, "otr")]
     for left, right in zip(reference[1:], resumed):
@@ -151,7 +151,7 @@ def test_after_warmup_evaluates_the_end_of_each_phase_but_the_last(tiny_model_di
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["eval"]) == ["after SFT warm-up (step 2)", "final (step 3)"]
     assert (out / "eval" / "phase-1" / "summary.json").is_file()
-    assert (out / "checkpoints" / "step-2").is_dir()
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
 
 
 def test_phase_knob_errors_name_the_key_that_was_written(capsys):

@@ -111,7 +111,7 @@ def test_two_task_zero2_job_initialises_from_slurm_and_matches_one_process(slurm
         if "loss" in left:
             assert right["loss"] == pytest.approx(left["loss"], rel=1e-4, abs=1e-7)
             assert right["supervised_tokens"] == left["supervised_tokens"]
-    shards = list((sweep / "0" / "checkpoints" / "step-3" / "ds").glob("*optim_states.pt"))
+    shards = list((sweep / "0" / "checkpoints" / "checkpoint-3" / "ds").glob("*optim_states.pt"))
     assert len(shards) == 2, "each of the two SLURM tasks writes its ZeRO-2 optimizer shard"
     logs = job_logs(tmp_path)
     assert "global_rank=1(2)" in logs  # two tasks in one job step

@@ -155,7 +155,7 @@ def test_resume_with_weights_is_exact_and_continues_the_same_tracker_runs(tiny_m
     resumed_out = tmp_path / "b" / "run"
     shutil.copytree(reference_out, resumed_out)
     shutil.copytree(tmp_path / "a" / "mlruns", tmp_path / "b" / "mlruns")
-    for path in ("checkpoints/step-4", "final", "summary.json", "run_state.json"):
+    for path in ("checkpoints/checkpoint-4", "final", "summary.json", "run_state.json"):
         target = resumed_out / path
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     metrics = [r for r in read_jsonl(resumed_out / "metrics.jsonl") if r["step"] <= 3]

@@ -60,7 +60,7 @@ def test_train_each_objective_logs_required_metrics_and_writes_loadable_final_mo
     assert model.config.tie_word_embeddings
     assert (out / "curves.png").stat().st_size > 0
     assert json.loads((out / "run_state.json").read_text())["status"] == "finished"
-    assert (out / "checkpoints" / "step-3" / "ds").is_dir()
+    assert (out / "checkpoints" / "checkpoint-3" / "ds").is_dir()
 
 
 def test_sft_loss_falls_on_repeated_data(tiny_model_dir, tmp_path):
@@ -134,7 +134,7 @@ def test_failing_checkpoint_write_keeps_previous_checkpoint_usable(tiny_model_di
         train(tiny_model_dir, out, "loss=sft", "trainer.max_steps=4", "trainer.save_steps=2")
     assert "simulated" in capsys.readouterr().err
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert checkpoints == ["step-2"], checkpoints
+    assert checkpoints == ["checkpoint-2"], checkpoints
     monkeypatch.setattr(loop, "export_hf_model", original)
     records = train(tiny_model_dir, out, "loss=sft", "trainer.max_steps=4", "trainer.save_steps=2")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
@@ -144,7 +144,7 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tiny_model_dir, tmp_path)
     out = tmp_path / "rot"
     train(tiny_model_dir, out, "loss=sft", "trainer.max_steps=6", "trainer.save_steps=1",
           "trainer.save_total_limit=2")
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5", "step-6"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-5", "checkpoint-6"]
 
 
 
@@ -160,7 +160,7 @@ def test_kill_9_and_resume_logs_the_same_losses_as_an_uninterrupted_run(tiny_mod
     log = tmp_path / "killed.log"
     process = start_cli(args, log)
     try:
-        wait_for(out / "checkpoints" / "step-6", process, log, timeout=300)
+        wait_for(out / "checkpoints" / "checkpoint-6", process, log, timeout=300)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -268,7 +268,7 @@ def test_without_export_every_save_checkpoints_hold_deepspeed_state_only_and_fin
     out = tmp_path / "lean"
     train(tiny_model_dir, out, "loss=sft", "trainer.save_steps=1", "trainer.export_every_save=false")
     for step in (2, 3):  # save_total_limit=2
-        checkpoint = out / "checkpoints" / f"step-{step}"
+        checkpoint = out / "checkpoints" / f"checkpoint-{step}"
         assert (checkpoint / "ds").is_dir() and (checkpoint / "trainer_state.json").is_file()
         assert not (checkpoint / "model.safetensors").exists() and not (checkpoint / "config.json").exists()
     final, expected = load_file(out / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")

@@ -55,7 +55,7 @@ def test_two_ranks_log_the_same_losses_as_one_process_on_the_same_global_batch(t
         assert right["ce"] == pytest.approx(left["ce"], rel=1e-4)
         assert right["supervised_tokens"] == left["supervised_tokens"]
     # Rank 0 alone writes the shared files; both ranks' DeepSpeed shards are in the checkpoint.
-    shards = list((two_dir / "checkpoints" / "step-3" / "ds").iterdir())
+    shards = list((two_dir / "checkpoints" / "checkpoint-3" / "ds").iterdir())
     assert len([s for s in shards if "optim_states" in s.name]) == 2
     from transformers import AutoModelForCausalLM
 
@@ -78,7 +78,7 @@ def test_two_rank_zero3_checkpoint_resumes_in_two_ranks(tiny_model_dir, tmp_path
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
     shutil.rmtree(cut / "final")
-    shutil.rmtree(cut / "checkpoints" / "step-4")
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-4")
     (cut / "run_state.json").write_text('{"status": "running"}')
     torchrun(["train", *tiny_overrides(tiny_model_dir, cut, *common, "trainer.max_steps=4")])
     full = [r for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if "loss" in r]

@@ -1,9 +1,9 @@
 """An explicit ``trainer.resume=<an older checkpoint of this run>``: the newer checkpoints are another branch.
 
-Resuming this run from step-2 while step-3 and step-4 exist starts a new branch of the run at step 2. Left in
+Resuming this run from checkpoint-2 while checkpoint-3 and checkpoint-4 exist starts a new branch of the run at step 2. Left in
 checkpoints/, the old branch's newer checkpoints would stay the newest by step: a later ``trainer.resume=auto``
 (after a kill or a preemption) would jump back to them, and pruning (trainer.save_total_limit) would keep them
-and delete the new branch's. They are moved, never deleted, to ``checkpoints/abandoned-<UTC time>/step-N``
+and delete the new branch's. They are moved, never deleted, to ``checkpoints/abandoned-<UTC time>/checkpoint-N``
 (with the periodic evaluations of those steps, ``eval/step-N``, under its ``eval/``) before the run writes
 anything, so the user can still look at or start from them.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from otr_cli.atomic import fsync_directory
-from otr_cli.train.checkpoints import STEP_DIR, RunDirectory
+from otr_cli.train.checkpoints import LEGACY_STEP_DIR, RunDirectory, checkpoint_step
 
 log = logging.getLogger("otr.train")
 
@@ -25,17 +25,19 @@ ABANDONED_PREFIX = "abandoned-"
 
 
 def newer_branch(run_dir: RunDirectory, checkpoint: Path, resumed_step: int) -> list[Path]:
-    """The step-N folders of this run (checkpoints/, and eval/ for the periodic evaluations) with N past
+    """The checkpoint-N folders of this run (checkpoints/; also an old run's step-N) and the eval/step-N folders
+    of its periodic evaluations, with N past
     `resumed_step`, when `checkpoint` is one of this run's own checkpoints; [] otherwise (a resume from another
     run's checkpoint into this directory abandons nothing here)."""
     if Path(checkpoint).resolve().parent != run_dir.checkpoints.resolve():
         return []
     found = []
-    for folder in (run_dir.checkpoints, run_dir.root / "eval"):
+    evaluations = run_dir.root / "eval"
+    for folder, step_of in ((run_dir.checkpoints, checkpoint_step), (evaluations, evaluation_step)):
         if folder.is_dir():
             for child in folder.iterdir():
-                match = STEP_DIR.match(child.name)
-                if match and int(match.group(1)) > resumed_step:
+                step = step_of(child.name)
+                if step is not None and step > resumed_step:
                     found.append(child)
     return sorted(found)
 
@@ -61,3 +63,9 @@ def move_newer_branch_aside(run_dir: RunDirectory, checkpoint: Path, resumed_ste
                 "(nothing deleted)", checkpoint, resumed_step, ", ".join(
                     str(p.relative_to(run_dir.root)) for p in newer), target)
     return target
+
+
+def evaluation_step(name: str) -> Optional[int]:
+    """The step of a periodic evaluation's folder under eval/ (step-N); None for any other name."""
+    match = LEGACY_STEP_DIR.match(name)
+    return int(match.group(1)) if match else None

@@ -1,17 +1,21 @@
 """Checkpoint layout, atomic writes, rotation and resume discovery.
 
-    <output_dir>/checkpoints/step-N/   ds/ (DeepSpeed shards: model, optimizer, scheduler)
+    <output_dir>/checkpoints/checkpoint-N/   ds/ (DeepSpeed shards: model, optimizer, scheduler)
                                        model.safetensors, config.json, tokenizer files
                                        adapter/ (LoRA runs: the adapter alone, for peft)
-                                       trainer_state.json
+                                       trainer_state.json (Hugging Face's fields and otr's: trainer_state.py)
                                        manifest.json (size and checksums of every file: manifest.py)
-    <output_dir>/checkpoints/damaged-step-N/   a checkpoint found damaged when resuming, set aside
+    <output_dir>/checkpoints/damaged-checkpoint-N/   a checkpoint found damaged when resuming, set aside
+
+Checkpoints are named as the Hugging Face Trainer names them (``checkpoint-N``), so that its tools find them
+(``transformers.trainer_utils.get_last_checkpoint("<output_dir>/checkpoints")``). Runs written before that
+named them ``step-N``: those are still listed, resumed, pruned and set aside (LEGACY_STEP_DIR).
     <output_dir>/final/                the last model, Hugging Face format (hard links to the last
                                        checkpoint's export when it has one, else exported there)
     <output_dir>/run_state.json        {"status": "running" | "finished", ...}
 
-Every checkpoint is written into a hidden ``.tmp-step-N`` directory and renamed into place
-only when all ranks are done, so ``step-N`` existing means it is complete. A failure while
+Every checkpoint is written into a hidden ``.tmp-checkpoint-N`` directory and renamed into place
+only when all ranks are done, so ``checkpoint-N`` existing means it is complete. A failure while
 writing, on any rank, is agreed on by every rank (save_failure.py): the partial directory is removed,
 the earlier checkpoints are untouched, and every rank raises the same error. Before the rename the
 ranks checksum the files into ``manifest.json``; resuming checks them (``verified_resume``). Pruned checkpoints are renamed into hidden
@@ -40,7 +44,10 @@ from otr_cli.train.save_failure import WriteFailure, agreed_error, describe, dro
 
 log = logging.getLogger("otr.train")
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+# The name of a checkpoint in runs written before otr used Hugging Face's: still resumed.
+LEGACY_STEP_DIR = re.compile(r"^step-(\d+)$")
 DS_TAG = "ds"
 
 
@@ -63,6 +70,8 @@ class RunDirectory:
         self.state_file = self.root / "run_state.json"
         # Rank 0's deletions and sizing, off the ranks' critical path.
         self.background = BackgroundFiles()
+        # The best checkpoint by trainer.metric_for_best (set by the trainer): never pruned.
+        self.best_checkpoint: Optional[Path] = None
 
     # -- discovery ---------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[tuple[int, Path]]:
@@ -71,10 +80,11 @@ class RunDirectory:
             return []
         found = []
         for child in self.checkpoints.iterdir():
-            match = STEP_DIR.match(child.name)
-            if match and child.is_dir() and (child / "trainer_state.json").is_file():
-                found.append((int(match.group(1)), child))
-        return sorted(found)
+            step = checkpoint_step(child.name)
+            if step is not None and child.is_dir() and (child / "trainer_state.json").is_file():
+                # An old-layout step-N and a checkpoint-N of the same step: the new one sorts last (newest).
+                found.append((step, child.name.startswith(CHECKPOINT_PREFIX), child))
+        return [(step, path) for step, _, path in sorted(found)]
 
     def checkpoint_path(self, step: int) -> Path:
         """Where the checkpoint of `step` is published: the same path on every rank, from the step alone.
@@ -82,7 +92,7 @@ class RunDirectory:
         A rank acting on a checkpoint this run wrote uses this, never its own listing of checkpoints/
         (NFS can show one rank an older listing: under ZeRO-3 it would then enter a collective alone).
         """
-        return self.checkpoints / f"step-{step}"
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
 
     def latest_checkpoint(self) -> Optional[Path]:
         """The newest complete checkpoint in this rank's listing (for resuming; may be stale on NFS)."""
@@ -102,7 +112,8 @@ class RunDirectory:
         """Create the directory; with `overwrite`, delete a previous run's model files first."""
         if self.dist.is_main:
             # Leftovers of a checkpoint that was being written, or deleted, when the process died.
-            stale = [*self.checkpoints.glob(".tmp-step-*"), *trash_in(self.checkpoints), *trash_in(self.root)]
+            stale = [*self.checkpoints.glob(f".tmp-{CHECKPOINT_PREFIX}*"), *self.checkpoints.glob(".tmp-step-*"),
+                     *trash_in(self.checkpoints), *trash_in(self.root)]
             if overwrite:
                 for path in (self.checkpoints, self.final, self.state_file, self.root / "metrics.jsonl"):
                     if path.is_dir():
@@ -138,7 +149,7 @@ class RunDirectory:
         `expected_bytes()` is the size one checkpoint should have, for the message of a full disk.
         """
         final_dir = self.checkpoint_path(step)
-        tmp_dir = self.checkpoints / f".tmp-step-{step}"
+        tmp_dir = self.checkpoints / f".tmp-{CHECKPOINT_PREFIX}{step}"
         stages = [write_contents] if callable(write_contents) else list(write_contents)
         is_main = self.dist.is_main
         free_at_start = free_bytes(self.checkpoints) if is_main else None
@@ -168,12 +179,19 @@ class RunDirectory:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
                 tmp_dir.mkdir(parents=True)
 
-        agreed(create)
-        for stage in stages:
-            agreed(lambda: stage(tmp_dir))
-        sizes = agreed(lambda: list_files(tmp_dir) if is_main else None)[0]  # rank 0's listing, for every rank
-        share = share_chunks(sizes, self.dist.world_size)[self.dist.rank]
-        checksums = [c for found in agreed(lambda: checksum_share(tmp_dir, share)) for c in found]
+        try:
+            agreed(create)
+            for stage in stages:
+                agreed(lambda: stage(tmp_dir))
+            sizes = agreed(lambda: list_files(tmp_dir) if is_main else None)[0]  # rank 0's listing, for every rank
+            share = share_chunks(sizes, self.dist.world_size)[self.dist.rank]
+            checksums = [c for found in agreed(lambda: checksum_share(tmp_dir, share)) for c in found]
+        except (KeyboardInterrupt, SystemExit):
+            # A second Ctrl-C stops at once, without the agreement (every rank got it): rank 0 still removes
+            # the half-written directory, so that no one mistakes it for a checkpoint in the meantime.
+            if is_main:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
 
         def publish() -> None:
             if not is_main:
@@ -194,7 +212,7 @@ class RunDirectory:
         """Rank 0, after a failed write: remove the partial checkpoint and raise the error every rank raises."""
         shutil.rmtree(tmp_dir, ignore_errors=True)
         previous = self.latest_checkpoint()
-        raise agreed_error(failures, checkpoint=f"step-{step}", directory=self.checkpoints,
+        raise agreed_error(failures, checkpoint=f"{CHECKPOINT_PREFIX}{step}", directory=self.checkpoints,
                            needed=checkpoint_need(previous, expected_bytes), free_at_start=free_at_start,
                            previous=previous.name if previous else None)
 
@@ -203,8 +221,9 @@ class RunDirectory:
         if limit is None:
             return
         complete = self.complete_checkpoints()
+        best = self.best_checkpoint.resolve() if self.best_checkpoint is not None else None
         for _, path in complete[:-limit]:
-            if path != keep:
+            if path != keep and path.resolve() != best:  # the best is kept beside the newest `limit`
                 self.background.discard(path)
 
     def publish_final(self, source_checkpoint: Path, export: Optional[Callable[[Path], None]] = None,
@@ -295,7 +314,7 @@ def verified_resume(run_dir: RunDirectory, resume: str) -> Optional[Path]:
 
     A collective: every rank calls it, reads its share of the files (manifest.verify_checkpoint) and
     gets the same answer. With trainer.resume=auto a damaged checkpoint is moved aside, to
-    checkpoints/damaged-step-N (never deleted), with a warning naming what is wrong, and the previous
+    checkpoints/damaged-checkpoint-N (never deleted), with a warning naming what is wrong, and the previous
     one is tried; when none is left, or for an explicit trainer.resume=PATH, a damaged checkpoint is a
     CheckpointError (left in place).
     A checkpoint saved before otr wrote manifests is resumed unchecked (logged).
@@ -329,7 +348,7 @@ def verified_resume(run_dir: RunDirectory, resume: str) -> Optional[Path]:
                 f"with trainer.overwrite=true (deletes its checkpoints) or in a new run.output_dir.")
         moved = decide_on_main(lambda: set_aside(checkpoint))
         if run_dir.dist.is_main:
-            log.warning("checkpoint %s is damaged since it was saved (%s): moved to %s, not deleted; resuming from "
+            log.warning("%s is damaged since it was saved (%s): moved to %s, not deleted; resuming from "
                         "the previous checkpoint instead", checkpoint.name, what, moved)
 
 
@@ -342,6 +361,12 @@ def set_aside(checkpoint: Path) -> Path:
     os.replace(checkpoint, target)
     fsync_directory(checkpoint.parent)
     return target
+
+
+def checkpoint_step(name: str) -> Optional[int]:
+    """The step of a checkpoint folder's name, checkpoint-N (or an old run's step-N); None for any other name."""
+    match = CHECKPOINT_DIR.match(name) or LEGACY_STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -86,9 +86,13 @@ def stopped_at_once(run_state) -> None:
     from otr_cli.atomic import write_json_atomic
     from otr_cli.train import preemption
 
-    steps = sorted(int(p.name.split("-")[1]) for p in run_state.parent.glob("checkpoints/step-*")
-                   if p.name.split("-")[1].isdigit())
-    newest = (f"the newest complete checkpoint is {run_state.parent / 'checkpoints' / f'step-{steps[-1]}'}" if steps
+    from otr_cli.train.checkpoints import checkpoint_step
+
+    checkpoints = run_state.parent / "checkpoints"
+    found = sorted((step, p.name) for p in (checkpoints.iterdir() if checkpoints.is_dir() else [])
+                   if (step := checkpoint_step(p.name)) is not None)
+    steps = [step for step, _ in found]
+    newest = (f"the newest complete checkpoint is {checkpoints / found[-1][1]}" if found
               else "no checkpoint was published")
     if os.environ.get("RANK", "0") == "0":
         try:

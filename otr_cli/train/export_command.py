@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                                                  "only (trainer.export_every_save=false, ZeRO-3 shards); runs on a "
                                                  "machine without GPUs.")
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory of a run (it holds ds/ and "
-                                                      "trainer_state.json), e.g. outputs/mine/checkpoints/step-40")
+                                                      "trainer_state.json), e.g. outputs/mine/checkpoints/checkpoint-40")
     parser.add_argument("--out", type=Path, required=True, help="the new model directory (must not exist, or be "
                                                                 "empty)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the weights written (default: the dtype the run "
@@ -114,13 +114,13 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: Optional[str] = None, 
 def _check_checkpoint(checkpoint: Path, ds_tag: str) -> None:
     if not checkpoint.is_dir():
         raise ExportError(f"{checkpoint}: no such checkpoint directory; give a checkpoint of a run "
-                          f"(e.g. outputs/mine/checkpoints/step-40)")
+                          f"(e.g. outputs/mine/checkpoints/checkpoint-40)")
     if not (checkpoint / ds_tag).is_dir():
         if (checkpoint / "config.json").is_file() and any(checkpoint.glob("*.safetensors")):
             raise ExportError(f"{checkpoint} is already a Hugging Face model (no DeepSpeed state {ds_tag}/ to "
                               f"export): load it with from_pretrained as it is")
         raise ExportError(f"{checkpoint} holds no DeepSpeed state ({checkpoint / ds_tag}/ is missing): not an otr "
-                          f"checkpoint; give a checkpoint directory of a run (e.g. outputs/mine/checkpoints/step-40)")
+                          f"checkpoint; give a checkpoint directory of a run (e.g. outputs/mine/checkpoints/checkpoint-40)")
 
 
 def _check_out(out: Path) -> None:

@@ -22,6 +22,7 @@ from otr_cli.models import load_run_tokenizer
 from otr_cli.train import preemption
 from otr_cli.train.batches import StepPlan, loss_weights, padded_shard_starts
 from otr_cli.train.abandoned import move_newer_branch_aside
+from otr_cli.train.best_checkpoint import BestTracker, greater_is_better, record_best_in
 from otr_cli.train.checkpoints import (DS_TAG, RunDirectory, RunExistsError, check_same_data_order,
                                       check_same_training_data, read_trainer_state, topology_record,
                                       verified_resume)
@@ -45,6 +46,7 @@ from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
 from otr_cli.train.token_loss_model import sampling_generator
+from otr_cli.train.trainer_state import trainer_state
 from otr_cli.train.trackers import open_trackers
 
 log = logging.getLogger("otr.train")
@@ -114,6 +116,16 @@ class Trainer:
         # trainer.on_nonfinite: a step whose loss or gradient is not finite is skipped or stops the run.
         self.nonfinite = NonFiniteGuard(cfg.trainer.on_nonfinite, cfg.trainer.max_nonfinite_skips, engine,
                                         dist_info.is_main)
+        # trainer.metric_for_best: the best checkpoint so far (the same on every rank), early stopping.
+        trainer_cfg = cfg.trainer
+        self.best = (BestTracker(trainer_cfg.metric_for_best,
+                                 greater_is_better(trainer_cfg.metric_for_best, trainer_cfg.greater_is_better),
+                                 trainer_cfg.early_stopping_patience, trainer_cfg.early_stopping_threshold)
+                     if trainer_cfg.metric_for_best else None)
+        # The scores of the periodic evaluation of the current step (rank 0; {} elsewhere or when none ran).
+        self.periodic_scores: dict[str, float] = {}
+        # The step at which trainer.early_stopping_patience stopped the run (None: it ran to the end).
+        self.stopped_early_at: Optional[int] = None
 
     # -- state ---------------------------------------------------------------------------------
     def resume_from(self, checkpoint: Path, plan: Optional[ResumePlan] = None) -> None:
@@ -128,6 +140,8 @@ class Trainer:
                             single_process_states=(client_state or {}).get("rng"))
         self.metrics.truncate_after(self.step)
         self.resumed_at = self.step
+        if self.best is not None:
+            self._restore_best(state.get("best"))
         if Path(checkpoint).resolve() == self.run_dir.checkpoint_path(self.step).resolve():
             self.saved_at = self.step  # this run's checkpoint of this step: evaluations here use its export
         log.info("Resumed from %s at step %d", checkpoint, self.step)
@@ -144,14 +158,21 @@ class Trainer:
                 export_hf_model(self.engine, tmp_dir, self.tokenizer, self.dist.is_main,
                                 chat=self.chat_export)
             if self.dist.is_main:
-                write_json_atomic(tmp_dir / "trainer_state.json", {
-                    "step": self.step, "epoch": self.plan.epoch_at(self.step), "total_steps": self.total_steps,
-                    "global_batch": self.plan.global_batch, "seed": self.cfg.seed,
-                    "max_tokens_per_batch": self.plan.max_tokens_per_batch,
-                    "data_order": self.plan.order_settings(),
-                    "topology": topology_record(self.dist.world_size, self.engine.zero_stage),
-                    **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint else {}),
-                })
+                trainer_cfg = self.cfg.trainer
+                write_json_atomic(tmp_dir / "trainer_state.json", trainer_state(
+                    step=self.step, epoch=self.plan.epoch_at(self.step), max_steps=self.total_steps,
+                    num_train_epochs=trainer_cfg.epochs if trainer_cfg.max_steps <= 0 else
+                    self.plan.epoch_at(self.total_steps), micro_batch_size=trainer_cfg.micro_batch_size,
+                    logging_steps=trainer_cfg.log_steps, save_steps=trainer_cfg.save_steps,
+                    eval_steps=trainer_cfg.eval_steps, records=read_metrics(self.run_dir.root / "metrics.jsonl"),
+                    best=self.best.record() if self.best is not None else None,
+                    otr_fields={
+                        "total_steps": self.total_steps, "global_batch": self.plan.global_batch,
+                        "seed": self.cfg.seed, "max_tokens_per_batch": self.plan.max_tokens_per_batch,
+                        "data_order": self.plan.order_settings(),
+                        "topology": topology_record(self.dist.world_size, self.engine.zero_stage),
+                        **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint else {}),
+                    }))
 
         def expected_bytes() -> int:  # for the message of a full disk only
             return estimate_for_run(self.cfg, self.device.type == "cuda", self.dist.world_size).total_bytes
@@ -165,6 +186,63 @@ class Trainer:
             evaluation_s=self.longest_evaluation_stretch_s)
         self.saved_at = self.step
         return checkpoint
+
+    # -- the best checkpoint (trainer.metric_for_best) -------------------------------------------
+    def _restore_best(self, saved: Optional[dict[str, Any]]) -> None:
+        """The best record of the checkpoint resumed from; a benchmark score of its step measured after its
+        save (kept in metrics.jsonl, perhaps not yet in its trainer_state.json) is observed again, on rank 0."""
+        self.best.restore(saved)
+        if not self.best.metric.startswith("eval/"):
+            self._protect_best()
+            return
+
+        def with_own_score() -> Optional[dict[str, Any]]:
+            for record in read_metrics(self.run_dir.root / "metrics.jsonl"):
+                if record.get("step") == self.step and self.best.metric in record:
+                    self.best.observe(self.step, float(record[self.best.metric]), self.run_dir.checkpoint_path(self.step))
+            return self.best.record()
+
+        self.best.restore(decide_on_main(with_own_score))
+        self._protect_best()
+
+    def _protect_best(self) -> None:
+        """Pruning (rank 0) keeps the best checkpoint beside the newest trainer.save_total_limit."""
+        self.run_dir.best_checkpoint = Path(self.best.checkpoint) if self.best.checkpoint else None
+
+    def _observe_best(self, value: Optional[float]) -> None:
+        """The metric of this step (a checkpoint step; the value as every rank has it, or rank 0's): updates
+        the best on rank 0 and hands the record to every rank, which take the same early-stopping decision."""
+        every = self.cfg.trainer.save_steps
+        if self.best is None or not every or self.step % every:
+            return
+        checkpoint = self.run_dir.checkpoint_path(self.step)
+
+        def observed() -> Optional[dict[str, Any]]:
+            if value is not None:
+                improved = self.best.observe(self.step, value, checkpoint)
+                log.info("%s=%.6g at step %d%s", self.best.metric, value, self.step,
+                         " (new best)" if improved else f" (best {self.best.metric_value:.6g} at step {self.best.step})")
+            return self.best.record()
+
+        self.best.restore(decide_on_main(observed))
+        self._protect_best()
+        if self.saved_at == self.step and self.dist.is_main:  # measured after the save: recorded in it now
+            best = self.best.record()
+            self.run_dir.background.submit(lambda: record_best_in(checkpoint, best))
+
+    def _early_stop(self) -> bool:
+        """trainer.early_stopping_patience evaluations without improvement: stop here (same on every rank)."""
+        if self.best is None or not self.best.should_stop() or self.step >= self.total_steps:
+            return False
+        self.stopped_early_at = self.step
+        message = (f"early stopping at step {self.step}: {self.best.metric} has not improved by more than "
+                   f"{self.best.threshold:g} for {self.best.evaluations_without_improvement} evaluations "
+                   f"(trainer.early_stopping_patience={self.best.patience}); best {self.best.metric_value:.6g} at "
+                   f"step {self.best.step}")
+        if self.dist.is_main:
+            log.warning(message)
+            self.metrics.write({"step": self.step, "early_stopping": message})
+        return True
 
     def checkpoint_now(self) -> Path:
         """A complete checkpoint of the current step: the one just written, else a new one (same path on every rank)."""
@@ -364,13 +442,22 @@ class Trainer:
         signal_monitor = WeakSignalMonitor.from_config(self.cfg.loss)
         with progress:
             self._finish_interrupted_evaluation(progress)
-            while self.step < self.total_steps:
+            # A resumed run whose record already says stop (killed between the decision and the end) stops here.
+            stopped_early = self.resumed_at is not None and self._early_stop()
+            while self.step < self.total_steps and not stopped_early:
                 record = self._timed_step()
                 self._maybe_validate(record)
+                if self.best is not None and self.best.metric == "val_ce":
+                    self._observe_best(record.get("val_ce"))  # before the save: its trainer_state.json has it
                 self._log(record, progress, signal_monitor)
                 self._maybe_save()
+                self.periodic_scores = {}
                 self._maybe_evaluate(progress)
+                if self.best is not None and self.best.metric.startswith("eval/") and self._evaluated_now():
+                    self._observe_best(self.periodic_scores.get(self.best.metric))
                 self._maybe_stop()
+                if self._early_stop():
+                    break
         return self._finish()
 
     def _timed_step(self) -> dict[str, Any]:
@@ -434,9 +521,15 @@ class Trainer:
             subset = dataclasses.replace(eval_cfg, limit=min(eval_cfg.limit or 10**9, eval_cfg.every_steps_limit))
             scores = self.evaluate_current_model(subset, self.run_dir.root / "eval" / f"step-{self.step}")
             if self.dist.is_main:
-                self.metrics.write({"step": self.step, **{f"eval/{name}": r["value"] for name, r in scores.items()}})
+                self.periodic_scores = {f"eval/{name}": r["value"] for name, r in scores.items()}
+                self.metrics.write({"step": self.step, **self.periodic_scores})
                 progress.note("eval at step %d: %s" % (self.step, ", ".join(
                     f"{name} {r['value']:.1%}" for name, r in scores.items())))
+
+    def _evaluated_now(self) -> bool:
+        """Whether this step had a periodic evaluation (from the step and the config, the same on every rank)."""
+        every = self.cfg.eval.every_steps
+        return bool(self.cfg.eval.benchmarks) and every > 0 and self.step % every == 0 and self.step < self.total_steps
 
     def _finish_interrupted_evaluation(self, progress: TrainProgress) -> None:
         """A run stopped between a checkpoint and the end of the periodic evaluation that follows it
@@ -453,7 +546,10 @@ class Trainer:
                                     for r in records))
         if all_reduce_sum([missing], self.device)[0] > 0:  # rank 0 read the file; every rank must agree
             log.info("Resumed at step %d without its evaluation (eval.every_steps=%d): evaluating now", self.step, every)
+            self.periodic_scores = {}
             self._maybe_evaluate(progress, periodic_only=True)
+            if self.best is not None and self.best.metric.startswith("eval/"):
+                self._observe_best(self.periodic_scores.get(self.best.metric))  # the score the stop cut off
             self._maybe_stop()  # a stop during it: save and leave before another step
 
     def _maybe_stop(self) -> None:
@@ -476,7 +572,13 @@ class Trainer:
         export = None if self.cfg.trainer.export_every_save else (
             lambda target: export_hf_model(self.engine, target, self.tokenizer, self.dist.is_main,
                                            chat=self.chat_export))
-        self.run_dir.publish_final(last, export)
+        source = last
+        if self.cfg.trainer.final_model == "best" and self.best is not None and self.best.checkpoint:
+            source = Path(self.best.checkpoint)  # never pruned; the same path on every rank
+            if self.dist.is_main:
+                log.info("final/ holds the best checkpoint, %s (%s=%.6g)", source.name, self.best.metric,
+                         self.best.metric_value)
+        self.run_dir.publish_final(source, export)
         self.metrics.close()
         return records
 
@@ -588,6 +690,7 @@ def _train_in(cfg: TrainConfig, dist_info: DistInfo, output_dir: Path) -> dict[s
         remove_universal_forms(run_dir.checkpoints, keep=None)  # the run has saved its own checkpoints since
     evals: dict[str, dict] = {"before training": before} if before else {}
     evals.update(trainer.phase_evals)
+    final_step, stopped_early_at = trainer.step, trainer.stopped_early_at
     # From metrics.jsonl rather than the trainer, so evaluations made before a resume count too.
     periodic = {r["step"]: {k[len("eval/"):]: v for k, v in r.items() if k.startswith("eval/")}
                 for r in records if any(k.startswith("eval/") for k in r)}
@@ -595,12 +698,14 @@ def _train_in(cfg: TrainConfig, dist_info: DistInfo, output_dir: Path) -> dict[s
     del trainer, engine
     release_memory()
     if cfg.eval.benchmarks:
-        evals[f"final (step {total_steps})"] = _evaluate(cfg, str(run_dir.final), output_dir / "eval" / "final",
+        evals[f"final (step {final_step})"] = _evaluate(cfg, str(run_dir.final), output_dir / "eval" / "final",
                                                         dist_info, tokenizer)
     summary = {"output_dir": str(output_dir), "final_model": str(run_dir.final), "total_steps": total_steps,
                "train_seconds": elapsed, "eval": evals, "data": data.report.as_dict()}
     if periodic:
         summary["eval_during_training"] = periodic
+    if stopped_early_at is not None:
+        summary["stopped_early_at_step"] = stopped_early_at
     warnings = [r["warning"] for r in records if "warning" in r]
     if warnings:
         summary["warnings"] = warnings
@@ -608,7 +713,7 @@ def _train_in(cfg: TrainConfig, dist_info: DistInfo, output_dir: Path) -> dict[s
         write_json_atomic(output_dir / "summary.json", summary)
         plot_curves(records, output_dir / "curves.png")
         print_summary(records, summary)
-    run_dir.mark("finished", step=total_steps, total_steps=total_steps)
+    run_dir.mark("finished", step=final_step, total_steps=total_steps)
     barrier()
     return summary
 

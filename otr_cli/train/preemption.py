@@ -18,7 +18,7 @@ Ctrl-C (SIGINT) is a person asking the run to stop: the first one is a stop requ
 ranks received (the ranks agree on that in the same all-reduce as on the stop). The second Ctrl-C
 raises KeyboardInterrupt wherever the program is: `otr train` exits with INTERRUPTED_EXIT (130, the
 shell's status for Ctrl-C). A checkpoint being written then is never published: its hidden
-``.tmp-step-N`` folder is removed (checkpoints.py; a process killed there leaves it for the next
+``.tmp-checkpoint-N`` folder is removed (checkpoints.py; a process killed there leaves it for the next
 start to remove).
 """
 

@@ -7,10 +7,10 @@ parameter, and an engine built with ``"checkpoint": {"load_universal": true}`` l
 size. This module decides, before the model loads, whether a resume needs that conversion, refuses
 the cases DeepSpeed cannot load, and converts once per checkpoint:
 
-    <output_dir>/checkpoints/step-N/ds/              the checkpoint as saved (never modified)
-    <output_dir>/checkpoints/universal-step-N/ds/    its universal form, published by a rename
+    <output_dir>/checkpoints/checkpoint-N/ds/              the checkpoint as saved (never modified)
+    <output_dir>/checkpoints/universal-checkpoint-N/ds/    its universal form, published by a rename
 
-A second requeue finds ``universal-step-N`` and reuses it; only the newest one is kept.
+A second requeue finds ``universal-checkpoint-N`` and reuses it; only the newest one is kept.
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ def convert_to_universal(checkpoint: Path, workers: int = 4) -> float:
 
 def remove_universal_forms(checkpoints_dir: Path, keep: Optional[Path]) -> None:
     """Delete the universal forms in `checkpoints_dir` but `keep`: each is as big as the optimizer state."""
-    for stale in [*checkpoints_dir.glob(f"{UNIVERSAL_PREFIX}step-*"),
-                  *checkpoints_dir.glob(f".tmp-{UNIVERSAL_PREFIX}step-*")]:  # also conversions killed part-way
+    # checkpoint-* and an old run's step-*; also conversions killed part-way (.tmp-).
+    for stale in [*checkpoints_dir.glob(f"{UNIVERSAL_PREFIX}*"), *checkpoints_dir.glob(f".tmp-{UNIVERSAL_PREFIX}*")]:
         if keep is None or stale.resolve() != keep.resolve():
             shutil.rmtree(stale, ignore_errors=True)
 

@@ -103,12 +103,12 @@ def agreed_error(failures: list[WriteFailure], *, checkpoint: str, directory: Pa
         resume = (f"it resumes from {previous}, which is intact" if previous
                   else "no earlier checkpoint exists, so it starts from step 0")
         return DiskFullError(
-            f"checkpoint {checkpoint} was not saved: the file system of {directory} is full (rank {full.rank}: "
+            f"{checkpoint} was not saved: the file system of {directory} is full (rank {full.rank}: "
             f"{full.error}). One checkpoint needs {need} and {free} was free when the save began; the partial "
             f"checkpoint was removed. Free space there (delete old checkpoints, or lower trainer.save_total_limit: "
             f"the next checkpoint is written before the oldest is deleted), or move run.output_dir to a larger disk, "
             f"and run the same command again: {resume}.")
-    return CheckpointWriteError(f"checkpoint {checkpoint} was not saved: writing it failed on rank(s) {ranks} "
+    return CheckpointWriteError(f"{checkpoint} was not saved: writing it failed on rank(s) {ranks} "
                                 f"(rank {first.rank}: {first.error}); the partial checkpoint was removed")
 
 

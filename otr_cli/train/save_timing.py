@@ -77,7 +77,7 @@ def record_save(checkpoint: Path, seconds: float) -> Optional[int]:
         write_json_atomic(state_file, state)
     except FileNotFoundError:
         return None  # pruned by a later save before this ran: nothing left to describe
-    log.info("checkpoint %s: %s as seen from rank 0", checkpoint.name, format_bytes(size))
+    log.info("%s: %s as seen from rank 0", checkpoint.name, format_bytes(size))
     return size
 
 
@@ -102,7 +102,7 @@ def timed_save(save: Callable[[WaitClock], Path], *, step: int, signal_delay_s: 
     wait_clock.barrier()  # counts any work rank 0 did alone above, which the others would wait for anyway
     waited = sum_over_ranks([0.0 if is_main else wait_clock.seconds])[0] / max(world_size - 1, 1)
     if is_main:
-        log.info("checkpoint %s saved in %.1f s; the other ranks waited %.2f s", checkpoint.name, seconds, waited)
+        log.info("%s saved in %.1f s; the other ranks waited %.2f s", checkpoint.name, seconds, waited)
         warning = slow_save_warning(seconds, signal_delay_s, evaluation_s)
         if warning:
             log.warning(warning)
