@@ -92,7 +92,7 @@ def test_each_save_is_timed_and_the_estimate_matches_the_real_checkpoint(tiny_mo
 
 def test_the_dry_run_prints_the_checkpoint_size_per_rank_and_in_total(tiny_model_dir, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)  # left behind by an in-process training
-    main(["train", f"model.name_or_path={tiny_model_dir}", "deepspeed=zero3", "launcher.nodes=2",
+    main(["train", "recipe=smollm2_demo", f"model.name_or_path={tiny_model_dir}", "deepspeed=zero3", "launcher.nodes=2",
           "launcher.tasks_per_node=4", "launcher.name=slurm", "dry_run=true"])
     out = " ".join(capsys.readouterr().out.split())
     assert "checkpoint size (world size 8, ZeRO-3, CPU)" in out

@@ -36,10 +36,11 @@ def otr(args: list[str], cluster: SlurmCluster, cwd: Path, timeout: int = 300) -
     return result
 
 
-def job_logs(directory: Path) -> str:
-    """The SLURM jobs' own logs (submitit writes them under <sweep>/.submitit), for failure messages."""
+def job_logs(directory: Path, tail: int | None = 3000) -> str:
+    """The SLURM jobs' own logs (submitit writes them under <sweep>/.submitit): the last `tail` characters of
+    each for a failure message, all of them (tail=None) for a search."""
     logs = sorted(directory.rglob(".submitit/*/*_log.*"))
-    return "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs)
+    return "\n".join(f"--- {log}\n{log.read_text()[-tail if tail else 0:]}" for log in logs)
 
 
 def array_jobs(sweep_dir: Path) -> dict[str, list[str]]:
@@ -72,6 +73,7 @@ def test_three_point_sweep_is_one_job_array_with_a_run_dir_per_point(slurm, tiny
     assert list(jobs.values())[0] == ["0", "1", "2"]
     script = next((sweep / ".submitit").glob("*/*_submission.sh")).read_text()
     assert "#SBATCH --array=0-2" in script and "#SBATCH --signal=USR1@120" in script
+    assert "#SBATCH --open-mode=append" in script  # a requeued job keeps the log of the run before it
     for point, beta in zip("012", (0.0, -0.1, -0.3)):
         run = sweep / point
         assert json.loads((run / "run_state.json").read_text())["status"] == "finished"
@@ -148,8 +150,10 @@ def test_preempted_job_saves_requeues_itself_and_ends_like_an_uninterrupted_run(
             process.kill()
     logs = job_logs(tmp_path)
     assert process.returncode == 0, f"{(tmp_path / 'submit.log').read_text()[-3000:]}\n{logs}"
-    assert "Preempted at step" in logs and "requeued" in logs, logs
-    assert "Resumed from" in logs, logs
+    # The whole log: the run before the requeue (appended to, not overwritten: open-mode=append) comes first.
+    whole = job_logs(tmp_path, tail=None)
+    assert "Preempted at step" in whole and "requeued" in whole, logs
+    assert whole.index("Preempted at step") < whole.index("Resumed from"), logs
     restarts = subprocess.run(["scontrol", "show", "job", job], env=subprocess_env() | slurm.env,
                               capture_output=True, text=True).stdout
     assert "Restarts=1" in restarts, restarts

@@ -110,7 +110,7 @@ def test_overwrite_true_retrains_a_finished_run(tiny_model_dir, tmp_path):
 
 def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["train", "model.name_or_path=./no/such/model", f"run.output_dir={tmp_path / 'x'}",
+        main(["train", "recipe=smollm2_demo", "model.name_or_path=./no/such/model", f"run.output_dir={tmp_path / 'x'}",
               "trainer.progress=false", "eval=none"])
     err = capsys.readouterr().err
     assert "no/such/model" in err and "no such file or directory" in err
