@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from otr_cli.atomic import write_json_atomic
+from otr_cli.train.trainer_state import best_fields
 
 log = logging.getLogger("otr.train")
 
@@ -84,6 +85,5 @@ def record_best_in(checkpoint: Path, best: Optional[dict[str, Any]]) -> None:
         state = json.loads(state_file.read_text())
     except FileNotFoundError:
         return  # pruned meanwhile
-    state.update({"best": best, "best_metric": best["metric_value"], "best_global_step": best["step"],
-                  "best_model_checkpoint": best["checkpoint"]})
+    state.update({"best": best, **best_fields(best)})
     write_json_atomic(state_file, state)

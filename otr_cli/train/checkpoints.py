@@ -76,15 +76,7 @@ class RunDirectory:
     # -- discovery ---------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[tuple[int, Path]]:
         """(step, path) of every complete checkpoint, oldest first."""
-        if not self.checkpoints.is_dir():
-            return []
-        found = []
-        for child in self.checkpoints.iterdir():
-            step = checkpoint_step(child.name)
-            if step is not None and child.is_dir() and (child / "trainer_state.json").is_file():
-                # An old-layout step-N and a checkpoint-N of the same step: the new one sorts last (newest).
-                found.append((step, child.name.startswith(CHECKPOINT_PREFIX), child))
-        return [(step, path) for step, _, path in sorted(found)]
+        return complete_checkpoints_in(self.checkpoints)
 
     def checkpoint_path(self, step: int) -> Path:
         """Where the checkpoint of `step` is published: the same path on every rank, from the step alone.
@@ -361,6 +353,20 @@ def set_aside(checkpoint: Path) -> Path:
     os.replace(checkpoint, target)
     fsync_directory(checkpoint.parent)
     return target
+
+
+def complete_checkpoints_in(checkpoints: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in a run's `checkpoints` folder, oldest first, in this
+    process's listing (a checkpoint is complete once its trainer_state.json is there)."""
+    if not checkpoints.is_dir():
+        return []
+    found = []
+    for child in checkpoints.iterdir():
+        step = checkpoint_step(child.name)
+        if step is not None and child.is_dir() and (child / "trainer_state.json").is_file():
+            # An old-layout step-N and a checkpoint-N of the same step: the new one sorts last (newest).
+            found.append((step, child.name.startswith(CHECKPOINT_PREFIX), child))
+    return [(step, path) for step, _, path in sorted(found)]
 
 
 def checkpoint_step(name: str) -> Optional[int]:

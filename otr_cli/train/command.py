@@ -86,14 +86,11 @@ def stopped_at_once(run_state) -> None:
     from otr_cli.atomic import write_json_atomic
     from otr_cli.train import preemption
 
-    from otr_cli.train.checkpoints import checkpoint_step
+    from otr_cli.train.checkpoints import complete_checkpoints_in
 
-    checkpoints = run_state.parent / "checkpoints"
-    found = sorted((step, p.name) for p in (checkpoints.iterdir() if checkpoints.is_dir() else [])
-                   if (step := checkpoint_step(p.name)) is not None)
+    found = complete_checkpoints_in(run_state.parent / "checkpoints")
     steps = [step for step, _ in found]
-    newest = (f"the newest complete checkpoint is {checkpoints / found[-1][1]}" if found
-              else "no checkpoint was published")
+    newest = f"the newest complete checkpoint is {found[-1][1]}" if found else "no checkpoint was published"
     if os.environ.get("RANK", "0") == "0":
         try:
             state = json.loads(run_state.read_text())

@@ -34,6 +34,13 @@ def log_history(records: Iterable[dict[str, Any]], step: int) -> list[dict[str, 
             if (entry := hf_log_entry(record)) is not None]
 
 
+def best_fields(best: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Hugging Face's best_* fields of trainer_state.json from best_checkpoint.BestTracker.record() (None: none)."""
+    return {"best_metric": best["metric_value"] if best else None,
+            "best_global_step": best["step"] if best else None,
+            "best_model_checkpoint": best["checkpoint"] if best else None}
+
+
 def trainer_state(*, step: int, epoch: float, max_steps: int, num_train_epochs: float, micro_batch_size: int,
                   logging_steps: int, save_steps: int, eval_steps: int, records: Iterable[dict[str, Any]],
                   best: Optional[dict[str, Any]], otr_fields: dict[str, Any]) -> dict[str, Any]:
@@ -53,9 +60,7 @@ def trainer_state(*, step: int, epoch: float, max_steps: int, num_train_epochs: 
         "num_input_tokens_seen": sum(int(entry.get("tokens", 0)) for entry in history),
         "total_flos": 0,
         "log_history": history,
-        "best_metric": best["metric_value"] if best else None,
-        "best_global_step": best["step"] if best else None,
-        "best_model_checkpoint": best["checkpoint"] if best else None,
+        **best_fields(best),
         "is_local_process_zero": True,
         "is_world_process_zero": True,
         "is_hyper_param_search": False,
