@@ -28,7 +28,7 @@ def published(run_dir) -> list[str]:
 
 def assert_complete(checkpoint) -> None:
     """Everything a resume reads: the trainer state of that step, the DeepSpeed shards, the HF export."""
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == int(checkpoint.name.split("-")[1])
+    assert json.loads((checkpoint / "otr_state.json").read_text())["step"] == int(checkpoint.name.split("-")[1])
     assert (checkpoint / "model.safetensors").is_file() and list((checkpoint / "ds").glob("*model_states.pt"))
 
 

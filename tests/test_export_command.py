@@ -44,7 +44,7 @@ def assert_same_tensors(exported: Path, final: Path, dtype: torch.dtype = torch.
 
 def last_checkpoint(run: Path) -> Path:
     checkpoints = [p for p in (run / "checkpoints").iterdir() if (p / "trainer_state.json").is_file()]
-    return max(checkpoints, key=lambda p: json.loads((p / "trainer_state.json").read_text())["step"])
+    return max(checkpoints, key=lambda p: json.loads((p / "trainer_state.json").read_text())["global_step"])
 
 
 @pytest.fixture(scope="module")

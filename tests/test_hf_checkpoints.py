@@ -20,7 +20,10 @@ def train(tiny_model_dir, out, *extra):
 
 
 def state_of(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
+    """Hugging Face's trainer_state.json and otr's otr_state.json of a checkpoint, merged."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    otr_file = checkpoint / "otr_state.json"
+    return {**state, **(json.loads(otr_file.read_text()) if otr_file.is_file() else {})}
 
 
 def as_interrupted(out: Path) -> None:
@@ -31,6 +34,7 @@ def as_interrupted(out: Path) -> None:
 
 @pytest.mark.slow
 def test_an_hf_tool_finds_the_last_checkpoint_of_an_otr_run_and_reads_hf_trainer_state(tiny_model_dir, tmp_path):
+    from transformers import TrainerState
     from transformers.trainer_utils import get_last_checkpoint
 
     out = tmp_path / "run"
@@ -45,8 +49,13 @@ def test_an_hf_tool_finds_the_last_checkpoint_of_an_otr_run_and_reads_hf_trainer
     assert all("learning_rate" in entry for entry in history if "loss" in entry)
     assert [entry["eval_loss"] for entry in history if "eval_loss" in entry] == [
         r["val_ce"] for r in records if "val_ce" in r and r["step"] <= 4][:2]
-    # otr's own fields stay beside Hugging Face's.
-    assert state["step"] == 4 and "data_order" in state and "topology" in state
+    # transformers reads the file as its own TrainerState (it refuses a key it does not know) ...
+    loaded = TrainerState.load_from_json(str(out / "checkpoints" / "checkpoint-4" / "trainer_state.json"))
+    assert loaded.global_step == 4 and loaded.log_history == history
+    # ... and otr's own fields sit beside it, in otr_state.json.
+    otr_state = json.loads((out / "checkpoints" / "checkpoint-4" / "otr_state.json").read_text())
+    assert otr_state["step"] == 4 and "data_order" in otr_state and "topology" in otr_state
+    assert otr_state["save_time_s"] >= 0 and otr_state["checkpoint_bytes"] > 0  # the background sizing's rewrite
     assert [e["step"] for e in state_of(out / "checkpoints" / "checkpoint-2")["log_history"] if "loss" in e] == [1, 2]
 
 
@@ -64,6 +73,24 @@ def test_a_run_in_the_old_step_n_layout_resumes(tiny_model_dir, tmp_path):
     records = train(tiny_model_dir, out, "trainer.max_steps=4", "trainer.save_steps=2")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # steps 3-4 trained after the resume
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "step-2"]
+    assert state_of(out / "checkpoints" / "checkpoint-4")["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_otr_fields_inside_trainer_state_json_resumes(tiny_model_dir, tmp_path):
+    """Checkpoints written before otr_state.json kept otr's fields in trainer_state.json, beside Hugging Face's."""
+    out = tmp_path / "mixed"
+    train(tiny_model_dir, out, "trainer.max_steps=2", "trainer.save_steps=2")
+    as_interrupted(out)
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    merged = state_of(checkpoint)
+    (checkpoint / "otr_state.json").unlink()
+    (checkpoint / "trainer_state.json").write_text(json.dumps(merged))
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    del manifest["files"]["otr_state.json"]  # as that version's manifest listed the files
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    records = train(tiny_model_dir, out, "trainer.max_steps=4", "trainer.save_steps=2")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert state_of(out / "checkpoints" / "checkpoint-4")["global_step"] == 4
 
 
@@ -180,3 +207,22 @@ def test_a_benchmark_score_as_metric_for_best_keeps_and_records_the_best(tiny_mo
     assert state_of(out / "checkpoints" / "checkpoint-3")["best_model_checkpoint"] == str(
         out / "checkpoints" / "checkpoint-1")
     assert state_of(out / "checkpoints" / "checkpoint-3")["best"]["evaluations_without_improvement"] == 2
+
+
+def test_a_saves_log_history_comes_from_memory_not_from_rereading_metrics_jsonl(tmp_path):
+    """metrics.jsonl grows with every step: each save would otherwise read it whole on rank 0, the others waiting."""
+    from otr_cli.train.metrics import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 2, "loss": 1.5}) + "\n")
+    log = MetricsLog(path, enabled=True)
+    log.truncate_after(1)  # a resume at step 1
+    assert log.records() == [{"step": 1, "loss": 2.0}]
+    log.write({"step": 2, "loss": 1.25, "lr": (1e-5)})
+    log.write({"step": 2, "val_ce": 1.0})
+    assert log.records() == read_metrics(path)
+    with path.open("a") as handle:  # a line the log did not write: the kept records do not re-read the file
+        handle.write(json.dumps({"step": 99}) + "\n")
+    assert [r["step"] for r in log.records()] == [1, 2, 2]
+    log.truncate_after(2)  # re-read after a truncation
+    assert log.records() == read_metrics(path) and [r["step"] for r in log.records()] == [1, 2, 2]

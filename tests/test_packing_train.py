@@ -47,7 +47,7 @@ def test_packed_run_with_a_token_budget_resumes_exactly_and_refuses_another_budg
               "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.save_steps=2"]
     full = tmp_path / "full"
     main(["train", *tiny_overrides(tiny_model_dir, full, *common)])
-    state = json.loads((full / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    state = json.loads((full / "checkpoints" / "checkpoint-2" / "otr_state.json").read_text())
     assert state["max_tokens_per_batch"] == 300
     # The same run, as if killed after step 2's checkpoint.
     cut = tmp_path / "cut"

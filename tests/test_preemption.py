@@ -99,7 +99,7 @@ def test_a_second_signal_during_the_save_does_not_interrupt_it(tiny_model_dir, t
     err = capfd.readouterr().err  # the handler writes to fd 2 directly (async-signal-safe)
     assert "SIGTERM received again: already stopping" in err
     checkpoint = out / "checkpoints" / "checkpoint-3"
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 3
+    assert json.loads((checkpoint / "otr_state.json").read_text())["step"] == 3
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "ds").is_dir()
     assert not list((out / "checkpoints").glob(".tmp-*"))
     # The handlers are put back once the run is over.
@@ -133,7 +133,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step(tiny_model_dir, tmp_pa
     assert step < 8
     checkpoint = out / "checkpoints" / f"checkpoint-{step}"
     assert len(list((checkpoint / "ds").glob("*optim_states.pt"))) == 2  # both ranks saved the same step
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
+    assert json.loads((checkpoint / "otr_state.json").read_text())["step"] == step
     # (Resuming a 2-rank checkpoint in 2 ranks is tested in tests/test_train_distributed.py.)
 
 

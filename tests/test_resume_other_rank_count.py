@@ -59,7 +59,7 @@ def test_two_rank_checkpoint_resumes_in_one_process_with_the_losses_continuing(t
     torchrun(["train", *tiny_overrides(tiny_model_dir, full, *common, *TWO_RANKS)])
     cut = cut_after_step_2(full, tmp_path / "cut")
     if stage == 3 and not variant:  # a checkpoint from before otr recorded its topology: the world size is read from ds/
-        state_file = cut / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+        state_file = cut / "checkpoints" / "checkpoint-2" / "otr_state.json"
         state = json.loads(state_file.read_text())
         del state["topology"]
         state_file.write_text(json.dumps(state))

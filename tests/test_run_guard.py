@@ -212,7 +212,7 @@ def test_a_resume_on_edited_training_data_is_refused_naming_the_file(tiny_model_
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     recorded = [r for r in records if r.get("resumed_with_changed_data")]
     assert len(recorded) == 1 and recorded[0]["step"] == 2 and str(data) in recorded[0]["warning"]
-    saved = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())["data_fingerprint"]
+    saved = json.loads((out / "checkpoints" / "checkpoint-4" / "otr_state.json").read_text())["data_fingerprint"]
     assert saved["source"] == str(data) and saved["examples"] == 48
     assert "warnings" in json.loads((out / "summary.json").read_text())
 

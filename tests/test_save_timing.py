@@ -70,9 +70,9 @@ def test_each_save_is_timed_and_the_estimate_matches_the_real_checkpoint(tiny_mo
     # signal_delay_s=0: every save takes more than half of it, so every save warns.
     main(["train", *tiny_overrides(tiny_model_dir, out, f"deepspeed={preset}", "trainer.max_steps=2",
                                    "trainer.save_steps=1", "launcher.signal_delay_s=0")])
-    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "otr_state.json").read_text())
     assert state["step"] == 2 and state["save_time_s"] > 0
-    # Measured before these two fields were added to trainer_state.json.
+    # Measured before these two fields were added to otr_state.json.
     assert state["checkpoint_bytes"] == pytest.approx(directory_bytes(out / "checkpoints" / "checkpoint-2"), abs=100)
     assert [line.split(" saved in ")[0] for line in logged if " saved in " in line] == ["checkpoint-1",
                                                                                          "checkpoint-2"]

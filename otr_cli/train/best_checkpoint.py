@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from otr_cli.atomic import write_json_atomic
-from otr_cli.train.trainer_state import best_fields
+from otr_cli.train.trainer_state import TRAINER_STATE, best_fields, otr_state_file
 
 log = logging.getLogger("otr.train")
 
@@ -76,14 +76,16 @@ class BestTracker:
 
 
 def record_best_in(checkpoint: Path, best: Optional[dict[str, Any]]) -> None:
-    """Rewrite `checkpoint`'s trainer_state.json with the best known after its own evaluation (a benchmark score
-    comes after the save). Rank 0, on its background file thread, after the save's own rewrite of the file."""
+    """Rewrite `checkpoint`'s state files with the best known after its own evaluation (a benchmark score
+    comes after the save): Hugging Face's best_* fields in trainer_state.json, otr's record in otr_state.json.
+    Rank 0, on its background file thread, after the save's own rewrite of the files."""
     if best is None:
         return
-    state_file = checkpoint / "trainer_state.json"
     try:
-        state = json.loads(state_file.read_text())
+        for state_file, fields in ((checkpoint / TRAINER_STATE, best_fields(best)),
+                                   (otr_state_file(checkpoint), {"best": best})):
+            state = json.loads(state_file.read_text())
+            state.update(fields)
+            write_json_atomic(state_file, state)
     except FileNotFoundError:
         return  # pruned meanwhile
-    state.update({"best": best, **best_fields(best)})
-    write_json_atomic(state_file, state)

@@ -3,7 +3,7 @@
     <output_dir>/checkpoints/checkpoint-N/   ds/ (DeepSpeed shards: model, optimizer, scheduler)
                                        model.safetensors, config.json, tokenizer files
                                        adapter/ (LoRA runs: the adapter alone, for peft)
-                                       trainer_state.json (Hugging Face's fields and otr's: trainer_state.py)
+                                       trainer_state.json (Hugging Face's fields), otr_state.json (otr's): trainer_state.py
                                        manifest.json (size and checksums of every file: manifest.py)
     <output_dir>/checkpoints/damaged-checkpoint-N/   a checkpoint found damaged when resuming, set aside
 
@@ -38,6 +38,7 @@ from otr_cli.errors import UserError
 from otr_cli.train.checkpoint_size import directory_bytes
 from otr_cli.train.background_files import BackgroundFiles, trash_in
 from otr_cli.train.distributed import DistInfo, barrier, decide_on_main, gather_from_all
+from otr_cli.train.trainer_state import OTR_STATE, TRAINER_STATE
 from otr_cli.train.manifest import (MANIFEST, build_manifest, checksum_share, list_files, read_manifest, share_chunks,
                                    subset, verify_checkpoint, write_manifest_of)
 from otr_cli.train.save_failure import WriteFailure, agreed_error, describe, drop_tracebacks, free_bytes
@@ -234,9 +235,9 @@ class RunDirectory:
             export(tmp)
         elif self.dist.is_main:
             # ".*.tmp": an atomic writer's temporary file, such as the background sizing's rewrite of
-            # trainer_state.json, which is renamed away while the tree is linked.
+            # otr_state.json, which is renamed away while the tree is linked.
             shutil.copytree(source_checkpoint, tmp, copy_function=link_or_copy,
-                            ignore=shutil.ignore_patterns(DS_TAG, "trainer_state.json", "latest", "zero_to_fp32.py",
+                            ignore=shutil.ignore_patterns(DS_TAG, TRAINER_STATE, OTR_STATE, "latest", "zero_to_fp32.py",
                                                           "zero_to_torch.py", ".*.tmp", MANIFEST))
         if self.dist.is_main:
             write_manifest_of(tmp, final_manifest(tmp, None if export is not None else source_checkpoint))
@@ -376,11 +377,15 @@ def checkpoint_step(name: str) -> Optional[int]:
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
+    """A checkpoint's trainer_state.json and otr_state.json merged (otr's keys win): everything a resume reads.
+    A checkpoint saved before otr_state.json has otr's keys inside trainer_state.json."""
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    own = checkpoint / OTR_STATE
+    return {**state, **json.loads(own.read_text())} if own.is_file() else state
 
 
 def topology_record(world_size: int, zero_stage: int) -> dict[str, int]:
-    """trainer_state.json's "topology": how the DeepSpeed state under ds/ is split (read by train/reshard.py)."""
+    """otr_state.json's "topology": how the DeepSpeed state under ds/ is split (read by train/reshard.py)."""
     return {"world_size": world_size, "zero_stage": zero_stage}
 
 

@@ -4,7 +4,7 @@ A resume is exact only on the same tokenized examples: the order of examples is 
 seed and the step (train/batches.py), so an edited training file resumes silently into other batches.
 ``train_data_fingerprint`` hashes the tokenized training split itself (the token ids, label flags, example
 boundaries and loss weights that training reads), whichever way it was built (tokenized now, read from the
-tokenization cache, or generated); trainer_state.json keeps it with the source it came from
+tokenization cache, or generated); otr_state.json keeps it with the source it came from
 (train/checkpoints.py check_same_training_data).
 """
 

@@ -194,9 +194,11 @@ def _training_state_dict(ds_dir: Path, checkpoint: Path, module: dict) -> dict:
 
 
 def _zero_stage(checkpoint: Path, ds_dir: Path) -> int:
-    """The ZeRO stage that saved ds/: trainer_state.json's topology, else whether there are per-rank shards."""
+    """The ZeRO stage that saved ds/: otr_state.json's topology, else whether there are per-rank shards."""
+    from otr_cli.train.checkpoints import read_trainer_state
+
     try:
-        return int(json.loads((checkpoint / "trainer_state.json").read_text())["topology"]["zero_stage"])
+        return int(read_trainer_state(checkpoint)["topology"]["zero_stage"])
     except (OSError, ValueError, KeyError, TypeError):
         return 1 if any(ds_dir.glob("*optim_states.pt")) else 0
 

@@ -46,7 +46,7 @@ from otr_cli.train.save_timing import timed_save
 from otr_cli.train.schedule import Phase, build_schedule, phase_at, phase_boundaries
 from otr_cli.train.signals import WeakSignalMonitor
 from otr_cli.train.token_loss_model import sampling_generator
-from otr_cli.train.trainer_state import trainer_state
+from otr_cli.train.trainer_state import OTR_STATE, TRAINER_STATE, otr_state, trainer_state
 from otr_cli.train.trackers import open_trackers
 
 log = logging.getLogger("otr.train")
@@ -92,7 +92,7 @@ class Trainer:
         self.engine = engine
         self.total_steps = total_steps
         self.plan = plan
-        # What the run trains on (train/data_identity.py; rank 0's, None on the others), kept in trainer_state.json.
+        # What the run trains on (train/data_identity.py; rank 0's, None on the others), kept in otr_state.json.
         self.data_fingerprint = data_fingerprint
         self.phases: list[Phase] = build_schedule(cfg.loss, total_steps)
         # Step after which each phase but the last ends: {step: phase}.
@@ -159,20 +159,22 @@ class Trainer:
                                 chat=self.chat_export)
             if self.dist.is_main:
                 trainer_cfg = self.cfg.trainer
-                write_json_atomic(tmp_dir / "trainer_state.json", trainer_state(
+                best = self.best.record() if self.best is not None else None
+                write_json_atomic(tmp_dir / OTR_STATE, otr_state(step=self.step, best=best, otr_fields={
+                    "total_steps": self.total_steps, "global_batch": self.plan.global_batch,
+                    "seed": self.cfg.seed, "max_tokens_per_batch": self.plan.max_tokens_per_batch,
+                    "data_order": self.plan.order_settings(),
+                    "topology": topology_record(self.dist.world_size, self.engine.zero_stage),
+                    **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint else {}),
+                }))
+                # Written last: a checkpoint is complete once its trainer_state.json is there.
+                write_json_atomic(tmp_dir / TRAINER_STATE, trainer_state(
                     step=self.step, epoch=self.plan.epoch_at(self.step), max_steps=self.total_steps,
                     num_train_epochs=trainer_cfg.epochs if trainer_cfg.max_steps <= 0 else
                     self.plan.epoch_at(self.total_steps), micro_batch_size=trainer_cfg.micro_batch_size,
                     logging_steps=trainer_cfg.log_steps, save_steps=trainer_cfg.save_steps,
-                    eval_steps=trainer_cfg.eval_steps, records=read_metrics(self.run_dir.root / "metrics.jsonl"),
-                    best=self.best.record() if self.best is not None else None,
-                    otr_fields={
-                        "total_steps": self.total_steps, "global_batch": self.plan.global_batch,
-                        "seed": self.cfg.seed, "max_tokens_per_batch": self.plan.max_tokens_per_batch,
-                        "data_order": self.plan.order_settings(),
-                        "topology": topology_record(self.dist.world_size, self.engine.zero_stage),
-                        **({"data_fingerprint": self.data_fingerprint} if self.data_fingerprint else {}),
-                    }))
+                    eval_steps=trainer_cfg.eval_steps, records=self.metrics.records(),
+                    best=best))
 
         def expected_bytes() -> int:  # for the message of a full disk only
             return estimate_for_run(self.cfg, self.device.type == "cuda", self.dist.world_size).total_bytes

@@ -7,8 +7,9 @@
 Every file of the checkpoint is listed with its size in bytes and the checksum of each `chunk_bytes`
 stretch of it (hex xxh3_64: ~15 GB/s on one core, far faster than a disk reads), so a shard truncated
 by a node crash, a file deleted by a clean-up script or a flipped block is found before DeepSpeed or
-transformers trip over it. ``trainer_state.json`` is rewritten after the checkpoint is published (its
-size and save time, save_timing.record_save), so it is checked to parse rather than checksummed.
+transformers trip over it. ``trainer_state.json`` and ``otr_state.json`` are rewritten after the checkpoint is
+published (its size and save time, save_timing.record_save; the best after its evaluation,
+best_checkpoint.record_best_in), so they are checked to parse rather than checksummed.
 
 At scale the files are large (Qwen3-8B: a 16 GB export and ~100 GB of optimizer shards), so the
 chunks are shared over the ranks (`share_chunks`: the largest first, each to the rank with the least
@@ -29,7 +30,7 @@ ALGORITHM = "xxh3_64"
 CHUNK_BYTES = 256 << 20  # a 16 GB export is 64 chunks: enough to keep 64 ranks busy
 READ_BYTES = 8 << 20  # one read() of a chunk
 # Rewritten in place (atomically) after the checkpoint is published: checked to be readable JSON.
-REWRITTEN = ("trainer_state.json",)
+REWRITTEN = ("trainer_state.json", "otr_state.json")
 
 Chunk = tuple[str, int]  # (path relative to the checkpoint, chunk index)
 

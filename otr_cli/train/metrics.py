@@ -30,6 +30,15 @@ class MetricsLog:
         self.path = path
         self.enabled = enabled
         self.trackers = trackers if enabled else None
+        self._records: Optional[list[dict[str, Any]]] = None  # read from the file at the first records()
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record of the file so far: read once, then kept as they are written, so that a save's
+        log_history (trainer_state.json) does not re-read a file that grows with every step while the other
+        ranks wait. The list is the log's own: do not change it."""
+        if self._records is None:
+            self._records = read_metrics(self.path)
+        return self._records
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: a resumed run rewrites them, so the file has no duplicates."""
@@ -42,12 +51,16 @@ class MetricsLog:
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        self._records = None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        line = json.dumps(record)
         with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(line + "\n")
+        if self._records is not None:
+            self._records.append(json.loads(line))  # as a reader of the file sees it
         if self.trackers is not None:
             self.trackers.log(record)
 

@@ -67,7 +67,7 @@ class ResumePlan:
 
 
 def saved_topology(checkpoint: Path) -> Topology:
-    """The ZeRO stage `checkpoint` was saved under (trainer_state.json's "topology", else guessed from the file
+    """The ZeRO stage `checkpoint` was saved under (otr_state.json's "topology", else guessed from the file
     names) and how many ranks' optimizer shards its ds/ holds (what DeepSpeed itself will count)."""
     names = os.listdir(checkpoint / DS_TAG)
     shards = len({m.group(1) for name in names if (m := _OPTIM_SHARD.match(name))})

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 from otr_cli.atomic import write_json_atomic
 from otr_cli.train.checkpoint_size import directory_bytes, format_bytes
 from otr_cli.train.distributed import barrier, gather_from_all
+from otr_cli.train.trainer_state import otr_state_file
 
 log = logging.getLogger("otr.train")
 
@@ -60,7 +61,7 @@ def slow_save_warning(seconds: float, signal_delay_s: float, evaluation_s: float
 
 
 def record_save(checkpoint: Path, seconds: float) -> Optional[int]:
-    """Add the save's duration and size to the checkpoint's trainer_state.json; returns the size in bytes
+    """Add the save's duration and size to the checkpoint's otr_state.json; returns the size in bytes
     (None: the checkpoint was pruned meanwhile).
 
     Rank 0 only, after the checkpoint is in place, in the background (walking a checkpoint of
@@ -71,7 +72,7 @@ def record_save(checkpoint: Path, seconds: float) -> Optional[int]:
 
     try:
         size = directory_bytes(checkpoint)
-        state_file = checkpoint / "trainer_state.json"
+        state_file = otr_state_file(checkpoint)
         state = json.loads(state_file.read_text())
         state.update({"save_time_s": round(seconds, 3), "checkpoint_bytes": size})
         write_json_atomic(state_file, state)
@@ -87,7 +88,7 @@ def timed_save(save: Callable[[WaitClock], Path], *, step: int, signal_delay_s: 
                evaluation_s: float = 0.0) -> Path:
     """Run `save(wait_clock)` (collective: every rank calls it) and report how long it took on rank 0.
 
-    The time is logged and kept in the checkpoint's trainer_state.json; a save that, after
+    The time is logged and kept in the checkpoint's otr_state.json; a save that, after
     `evaluation_s` (see slow_save_warning), takes more than half of `signal_delay_s` also writes a
     warning line ({"step", "warning"}) to metrics.jsonl. The log also gives the mean seconds the other ranks waited in the save's barriers (`save` times its barriers
     with the clock), rank 0's work after the save included: GPUs idle while rank 0 works alone.

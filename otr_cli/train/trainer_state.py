@@ -1,14 +1,20 @@
-"""trainer_state.json of a checkpoint: the fields of Hugging Face's TrainerState, and otr's own beside them.
+"""A checkpoint's state files: trainer_state.json (Hugging Face's TrainerState) and otr_state.json (otr's).
 
 Hugging Face's tools read `global_step`, `log_history`, `best_metric`, `best_model_checkpoint`, ... from a
-checkpoint's trainer_state.json; otr reads its own keys (`step`, `data_order`, `data_fingerprint`, `topology`,
-`save_time_s`, `checkpoint_bytes`, `best`) when it resumes. Both sets live in one file so that neither
-ecosystem needs a file of its own.
+checkpoint's trainer_state.json, and ``TrainerState.load_from_json`` refuses a key it does not know, so that
+file holds Hugging Face's fields alone. otr's own keys (`step`, `data_order`, `data_fingerprint`, `topology`,
+`save_time_s`, `checkpoint_bytes`, `best`, ...) sit beside it in otr_state.json;
+``checkpoints.read_trainer_state`` merges the two (older checkpoints kept otr's keys inside
+trainer_state.json, and still resume).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Optional
+
+TRAINER_STATE = "trainer_state.json"
+OTR_STATE = "otr_state.json"
 
 # metrics.jsonl's names for what Hugging Face's log_history names otherwise.
 HF_NAMES = {"lr": "learning_rate", "val_ce": "eval_loss"}
@@ -43,12 +49,11 @@ def best_fields(best: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 def trainer_state(*, step: int, epoch: float, max_steps: int, num_train_epochs: float, micro_batch_size: int,
                   logging_steps: int, save_steps: int, eval_steps: int, records: Iterable[dict[str, Any]],
-                  best: Optional[dict[str, Any]], otr_fields: dict[str, Any]) -> dict[str, Any]:
-    """The contents of trainer_state.json. `best`: best_checkpoint.BestTracker.record() (None: no
-    trainer.metric_for_best); `otr_fields`: otr's own keys, written beside Hugging Face's."""
+                  best: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The contents of trainer_state.json: Hugging Face's TrainerState fields, and no other.
+    `best`: best_checkpoint.BestTracker.record() (None: no trainer.metric_for_best)."""
     history = log_history(records, step)
     return {
-        # Hugging Face's TrainerState.
         "global_step": step,
         "epoch": epoch,
         "max_steps": max_steps,
@@ -67,8 +72,17 @@ def trainer_state(*, step: int, epoch: float, max_steps: int, num_train_epochs: 
         "trial_name": None,
         "trial_params": None,
         "stateful_callbacks": {},
-        # otr's.
-        "step": step,
-        **({"best": best} if best else {}),
-        **otr_fields,
     }
+
+
+def otr_state(*, step: int, best: Optional[dict[str, Any]], otr_fields: dict[str, Any]) -> dict[str, Any]:
+    """The contents of otr_state.json: the step, the best record (when trainer.metric_for_best is set) and
+    `otr_fields` (what a resume checks: data order, topology, data fingerprint, ...)."""
+    return {"step": step, **({"best": best} if best else {}), **otr_fields}
+
+
+def otr_state_file(checkpoint: Path) -> Path:
+    """Where `checkpoint` keeps otr's fields: otr_state.json, or trainer_state.json in a checkpoint saved
+    before otr_state.json existed (the rewrites after a save then go where the fields already are)."""
+    own = checkpoint / OTR_STATE
+    return own if own.is_file() or not (checkpoint / TRAINER_STATE).is_file() else checkpoint / TRAINER_STATE
