@@ -207,3 +207,40 @@ def test_two_cli_runs_miss_then_hit_and_train_the_same(tiny_model_dir, tmp_path)
     assert [r["cache"] for r in reports] == ["miss", "hit"]
     assert reports[0]["cache_path"] == reports[1]["cache_path"] and len(_entries(cache)) == 1
     assert losses[0] == losses[1]
+
+
+def test_a_cache_hit_gives_the_data_fingerprint_without_reading_the_training_tokens(
+        tokenizer, data_file, cache_dir, monkeypatch):
+    """Rank 0 hashed every training token at each start, the other ranks waiting; the entry now keeps the digest."""
+    from otr_cli.data.tokenized import TokenizedSplit
+    from otr_cli.train.data_identity import train_data_fingerprint
+
+    cfg = _cfg(data_file, cache_dir)
+    first = build_datasets(cfg, tokenizer, seed=1)
+    computed = train_data_fingerprint(first.train, cfg)
+    [entry] = _entries(cache_dir)
+    stored = json.loads((entry / META_FILE).read_text())["digests"]["train"]
+    assert stored == computed["train_tokens"]
+
+    def no_reading(self):
+        raise AssertionError("the training split was hashed again")
+
+    monkeypatch.setattr(TokenizedSplit, "content_digest", no_reading)
+    hit = build_datasets(cfg, tokenizer, seed=1)
+    assert hit.report.cache == "hit" and train_data_fingerprint(hit.train, cfg) == computed
+    monkeypatch.undo()
+    assert hit.train.content_digest() == stored  # the memory-mapped arrays hash as the ones built in memory
+
+
+def test_an_entry_stored_without_a_digest_still_gives_the_same_fingerprint(tokenizer, data_file, cache_dir):
+    from otr_cli.train.data_identity import train_data_fingerprint
+
+    cfg = _cfg(data_file, cache_dir)
+    expected = train_data_fingerprint(build_datasets(cfg, tokenizer, seed=1).train, cfg)
+    [entry] = _entries(cache_dir)
+    meta = json.loads((entry / META_FILE).read_text())
+    del meta["digests"]  # as entries were stored before
+    (entry / META_FILE).write_text(json.dumps(meta))
+    hit = build_datasets(cfg, tokenizer, seed=1)
+    assert hit.report.cache == "hit" and hit.train.stored_digest is None
+    assert train_data_fingerprint(hit.train, cfg) == expected

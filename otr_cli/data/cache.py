@@ -236,6 +236,8 @@ class CacheEntry:
             if (len(splits[split]), splits[split].num_tokens) != tuple(expected):
                 raise ValueError(f"{split}: {len(splits[split])} examples and {splits[split].num_tokens} tokens "
                                  f"stored, {expected[0]} and {expected[1]} expected")
+        # Entries stored before digests were kept have none: the fingerprint then reads the arrays.
+        splits["train"].stored_digest = meta.get("digests", {}).get("train")
         bundle = DataBundle(train=splits["train"], validation=splits["validation"],
                             report=DataReport(**meta["report"]))
         bundle.report.cache, bundle.report.cache_path = "hit", str(self.path)
@@ -257,8 +259,11 @@ class CacheEntry:
             splits = {split: as_split(getattr(bundle, split)) for split in SPLITS}
             for split, tokenized in splits.items():
                 written += tokenized.save(tmp, split)
+            # The training split's digest, the run's data fingerprint (train/data_identity.py): hashed once here,
+            # so that no later start reads every token on rank 0 while the other ranks wait.
+            train_digest = splits["train"].stored_digest or splits["train"].content_digest()
             meta = {"format_version": FORMAT_VERSION, "key": self.key, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "inputs": self.inputs,
+                    "inputs": self.inputs, "digests": {"train": train_digest},
                     "examples": {split: len(splits[split]) for split in SPLITS},
                     "tokens": {split: splits[split].num_tokens for split in SPLITS},
                     "report": _stored_report(bundle.report)}
@@ -268,6 +273,8 @@ class CacheEntry:
             fsync_directory(tmp)
             os.rename(tmp, self.path)  # atomic; fails if the entry exists (another writer was first)
             fsync_directory(root)
+            if isinstance(bundle.train, TokenizedSplit):
+                bundle.train.stored_digest = train_digest
             return True
         except OSError as exc:
             if tmp is not None:

@@ -13,6 +13,7 @@ elsewhere (the contract of TokenizedExample), so one flag per token holds them.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union, overload
@@ -25,6 +26,8 @@ from otr_cli.data.examples import IGNORE_INDEX, TokenizedExample
 ARRAY_DTYPES = {"input_ids": np.int32, "supervised": np.uint8, "offsets": np.int64, "num_supervised": np.int64,
                 "weights": np.float32, "has_weights": np.uint8}
 REQUIRED_ARRAYS = ("input_ids", "supervised", "offsets", "num_supervised")
+# content_digest() hashes this many bytes at a time.
+DIGEST_CHUNK_BYTES = 64 << 20
 
 
 class TokenizedSplit(Sequence):
@@ -52,6 +55,8 @@ class TokenizedSplit(Sequence):
             raise ValueError("weights do not match the examples")
         self.input_ids, self.supervised, self.offsets = input_ids, supervised, offsets
         self.num_supervised, self.weights, self.has_weights = num_supervised, weights, has_weights
+        # content_digest() as the tokenization cache stored it with these arrays (None: not known).
+        self.stored_digest: Optional[str] = None
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -106,6 +111,18 @@ class TokenizedSplit(Sequence):
         if self.weights is not None:
             named.update(weights=self.weights, has_weights=self.has_weights)
         return named
+
+    def content_digest(self) -> str:
+        """Hex blake2b (20 bytes) of every array (name, dtype, length, bytes), read DIGEST_CHUNK_BYTES at a
+        time: a memory-mapped split of any size is read page by page, never copied whole (~1 s per GB)."""
+        digest = hashlib.blake2b(digest_size=20)
+        for name, array in self.arrays().items():
+            flat = np.ascontiguousarray(array).reshape(-1)
+            digest.update(f"{name}:{flat.dtype.str}:{flat.size}\n".encode())
+            step = max(1, DIGEST_CHUNK_BYTES // max(flat.itemsize, 1))
+            for start in range(0, flat.size, step):
+                digest.update(memoryview(flat[start:start + step]).cast("B"))
+        return digest.hexdigest()
 
     def save(self, directory: Path, prefix: str) -> list[Path]:
         """One ``{prefix}.{name}.npy`` per array in `directory`; returns the paths written."""
