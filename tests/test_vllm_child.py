@@ -313,10 +313,11 @@ def test_every_rank_raises_when_one_ranks_gpu_lacks_memory_for_vllm(monkeypatch)
                                             memory=lambda: (60 * GIB, 80 * GIB))
 
 
-# A fake `vllm` for the real child file (otr_cli/eval/vllm_child.py): it records its process id, says
-# it started, and either sleeps (FAKE_VLLM_SLEEP seconds, as the engine's start-up does) or answers.
+# A fake `vllm` for the real child file (otr_cli/eval/vllm_child.py): it starts a process of its own, as
+# vLLM starts its engine core, records both process ids, and either sleeps (FAKE_VLLM_SLEEP seconds, as
+# the engine's start-up does) or answers.
 FAKE_VLLM = '''
-import os, time
+import os, subprocess, sys, time
 from types import SimpleNamespace
 
 class SamplingParams:
@@ -325,8 +326,9 @@ class SamplingParams:
 
 class LLM:
     def __init__(self, model, **engine):
+        engine_core = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         with open(os.environ["FAKE_VLLM_PIDS"], "a") as handle:
-            handle.write(f"{os.getpid()}\\n")
+            handle.write(f"{os.getpid()} {engine_core.pid}\\n")
         time.sleep(float(os.environ.get("FAKE_VLLM_SLEEP", "0")))
 
     def generate(self, prompts, params, use_tqdm=False):
@@ -359,14 +361,15 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for_pid(pids_file, process, log, timeout=240.0) -> int:
+def wait_for_pids(pids_file, process, log, timeout=240.0) -> list[int]:
+    """The fake vLLM's process ids: the child's and its engine core's."""
     import time
 
     deadline = time.time() + timeout
-    while not (pids_file.is_file() and pids_file.read_text().strip()):
+    while not (pids_file.is_file() and pids_file.read_text().endswith("\n")):
         assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
-    return int(pids_file.read_text().split()[0])
+    return [int(pid) for pid in pids_file.read_text().split()]
 
 
 @pytest.mark.slow
@@ -392,7 +395,7 @@ def test_a_stop_signal_to_the_whole_process_group_during_vllm_generation_saves_a
         process = subprocess.Popen([sys.executable, "-m", "otr_cli.cli", "train", *args], cwd=REPO, env=env,
                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        child = wait_for_pid(pids, process, log)
+        children = wait_for_pids(pids, process, log)
         time.sleep(0.5)
         os.killpg(process.pid, signal.SIGUSR1)
         code = process.wait(timeout=120)
@@ -403,11 +406,11 @@ def test_a_stop_signal_to_the_whole_process_group_during_vllm_generation_saves_a
     assert "SIGUSR1 received" in text
     assert json.loads((out / "run_state.json").read_text())["status"] == "preempted"
     assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
-    assert not alive(child), "the vLLM child outlived the stop"
+    assert not any(alive(pid) for pid in children), "the vLLM child or its engine outlived the stop"
 
 
 @pytest.mark.slow
-def test_the_vllm_child_dies_when_its_parent_is_killed(tmp_path):
+def test_the_vllm_child_and_its_engine_die_when_their_parent_is_killed(tmp_path):
     import os
     import signal
     import subprocess
@@ -434,17 +437,18 @@ generate_vllm({str(model)!r}, ["x"], GenerationSettings(backend="vllm"), tokeniz
         parent = subprocess.Popen([sys.executable, str(parent_script)], env=env, stdout=handle,
                                   stderr=subprocess.STDOUT)
     try:
-        child = wait_for_pid(pids, parent, log, timeout=60)
-        assert alive(child)
-        os.kill(parent.pid, signal.SIGKILL)  # no chance to end its child: the kernel must
+        children = wait_for_pids(pids, parent, log, timeout=60)
+        assert all(alive(pid) for pid in children)
+        os.kill(parent.pid, signal.SIGKILL)  # no chance to end its child
         parent.wait()
         deadline = time.time() + 10
-        while alive(child) and time.time() < deadline:
+        while any(alive(pid) for pid in children) and time.time() < deadline:
             time.sleep(0.05)
-        assert not alive(child), "the vLLM child outlived its killed parent"
+        assert not any(alive(pid) for pid in children), "the vLLM child or its engine outlived its killed parent"
     finally:
         parent.kill()
-        try:
-            os.kill(child, signal.SIGKILL)
-        except (ProcessLookupError, UnboundLocalError):
-            pass
+        for pid in children if "children" in locals() else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

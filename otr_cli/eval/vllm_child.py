@@ -19,8 +19,8 @@ Protocol (one JSON file each way; the parent is ``generation.generate_vllm``):
 
 The parent starts this process in a session of its own (a signal to the parent's process group does
 not reach it) and ends it, with its group, on a stop request. Should the parent die without doing so
-(kill -9, an OOM kill), the kernel kills this process too (PR_SET_PDEATHSIG, Linux), so it never keeps
-a GPU after its rank is gone.
+(kill -9, an OOM kill), this process ends its group too (die_with_parent), so neither it nor vLLM's
+engine and worker processes keep a GPU after their rank is gone.
 """
 
 from __future__ import annotations
@@ -36,17 +36,35 @@ MISSING_VLLM = 3
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """SIGKILL this process when its parent dies (Linux; a no-op elsewhere). The parent may have died
-    before the call: then this process already belongs to another parent, and exits now."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+def end_own_group(*_) -> None:
+    """SIGKILL this process and what it started (vLLM's engine-core and worker processes, which do not
+    watch for their parent's death): its whole process group when it leads one (the parent starts it in
+    a session of its own), else itself alone."""
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process's group when its parent dies (Linux): the kernel sends SIGTERM (PR_SET_PDEATHSIG),
+    whose handler ends the group; a daemon thread that watches the parent's pid does the same should the
+    main thread be held in native code. The parent may have died before this call: then this ends now."""
+    import threading
+
+    signal.signal(signal.SIGTERM, end_own_group)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        end_own_group()
+
     if os.getppid() != parent_pid:
-        os._exit(1)
+        end_own_group()
+    threading.Thread(target=watch, name="otr-parent-watch", daemon=True).start()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
