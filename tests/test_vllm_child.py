@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -337,7 +338,7 @@ class LLM:
 '''
 
 
-def fake_vllm_python(tmp_path) -> tuple[str, "Path"]:
+def fake_vllm_python(tmp_path) -> tuple[str, Path]:
     """An interpreter path for eval.vllm.python: this Python with the fake vllm importable; and the pid file."""
     package = tmp_path / "fake_vllm" / "vllm"
     package.mkdir(parents=True)
@@ -423,6 +424,7 @@ def test_the_vllm_child_and_its_engine_die_when_their_parent_is_killed(tmp_path)
     parent_script = tmp_path / "parent.py"
     parent_script.write_text(f"""
 import sys
+from pathlib import Path
 sys.path.insert(0, {str(__import__("helpers").REPO)!r})
 from otr_cli.eval.generation import GenerationSettings, generate_vllm, vllm_child_command
 class Tok:
