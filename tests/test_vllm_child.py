@@ -454,3 +454,19 @@ generate_vllm({str(model)!r}, ["x"], GenerationSettings(backend="vllm"), tokeniz
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.mark.slow
+def test_one_vllm_engine_serves_every_benchmark_of_an_evaluation(tiny_model_dir, tmp_path):
+    from otr_cli.config import DataConfig
+    from otr_cli.eval.runner import evaluate_model
+
+    record = tmp_path / "models.jsonl"
+    child = tmp_path / "python-with-vllm"
+    child.write_text(RECORDING_CHILD.format(python=sys.executable, record=str(record)))
+    child.chmod(0o755)
+    cfg = EvalConfig(benchmarks=["synthetic_arith", "synthetic_arith_ood"], limit=3, backend="vllm", batch_size=2,
+                     vllm=VllmConfig(python=str(child)))
+    results = evaluate_model(str(tiny_model_dir), cfg, DataConfig(), tmp_path / "eval")
+    assert len(record.read_text().splitlines()) == 1  # one child, hence one engine start-up, for both
+    assert results["synthetic_arith"]["n"] == 3 and results["synthetic_arith_ood"]["n"] == 3

@@ -295,6 +295,17 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
             raise _StopNow
 
     try:
+        if settings.backend == "vllm" and len(problem_sets) > 1:
+            # One vLLM engine for every benchmark: its start-up (minutes on a CPU, about a minute on a GPU)
+            # is paid once per evaluation. The completions land in the cache, where the loop below finds them.
+            every_prompt, every_key, every_batch = [], [], []
+            for name in problem_sets:
+                base = len(every_prompt)
+                every_prompt += prompts_of[name]
+                every_key += [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts_of[name]]
+                every_batch += [[base + i for i in batch.indices] for batch in owned if batch.benchmark == name]
+            _generate(every_prompt, every_key, every_batch, cache, lazy, tokenizer, settings, ", ".join(problem_sets),
+                      vllm_engine(eval_cfg, model_cfg), eval_cfg.vllm.python, after_batch=stop_point, poll=stop_point)
         for name, problems in problem_sets.items():
             stop_point()
             prompts = prompts_of[name]
