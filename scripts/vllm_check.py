@@ -108,6 +108,47 @@ def compare_backends(args, out: Path) -> dict:
     return {"agreement": agreement, "backends": runs}
 
 
+def process_table() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, session id) of every process, from /proc."""
+    table = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        table.append((int(stat.parent.name), fields[0], int(fields[1]), int(fields[3])))
+    return table
+
+
+def killed_parent_leaves_nothing(args, out: Path) -> dict:
+    """kill -9 of `otr eval` while its vLLM child's engine starts: do the child and vLLM's engine-core and
+    worker processes (the child's session) end with it?"""
+    import signal
+
+    log = out / "orphans.log"
+    command = [args.otr_python, "-m", "otr_cli.cli", *eval_args("vllm", out / "orphans", args)]
+    with log.open("w") as handle:
+        parent = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    session, seen = None, []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and parent.poll() is None and len(seen) < 3:
+            time.sleep(1)  # the child leads a session of its own; wait for vLLM's engine core and worker in it
+            session = session or next((pid for pid, _, ppid, sid in process_table() if ppid == parent.pid and sid == pid),
+                                      None)
+            seen = [pid for pid, state, _, sid in process_table() if sid == session and state != "Z"] if session else []
+        parent.kill()
+        parent.wait()
+        time.sleep(15)
+        left = [pid for pid, state, _, sid in process_table() if session and sid == session and state != "Z"]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    for pid in left:  # ours to clean up: the session of the child this check started
+        os.kill(pid, signal.SIGKILL)
+    return {"processes_seen": len(seen), "left_15s_after_kill": len(left)}
+
+
 def train_with_vllm(args, out: Path) -> dict:
     directory = out / "train"
     log = out / "train.log"
@@ -150,6 +191,8 @@ def main(argv=None) -> int:
     report = {"model": MODEL, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
               "vllm_cpu_kvcache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "cpus": os.cpu_count()}
     report.update(compare_backends(args, out))
+    report["killed_parent"] = killed_parent_leaves_nothing(args, out)
+    print(f"kill -9 of otr eval during vLLM's start-up: {report['killed_parent']}", flush=True)
     if not args.skip_train:
         report["train"] = train_with_vllm(args, out)
     report["total_s"] = round(time.perf_counter() - started, 1)
@@ -172,6 +215,9 @@ def main(argv=None) -> int:
     if agreement[f"same_first_{PREFIX}_chars"] < args.min_prefix_agreement * agreement["problems"]:
         failures.append(f"only {agreement[f'same_first_{PREFIX}_chars']} of {agreement['problems']} completions "
                         f"share their first {PREFIX} characters")
+    orphans = report["killed_parent"]
+    if orphans["processes_seen"] < 2 or orphans["left_15s_after_kill"]:
+        failures.append(f"kill -9 of otr eval: {orphans} (the child and vLLM's processes must end with it)")
     if "train" in report and not report["train"]["periodic_eval"]:
         failures.append("the training run recorded no periodic evaluation")
     for failure in failures:
