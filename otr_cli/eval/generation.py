@@ -286,8 +286,9 @@ def generate_vllm(model_path: str, prompts: list[str], settings: GenerationSetti
                            f"directory or hub id, or use eval.backend=hf")
     engine_args = {**asdict(engine), "seed": settings.seed}
     current = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    memory = gpu_free_memory(current) if torch.cuda.is_available() else None
-    if memory is not None and engine.gpu_memory_utilization is None:
+    # Measured only when asked for: in `otr eval` the query starts a CUDA context in this process.
+    memory = gpu_free_memory(current) if engine.gpu_memory_utilization is None else None
+    if memory is not None:
         weights = model_weight_bytes(str(source.path)) // max(1, engine.tensor_parallel_size)
         engine_args["gpu_memory_utilization"] = vllm_memory_fraction(*memory, weights,
                                                                      device=f"GPU {current or 0}")
