@@ -263,7 +263,9 @@ def step_vllm_gpu(device: str, out: Path, profile: dict, model_dir: Path) -> lis
                "eval.vllm.gpu_memory_utilization=0.99"]
     result = run_step("vllm_refused_at_start", command, out, timeout)
     text = " ".join((out / result["log"]).read_text(errors="replace").split())
-    refused = "eval.vllm.gpu_memory_utilization=0.99 asks for" in text and '"step": 1' not in text
+    metrics = out / "vllm_refused" / "metrics.jsonl"
+    trained = metrics.is_file() and '"loss"' in metrics.read_text()
+    refused = "eval.vllm.gpu_memory_utilization=0.99 asks for" in text and not trained
     result.update(status="ok" if refused else "failed",
                   why="" if refused else "not refused at start-up with the eval.vllm.gpu_memory_utilization error")
     steps.append(result)
