@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 VENV_ARGS ?=
 STAMP := $(VENV)/.otr-installed
 
-.PHONY: install demo test test-fast rehearsal faults bench lint clean study wheel-check config-reference
+.PHONY: install demo test test-fast rehearsal faults bench lint clean study wheel-check config-reference vllm-check
 
 install: $(STAMP)
 
@@ -61,6 +61,11 @@ study: install
 # run from outside the checkout (~3 min on 2 cores; `make test` checks the same offline, less the install).
 wheel-check:
 	PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" scripts/check_wheel.sh
+
+# The real vLLM engine (its CPU build, in a venv of its own: .venv-vllm, built once) against the hf backend on
+# 30 GSM8K problems, and inside a short `otr train` (docs/eval.md, "vLLM"; ~15 min on 2 cores, GSM8K from the hub).
+vllm-check: install
+	PYTHON="$(PYTHON)" OTR_PYTHON="$(BIN)/python" scripts/vllm_check.sh
 
 # docs/configuration-reference.md from otr_cli/config.py and recipes/ (tests/test_config_reference.py checks it).
 config-reference: install

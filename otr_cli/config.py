@@ -304,13 +304,17 @@ class TrainerConfig:
 @dataclass
 class VllmConfig:
     # eval.backend=vllm runs vLLM in a child process that exits when done (its GPU memory is freed).
-    # Fraction of each GPU's memory vLLM may claim (weights + KV cache); inside `otr train` the
-    # trainer still holds its own, so lower this to what is free.
-    gpu_memory_utilization: float = 0.85
-    # GPUs one model is split over (tensor parallelism).
+    # Fraction of each GPU's TOTAL memory vLLM may claim (weights + KV cache). None: computed on each
+    # rank when the child starts, from what is free then (after the trainer returns its cached blocks)
+    # less a margin; `otr train` checks at its start that enough is free. Ignored on CPU.
+    gpu_memory_utilization: Optional[float] = None
+    # GPUs one model is split over (tensor parallelism); > 1 only with one rank per node.
     tensor_parallel_size: int = 1
     # Longest prompt + completion in tokens (None: the model's own limit, whose KV cache may not fit).
     max_model_len: Optional[int] = None
+    # The weights' dtype in vLLM: float32, bfloat16, float16 or auto (vLLM's choice). None: the dtype
+    # the hf backend would use (model.dtype; auto there is bfloat16 on GPU, float32 on CPU).
+    dtype: Optional[str] = None
     # Python interpreter of the vLLM child (None: otr's own); vLLM often lives in an environment of
     # its own. The child is a single file that needs only vLLM there, not otr.
     python: Optional[str] = None

@@ -125,10 +125,11 @@ KEY_HELP = {
     "eval.custom_question_field": "question field of `eval.custom_path`",
     "eval.custom_answer_field": "answer field of `eval.custom_path`",
     "eval.custom_grader": "`math`, `choice` or `code`: how `custom` is graded",
-    "eval.backend": "`hf` (transformers generate) or `vllm` (GPU; docs/eval.md, \"vLLM\")",
+    "eval.backend": "`hf` (transformers generate) or `vllm` (GPU, or vLLM's CPU build; docs/eval.md, \"vLLM\")",
     "eval.custom_path": "the `custom` benchmark's file (.jsonl, .json or .parquet)",
-    "eval.vllm.gpu_memory_utilization": "fraction of each GPU's memory vLLM may claim, in (0, 1]; inside `otr train` "
-                                        "lower it to what the trainer leaves free",
+    "eval.vllm.gpu_memory_utilization": "fraction of each GPU's total memory vLLM may claim, in (0, 1]; null: what is "
+                                        "free on the rank's GPU when vLLM starts, less a margin (checked at the start "
+                                        "of `otr train`); ignored on CPU",
     "eval.temperature": "sampling temperature (0: greedy)",
     "eval.sandbox_timeout_s": "code benchmarks: time limit of one sample's tests in the sandbox",
     "eval.sandbox_memory_mb": "code benchmarks: memory limit of one sandbox",

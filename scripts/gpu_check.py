@@ -17,6 +17,12 @@ Steps, each in its own process with a time limit, each recorded as ok / failed /
    (its host-to-device copy, forward and backward) are counted with torch.cuda.set_sync_debug_mode.
 4. ``eval_hf``, ``eval_vllm``: ``otr eval`` of the same random model on a few synthetic problems
    with each backend (vllm skipped when not importable); greedy completions compared.
+5. ``vllm_beside_trainer``, ``vllm_refused_at_start``, ``vllm_stop_signal`` (CUDA with vLLM importable,
+   else skipped): ``otr train`` of the random model with a periodic evaluation through vLLM, its
+   gpu_memory_utilization computed from what is free beside the trainer (logged, recorded); the same
+   run with eval.vllm.gpu_memory_utilization=0.99, which must be refused before its first step; and
+   SIGUSR1 sent to the run's whole process group while vLLM generates, which must save, exit with the
+   preempted status and leave no process of the vLLM child's session behind.
 
 Writes <out>/gpu_check.json and <out>/gpu_check.md (the table for docs/benchmarks/gpu.md).
 The random model's answers are meaningless: the evaluation checks that both backends start,
@@ -47,14 +53,15 @@ PROFILES = {
                   "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
         "train_steps": 20, "micro_batch": 8, "num_train": 320, "otr_k": 256, "eval_limit": 8, "max_new_tokens": 64,
         # Worst case 11.5 min (three trainings); expected well under 9 (vLLM's start-up, with its compilation, is the unknown).
-        "timeouts": {"loss_tests": 90, "bench_loss": 150, "train": 80, "eval_hf": 60, "eval_vllm": 150},
+        "timeouts": {"loss_tests": 90, "bench_loss": 150, "train": 80, "eval_hf": 60, "eval_vllm": 150, "vllm_train": 240},
     },
     "cpu": {
         "bench_shapes": "128x32x4096", "bench_rounds": 2,
         "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "head_dim": 8, "vocab_size": None},  # None: the tokenizer's size
         "train_steps": 2, "micro_batch": 2, "num_train": 8, "otr_k": 8, "eval_limit": 2, "max_new_tokens": 8,
-        "timeouts": {"loss_tests": 300, "bench_loss": 300, "train": 300, "eval_hf": 300, "eval_vllm": 300},
+        "timeouts": {"loss_tests": 300, "bench_loss": 300, "train": 300, "eval_hf": 300, "eval_vllm": 300,
+                     "vllm_train": 300},
     },
 }
 
@@ -195,6 +202,114 @@ def step_eval(device: str, out: Path, profile: dict, model_dir: Path, backend: s
     return result
 
 
+def vllm_train_overrides(device: str, profile: dict, model_dir: Path, run_dir: Path) -> list[str]:
+    """A 4-step training of the random model with a periodic evaluation through vLLM at step 2."""
+    return ["train", "recipe=smollm2_demo", f"model.name_or_path={model_dir}", f"run.output_dir={run_dir}",
+            "trainer.overwrite=true", "data.synthetic.num_train=32", "data.synthetic.num_validation=8",
+            "trainer.max_steps=4", f"trainer.micro_batch_size={profile['micro_batch']}", "trainer.progress=false",
+            "trainer.save_steps=0", "loss=sft", "loss.sft_warmup_steps=0", "eval.benchmarks=[synthetic_arith]",
+            "eval.before_training=false", "eval.after_warmup=false", "eval.every_steps=2",
+            f"eval.every_steps_limit={profile['eval_limit']}", f"eval.limit={profile['eval_limit']}",
+            f"eval.max_new_tokens={profile['max_new_tokens']}", "eval.backend=vllm", "eval.vllm.max_model_len=1024",
+            *(["model.dtype=bfloat16", "deepspeed.precision=bf16"] if device == "cuda" else [])]
+
+
+def process_table() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, session id) of every process, from /proc."""
+    table = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        table.append((int(stat.parent.name), fields[0], int(fields[1]), int(fields[3])))
+    return table
+
+
+def session_processes(session: int) -> list[int]:
+    """Live process ids whose session is `session` (the vLLM child leads one of its own)."""
+    return [pid for pid, state, _, sid in process_table() if sid == session and state != "Z"]
+
+
+def session_leading_children(parent: int) -> list[int]:
+    """Children of `parent` that lead a session of their own: its vLLM child."""
+    return [pid for pid, state, ppid, sid in process_table() if ppid == parent and sid == pid and state != "Z"]
+
+
+def step_vllm_gpu(device: str, out: Path, profile: dict, model_dir: Path) -> list[dict]:
+    """eval.backend=vllm inside `otr train` on a GPU: the memory default, the start-up refusal, a stop signal."""
+    import re
+    import signal
+
+    names = ("vllm_beside_trainer", "vllm_refused_at_start", "vllm_stop_signal")
+    if not has_module("vllm"):
+        return [skipped(name, "vllm is not importable on this machine") for name in names]
+    if device != "cuda":
+        return [skipped(name, "a GPU path (the CPU build runs in scripts/vllm_check.sh)") for name in names]
+    timeout = profile["timeouts"]["vllm_train"]
+    steps = []
+    run_dir = out / "vllm_beside_trainer"
+    command = [sys.executable, "-m", "otr_cli.cli", *vllm_train_overrides(device, profile, model_dir, run_dir)]
+    result = run_step("vllm_beside_trainer", command, out, timeout)
+    text = " ".join((out / result["log"]).read_text(errors="replace").split())
+    fits = re.search(r"vLLM beside the trainer: ([\d.]+) of ([\d.]+) GiB free, gpu_memory_utilization ([\d.]+)", text)
+    if fits:
+        result["free_gib"], result["total_gib"], result["gpu_memory_utilization"] = map(float, fits.groups())
+    if result["status"] == "ok" and not re.search(r'"eval/synthetic_arith"', (run_dir / "metrics.jsonl").read_text()):
+        result.update(status="failed", why="no periodic evaluation in metrics.jsonl")
+    steps.append(result)
+
+    command = [sys.executable, "-m", "otr_cli.cli", *vllm_train_overrides(device, profile, model_dir, out / "vllm_refused"),
+               "eval.vllm.gpu_memory_utilization=0.99"]
+    result = run_step("vllm_refused_at_start", command, out, timeout)
+    text = " ".join((out / result["log"]).read_text(errors="replace").split())
+    metrics = out / "vllm_refused" / "metrics.jsonl"
+    trained = metrics.is_file() and '"loss"' in metrics.read_text()
+    refused = "eval.vllm.gpu_memory_utilization=0.99 asks for" in text and not trained
+    result.update(status="ok" if refused else "failed",
+                  why="" if refused else "not refused at start-up with the eval.vllm.gpu_memory_utilization error")
+    steps.append(result)
+
+    run_dir = out / "vllm_stop_signal"
+    log_path = out / "logs" / "vllm_stop_signal.log"
+    command = [sys.executable, "-m", "otr_cli.cli", *vllm_train_overrides(device, profile, model_dir, run_dir)]
+    log(f"vllm_stop_signal: {' '.join(command)}")
+    started = time.perf_counter()
+    with log_path.open("w") as handle:
+        process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    children: list[int] = []
+    why = ""
+    try:
+        deadline = time.time() + timeout
+        while not children and time.time() < deadline and process.poll() is None:
+            time.sleep(0.5)  # the vLLM child: a process of the run whose session is its own
+            children = session_leading_children(process.pid)
+        time.sleep(20)  # inside vLLM's start-up or generation
+        os.killpg(process.pid, signal.SIGUSR1)
+        code = process.wait(timeout=120)
+        left = [pid for child in children for pid in session_processes(child)]
+        checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*")) if (run_dir / "checkpoints").is_dir() else []
+        if code != 3:
+            why = f"exit code {code}, not 3 (preempted)"
+        elif not children:
+            why = "no vLLM child was seen"
+        elif left:
+            why = f"processes of the vLLM child's session left: {left}"
+        elif not checkpoints:
+            why = "no checkpoint saved"
+    except subprocess.TimeoutExpired:
+        why = "the run did not stop within 120 s of SIGUSR1"
+    finally:
+        if process.poll() is None:
+            process.kill()
+    seconds = round(time.perf_counter() - started, 1)
+    log(f"vllm_stop_signal: {'ok' if not why else 'failed'} in {seconds} s {why}")
+    steps.append({"step": "vllm_stop_signal", "status": "failed" if why else "ok", "why": why, "seconds": seconds,
+                  "log": str(log_path.relative_to(out))})
+    return steps
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -210,6 +325,9 @@ def markdown(report: dict) -> str:
             if step.get("syncs_per_micro_step"):
                 syncs = step["syncs_per_micro_step"]
                 detail += f"; synchronisations per micro-step: first {syncs[0]}, then at most {max(syncs[1:] or [0])}"
+        elif step["step"] == "vllm_beside_trainer" and "gpu_memory_utilization" in step:
+            detail = (f"{step['free_gib']} of {step['total_gib']} GiB free beside the trainer: gpu_memory_utilization "
+                      f"{step['gpu_memory_utilization']}; {detail}")
         elif step["step"].startswith("eval_") and step["status"] == "ok":
             detail = f"{step['problems']} problems"
         elif step["step"] == "bench_loss" and step["status"] == "ok":
@@ -314,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "gpu_check_out")
     parser.add_argument("--tokenizer", default=None,
                         help=f"tokenizer directory or name (default: {TOKENIZER_DIR} if present, else {BUILTIN_TOKENIZER})")
-    parser.add_argument("--steps", default="loss_tests,bench_loss,train,eval", help="comma-separated subset")
+    parser.add_argument("--steps", default="loss_tests,bench_loss,train,eval,vllm", help="comma-separated subset")
     parser.add_argument("--objectives", default="sft,otr,otr-packed",
                         help="the objectives of the train step (sft,otr,otr-packed)")
     args = parser.parse_args(argv)
@@ -336,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         report["steps"].append(step_loss_tests(args.device, out, profile))
     if "bench_loss" in wanted:
         report["steps"].append(step_bench_loss(args.device, out, profile))
-    if wanted & {"train", "eval"}:
+    if wanted & {"train", "eval", "vllm"}:
         model_dir = out / "random_qwen3"
         log(f"random Qwen3 model -> {model_dir}")
         report["model"] = make_random_model(args.device, profile, model_dir, tokenizer)
@@ -350,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                 hf, vllm = by_backend["hf"]["completions"], by_backend["vllm"]["completions"]
                 same = sum(hf[key] == vllm.get(key) for key in hf)
                 report["greedy_agreement"] = f"{same} of {len(hf)} completions identical"
+        if "vllm" in wanted:
+            report["steps"] += step_vllm_gpu(args.device, out, profile, model_dir)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "gpu_check.md").write_text(markdown(report))

@@ -33,3 +33,13 @@ def test_gpu_check_cpu_mode_runs_every_step_and_writes_the_report(tmp_path):
     assert steps["eval_vllm"]["status"] == "skipped" and "vllm" in steps["eval_vllm"]["why"]
     table = (out / "gpu_check.md").read_text()
     assert "| train_otr | ok |" in table and "| eval_vllm | skipped |" in table
+
+
+def test_gpu_check_reports_its_vllm_training_steps_as_skipped_with_the_reason_off_a_gpu(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "has_module", lambda name: True)  # vLLM importable, but no GPU
+    steps = gpu_check.step_vllm_gpu("cpu", tmp_path, gpu_check.PROFILES["cpu"], tmp_path)
+    assert [s["step"] for s in steps] == ["vllm_beside_trainer", "vllm_refused_at_start", "vllm_stop_signal"]
+    assert all(s["status"] == "skipped" and "GPU" in s["why"] for s in steps)

@@ -52,7 +52,7 @@ OUT_OF_RANGE = {
     "launcher.dist_timeout_min": ["0"], "launcher.data_timeout_min": ["0"], "launcher.signal": ["KILL"],
     "eval.batch_size": ["0"], "eval.max_new_tokens": ["0"], "eval.limit": ["0"], "eval.num_samples": ["0"],
     "eval.top_p": ["0", "1.5"], "eval.temperature": ["-1"], "eval.backend": ["tgi"], "eval.benchmarks": ["[nope]"],
-    "eval.vllm.gpu_memory_utilization": ["0", "1.5"], "eval.vllm.tensor_parallel_size": ["0"],
+    "eval.vllm.gpu_memory_utilization": ["0", "1.5"], "eval.vllm.tensor_parallel_size": ["0"], "eval.vllm.dtype": ["fp8"],
     "eval.code_workers": ["0"], "eval.sandbox_memory_mb": ["0"],
 }
 WRONG_TYPE = {"int": ["abc", "1.5", "[1,2]"], "float": ["abc", "1e", "[1]"], "bool": ["maybe", "abc", "[1]"],

@@ -60,6 +60,10 @@ def check_eval_run(cfg) -> EvalRunConfig:
     if not typed.eval.benchmarks:
         raise ConfigError("eval.benchmarks is empty; e.g. eval.benchmarks=[gsm8k,svamp] or eval=math")
     check_eval_config(typed.eval)
+    if typed.eval.backend == "vllm":
+        from otr_cli.eval.generation import check_vllm_placement, ranks_per_node
+
+        check_vllm_placement(typed.eval.vllm.tensor_parallel_size, ranks_per_node())
     # The data keys mean what they mean in training (the prompts are rendered as the training text was).
     validate_data(typed.data)
     return typed

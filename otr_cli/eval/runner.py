@@ -93,8 +93,12 @@ def check_eval_config(eval_cfg: EvalConfig) -> None:
     if eval_cfg.backend not in ("hf", "vllm"):
         raise ConfigError(f"eval.backend={eval_cfg.backend!r} is not one of hf, vllm")
     vllm = eval_cfg.vllm
-    if not 0 < vllm.gpu_memory_utilization <= 1:
-        raise ConfigError(f"eval.vllm.gpu_memory_utilization={vllm.gpu_memory_utilization} must be in (0, 1]")
+    if vllm.gpu_memory_utilization is not None and not 0 < vllm.gpu_memory_utilization <= 1:
+        raise ConfigError(f"eval.vllm.gpu_memory_utilization={vllm.gpu_memory_utilization} must be in (0, 1] "
+                          f"(or null: what is free)")
+    if vllm.dtype is not None and vllm.dtype not in VLLM_DTYPES:
+        raise ConfigError(f"eval.vllm.dtype={vllm.dtype!r} is not one of {', '.join(VLLM_DTYPES)} (or null: the "
+                          f"hf backend's)")
     if vllm.tensor_parallel_size < 1:
         raise ConfigError(f"eval.vllm.tensor_parallel_size={vllm.tensor_parallel_size} must be >= 1")
     if vllm.max_model_len is not None and vllm.max_model_len <= eval_cfg.max_new_tokens:
@@ -102,12 +106,29 @@ def check_eval_config(eval_cfg: EvalConfig) -> None:
                           f"{eval_cfg.max_new_tokens} (it bounds prompt + completion)")
 
 
-def vllm_engine(eval_cfg: EvalConfig) -> VllmEngineSettings:
+VLLM_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def vllm_dtype(eval_cfg: EvalConfig, model_cfg: Optional[ModelConfig] = None,
+               cuda: Optional[bool] = None) -> str:
+    """eval.vllm.dtype, or (null) the dtype the hf backend loads the model in, so the two compare like with like."""
+    if eval_cfg.vllm.dtype is not None:
+        return eval_cfg.vllm.dtype
+    from otr_cli.models import default_dtype
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    dtype = default_dtype((model_cfg or ModelConfig()).dtype, torch.device("cuda" if cuda else "cpu"))
+    return str(dtype).removeprefix("torch.")
+
+
+def vllm_engine(eval_cfg: EvalConfig, model_cfg: Optional[ModelConfig] = None) -> VllmEngineSettings:
     """eval.vllm.* as the child process's engine settings."""
     vllm = eval_cfg.vllm
-    return VllmEngineSettings(gpu_memory_utilization=float(vllm.gpu_memory_utilization),
-                              tensor_parallel_size=int(vllm.tensor_parallel_size),
-                              max_model_len=int(vllm.max_model_len) if vllm.max_model_len is not None else None)
+    return VllmEngineSettings(
+        gpu_memory_utilization=float(vllm.gpu_memory_utilization) if vllm.gpu_memory_utilization is not None else None,
+        tensor_parallel_size=int(vllm.tensor_parallel_size),
+        max_model_len=int(vllm.max_model_len) if vllm.max_model_len is not None else None,
+        dtype=vllm_dtype(eval_cfg, model_cfg))
 
 
 def _settings(eval_cfg: EvalConfig) -> GenerationSettings:
@@ -137,9 +158,10 @@ class _LazyModel:
 def _generate(prompts: list[str], keys: list[str], batches: list[list[int]], cache: GenerationCache,
               lazy: _LazyModel, tokenizer, settings: GenerationSettings, name: str,
               engine: VllmEngineSettings = VllmEngineSettings(), python: Optional[str] = None,
-              after_batch: Callable[[], None] = lambda: None) -> list[Optional[list[str]]]:
+              after_batch: Callable[[], None] = lambda: None, poll: Callable[[], None] = lambda: None) -> list[Optional[list[str]]]:
     """Completions of the prompts in `batches` (None for the others), generating only what the cache lacks.
-    `after_batch` runs once each generated batch is cached (it may raise to stop).
+    `after_batch` runs once each generated batch is cached (it may raise to stop); `poll` runs every
+    half second while the vLLM child generates (it may raise to stop: the child is then ended).
 
     A batch is all cached or all missing after an interruption (completions are cached per batch), so
     a resumed evaluation generates exactly the batches an uninterrupted one would have.
@@ -150,19 +172,21 @@ def _generate(prompts: list[str], keys: list[str], batches: list[list[int]], cac
     missing = sum(len(batch) for batch in missing_batches)
     if missing:
         log.info("%s: generating %d of %d prompts (%d cached)", name, missing, len(wanted), len(wanted) - missing)
+        if settings.backend != "vllm":
+            lazy.get()  # loaded before the clock starts: the times logged below are generation alone
         started, done = time.time(), [0]
 
         def on_batch(indices: list[int], batch: list[list[str]]) -> None:
             cache.put_many([(keys[i], samples) for i, samples in zip(indices, batch)])
             done[0] += len(indices)
-            log.info("%s: %d/%d generated (%.0f s)", name, done[0], missing, time.time() - started)
+            log.info("%s: %d/%d generated (%.1f s)", name, done[0], missing, time.time() - started)
             after_batch()
 
         if settings.backend == "vllm":
             subset = [i for batch in missing_batches for i in batch]
             generate_vllm(lazy.model_path, [prompts[i] for i in subset], settings,
-                          lambda positions, batch: on_batch([subset[p] for p in positions], batch), engine=engine,
-                          command=vllm_child_command(python))
+                          lambda positions, batch: on_batch([subset[p] for p in positions], batch),
+                          tokenizer=tokenizer, engine=engine, command=vllm_child_command(python), poll=poll)
         else:
             generate_hf(lazy.get(), tokenizer, prompts, settings, batch_size=max(map(len, missing_batches)),
                         on_batch=on_batch, batches=missing_batches)
@@ -271,6 +295,17 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
             raise _StopNow
 
     try:
+        if settings.backend == "vllm" and len(problem_sets) > 1:
+            # One vLLM engine for every benchmark: its start-up (minutes on a CPU, about a minute on a GPU)
+            # is paid once per evaluation. The completions land in the cache, where the loop below finds them.
+            every_prompt, every_key, every_batch = [], [], []
+            for name in problem_sets:
+                base = len(every_prompt)
+                every_prompt += prompts_of[name]
+                every_key += [cache_key(fingerprint, prompt, settings.as_key()) for prompt in prompts_of[name]]
+                every_batch += [[base + i for i in batch.indices] for batch in owned if batch.benchmark == name]
+            _generate(every_prompt, every_key, every_batch, cache, lazy, tokenizer, settings, ", ".join(problem_sets),
+                      vllm_engine(eval_cfg, model_cfg), eval_cfg.vllm.python, after_batch=stop_point, poll=stop_point)
         for name, problems in problem_sets.items():
             stop_point()
             prompts = prompts_of[name]
@@ -278,7 +313,8 @@ def evaluate_model(model_path: str, eval_cfg: EvalConfig, data_cfg: DataConfig, 
             batches = [list(batch.indices) for batch in owned if batch.benchmark == name]
             mine = sorted(i for batch in batches for i in batch)
             completions = _generate(prompts, keys, batches, cache, lazy, tokenizer, settings, name,
-                                    vllm_engine(eval_cfg), eval_cfg.vllm.python, after_batch=stop_point)
+                                    vllm_engine(eval_cfg, model_cfg), eval_cfg.vllm.python, after_batch=stop_point,
+                                    poll=stop_point)
             stop_point()
             mine_completions = [completions[i] for i in mine]
             rows = _rows([problems[i] for i in mine], [prompts[i] for i in mine], mine_completions,

@@ -31,6 +31,10 @@ def check_train_config(cfg):
 
     typed = validate(cfg)
     check_eval_config(typed.eval)
+    if typed.eval.backend == "vllm" and typed.eval.benchmarks:
+        from otr_cli.eval.generation import check_vllm_placement, ranks_per_node
+
+        check_vllm_placement(typed.eval.vllm.tensor_parallel_size, ranks_per_node())
     return typed
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -603,6 +603,48 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def check_vllm_fits_beside_trainer(cfg: TrainConfig, model, device: torch.device,
+                                   memory: Optional[Callable[[], Optional[tuple[int, int]]]] = None) -> None:
+    """At the start of a run whose evaluations during training use vLLM (eval.every_steps or
+    eval.after_warmup): is enough GPU memory free beside the trainer's resident state (weights, ZeRO
+    partitions, optimizer states) for the vLLM child that the first evaluation starts? Hours later is
+    too late to learn it. Every rank measures its own GPU (after returning the allocator's cache) and
+    the verdict is all-reduced, so every rank raises the same ConfigError or none does.
+    `memory`: (free, total) bytes of this rank's GPU (tests fake it); None without CUDA.
+    """
+    from otr_cli.config import ConfigError
+    from otr_cli.eval.generation import gpu_free_memory, vllm_memory_fraction
+    from otr_cli.eval.runner import vllm_dtype
+
+    eval_cfg = cfg.eval
+    if eval_cfg.backend != "vllm" or not eval_cfg.benchmarks or not (eval_cfg.every_steps > 0 or eval_cfg.after_warmup):
+        return
+    if memory is None:
+        if device.type != "cuda":
+            return  # vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE
+        release_memory()
+        memory = lambda: gpu_free_memory(device.index)  # noqa: E731
+    measured = memory()
+    if measured is None:
+        return
+    free, total = measured
+    bytes_per_parameter = 4 if vllm_dtype(eval_cfg, cfg.model, cuda=True) == "float32" else 2
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    weights = parameters * bytes_per_parameter // max(1, eval_cfg.vllm.tensor_parallel_size)
+    verdict = ""
+    try:
+        fraction = vllm_memory_fraction(free, total, weights, eval_cfg.vllm.gpu_memory_utilization,
+                                        device=f"GPU {device.index if device.index is not None else 0}")
+        log.info("vLLM beside the trainer: %.1f of %.1f GiB free, gpu_memory_utilization %.3f",
+                 free / 2**30, total / 2**30, fraction)
+    except ConfigError as err:
+        verdict = str(err)
+    failed = all_reduce_sum([1.0 if verdict else 0.0], device)[0]
+    if failed:
+        raise ConfigError(verdict or f"eval.vllm.gpu_memory_utilization: {int(failed)} other rank(s) have too little "
+                                     f"GPU memory free for vLLM beside the trainer (their logs say how much)")
+
+
 def _as_float(value) -> Optional[float]:
     if value is None:
         return None
@@ -680,6 +722,8 @@ def _train_in(cfg: TrainConfig, dist_info: DistInfo, output_dir: Path) -> dict[s
     seed_for_rank(cfg.seed, dist_info.rank)
     if checkpoint is not None:
         trainer.resume_from(checkpoint, resume_plan)
+    # The trainer's state is all resident now: would the first evaluation's vLLM fit beside it?
+    check_vllm_fits_beside_trainer(cfg, engine.lm, trainer.device)
     if data_change is not None and dist_info.is_main:
         warning = f"resumed with trainer.resume_with_changed_data=true: {data_change}"
         log.warning(warning)
