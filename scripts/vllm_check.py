@@ -1,6 +1,7 @@
 """The real vLLM engine against the hf backend, and inside `otr train` (run by scripts/vllm_check.sh).
 
-1. `otr eval` of the built-in SmolLM2-135M-Instruct on the first --limit GSM8K test problems, greedy,
+1. `otr eval` of the built-in SmolLM2-135M-Instruct on the first --limit problems of --benchmark (the
+   built-in synthetic_arith by default: no download; gsm8k with --data-dir or the hub), greedy,
    once with eval.backend=hf and once with eval.backend=vllm (eval.vllm.python: the vLLM venv's). Both
    load the weights in the same dtype (eval.vllm.dtype follows the hf backend's: float32 on CPU).
    Reported: identical completions (and where the first difference starts otherwise), accuracy, and
@@ -46,13 +47,13 @@ def flat(log: Path) -> str:
     return " ".join(log.read_text().split())
 
 
-def generation_seconds(log: Path, backend: str) -> float:
+def generation_seconds(log: Path, backend: str, benchmark: str) -> float:
     """Generation alone: vLLM's own clock (engine start-up excluded), or the hf backend's clock from its
     first batch to its last (the model loaded before it starts)."""
     text = flat(log)
     if backend == "vllm":
         return sum(float(s) for s in re.findall(r"vLLM generated \d+ tokens in ([\d.]+) s", text))
-    return float(re.findall(r"gsm8k: \d+/\d+ generated \(([\d.]+) s\)", text)[-1])
+    return float(re.findall(re.escape(benchmark) + r": \d+/\d+ generated \(([\d.]+) s\)", text)[-1])
 
 
 def first_difference(left: str, right: str) -> int:
@@ -60,7 +61,7 @@ def first_difference(left: str, right: str) -> int:
 
 
 def eval_args(backend: str, out: Path, args) -> list[str]:
-    common = ["eval", f"model={MODEL}", "eval.benchmarks=[gsm8k]", f"eval.limit={args.limit}",
+    common = ["eval", f"model={MODEL}", f"eval.benchmarks=[{args.benchmark}]", f"eval.limit={args.limit}",
               f"eval.max_new_tokens={args.max_new_tokens}", "eval.cache=false", f"run.output_dir={out}",
               f"eval.backend={backend}"]
     if args.data_dir:
@@ -81,10 +82,10 @@ def compare_backends(args, out: Path) -> dict:
         directory = out / f"eval_{backend}"
         log = out / f"eval_{backend}.log"
         wall = run_otr(args.otr_python, eval_args(backend, directory, args), log)
-        rows = [json.loads(line) for line in (directory / "eval" / "gsm8k.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (directory / "eval" / f"{args.benchmark}.jsonl").read_text().splitlines()]
         tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in rows)
-        seconds = generation_seconds(log, backend)
-        results = json.loads((directory / "eval" / "results.json").read_text())["benchmarks"]["gsm8k"]
+        seconds = generation_seconds(log, backend, args.benchmark)
+        results = json.loads((directory / "eval" / "results.json").read_text())["benchmarks"][args.benchmark]
         runs[backend] = {"rows": rows, "wall_s": round(wall, 1), "generation_s": round(seconds, 2), "tokens": tokens,
                          "tokens_per_s": round(tokens / seconds, 1), "tokens_per_s_with_startup": round(tokens / wall, 1),
                          "accuracy": results["accuracy"], "correct": results["correct"], "n": results["n"]}
@@ -174,7 +175,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vllm-python", required=True, help="the interpreter of the venv that has vLLM")
     parser.add_argument("--otr-python", default=sys.executable)
     parser.add_argument("--out", default=str(REPO / "outputs" / "vllm_check"))
-    parser.add_argument("--data-dir", help="eval.data_dir holding gsm8k/test.jsonl (default: openai/gsm8k from the hub)")
+    parser.add_argument("--benchmark", default="synthetic_arith",
+                        help="the problems: synthetic_arith (built in, no download) or a benchmark such as gsm8k")
+    parser.add_argument("--data-dir", help="eval.data_dir holding <benchmark>/test.jsonl (default: the hub)")
     parser.add_argument("--limit", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--max-model-len", type=int, default=1024)
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
     started = time.perf_counter()
-    report = {"model": MODEL, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+    report = {"model": MODEL, "benchmark": args.benchmark, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
               "vllm_cpu_kvcache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "cpus": os.cpu_count()}
     report.update(compare_backends(args, out))
     report["killed_parent"] = killed_parent_leaves_nothing(args, out)
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
     report["total_s"] = round(time.perf_counter() - started, 1)
     (out / "vllm_check.json").write_text(json.dumps(report, indent=2))
     agreement, runs = report["agreement"], report["backends"]
-    print(f"\nvLLM check ({MODEL}, first {args.limit} GSM8K test problems, greedy, {args.max_new_tokens} new tokens)")
+    print(f"\nvLLM check ({MODEL}, first {args.limit} {args.benchmark} problems, greedy, {args.max_new_tokens} new tokens)")
     print(f"identical completions: {agreement['identical']}/{agreement['problems']}; same first {PREFIX} characters: "
           f"{agreement[f'same_first_{PREFIX}_chars']}; median first difference at character "
           f"{agreement['median_first_difference']}")

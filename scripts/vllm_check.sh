@@ -2,7 +2,9 @@
 # The real vLLM engine (its CPU build) against the hf backend, and inside `otr train` (docs/eval.md, "vLLM").
 #
 #   scripts/vllm_check.sh                        # builds .venv-vllm once, then runs scripts/vllm_check.py
-#   EVAL_DATA_DIR=DIR scripts/vllm_check.sh      # GSM8K from DIR/gsm8k/test.jsonl instead of the hub
+#   BENCHMARK=gsm8k scripts/vllm_check.sh        # GSM8K's test problems from the hub (default: the built-in
+#                                                # synthetic_arith problems, which need no download)
+#   BENCHMARK=gsm8k EVAL_DATA_DIR=DIR scripts/vllm_check.sh   # GSM8K from DIR/gsm8k/test.jsonl
 #
 # vLLM pins its own torch, so it lives in a venv of its own (.venv-vllm, gitignored) and otr reaches it
 # through eval.vllm.python. The CPU build's wheels of torchvision, torchaudio and torchcodec are built for
@@ -30,4 +32,5 @@ fi
 "$VENV/bin/python" -c "import vllm" 2>/dev/null || { echo "$VENV cannot import vllm; remove it and run again" >&2; exit 1; }
 
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
-exec "$OTR_PY" scripts/vllm_check.py --vllm-python "$VENV/bin/python" ${EVAL_DATA_DIR:+--data-dir "$EVAL_DATA_DIR"} "$@"
+exec "$OTR_PY" scripts/vllm_check.py --vllm-python "$VENV/bin/python" ${BENCHMARK:+--benchmark "$BENCHMARK"} \
+  ${EVAL_DATA_DIR:+--data-dir "$EVAL_DATA_DIR"} "$@"

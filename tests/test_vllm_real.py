@@ -31,7 +31,8 @@ def vllm_venv_python() -> str:
 def test_the_real_vllm_engine_agrees_with_the_hf_backend_and_evaluates_inside_training(tmp_path):
     python = vllm_venv_python()
     out = tmp_path / "vllm_check"
-    data = ["--data-dir", str(SHARED_DATA)] if (SHARED_DATA / "gsm8k" / "test.jsonl").is_file() else []
+    data = (["--benchmark", "gsm8k", "--data-dir", str(SHARED_DATA)] if (SHARED_DATA / "gsm8k" / "test.jsonl").is_file()
+            else [])  # the built-in synthetic_arith problems otherwise
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "vllm_check.py"), "--vllm-python", python,
                              "--out", str(out), "--limit", "10", *data],
                             env=subprocess_env() | {"VLLM_CPU_KVCACHE_SPACE": "1"}, capture_output=True, text=True,
