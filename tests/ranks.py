@@ -14,7 +14,8 @@ from helpers import REPO, subprocess_env
 
 def start_ranks(args: list[str], log_dir: Path, world: int = 2, extra_env: dict[str, str] | None = None,
                 script: str | None = None, one_process_group: bool = False) -> list[subprocess.Popen]:
-    """`python -m otr_cli.cli ARGS` (or `python SCRIPT ARGS`) once per rank; output in log_dir/rank<N>.log.
+    """`python tests/rank_main.py ARGS` (`otr` that also fails a rank leaving its process groups up) or
+    `python SCRIPT ARGS` once per rank; output in log_dir/rank<N>.log.
 
     one_process_group: the ranks share a process group of their own (rank 0's pid), as the processes of a
     terminal's foreground job do, so that `os.killpg(ranks[0].pid, SIGINT)` is what a Ctrl-C there sends.
@@ -22,7 +23,7 @@ def start_ranks(args: list[str], log_dir: Path, world: int = 2, extra_env: dict[
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    program = [sys.executable, script] if script else [sys.executable, "-m", "otr_cli.cli"]
+    program = [sys.executable, script or str(Path(__file__).parent / "rank_main.py")]
     processes = []
     for rank in range(world):
         env = subprocess_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 
-from otr_cli.cli import main
 from otr_cli.eval.generation_cache import GenerationCache
+from rank_main import run
 
 original_put_many = GenerationCache.put_many
 signalled = [False]
@@ -27,4 +27,4 @@ def put_many_then_signal(self, items):
 GenerationCache.put_many = put_many_then_signal
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(sys.argv[1:])

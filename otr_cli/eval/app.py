@@ -75,14 +75,17 @@ def eval_task(cfg) -> Optional[dict]:
     from otr_cli.errors import UserError, fail
     from otr_cli.eval.runner import evaluate_model
     from otr_cli.eval.sharding import shard_from_environment
+    from otr_cli.process_groups import end_process_groups
 
     try:
         typed = check_eval_run(cfg)
         configure_logging()
         out = output_dir(typed) / "eval"
         shard = shard_from_environment()
-        return evaluate_model(typed.model.name_or_path, typed.eval, typed.data, out, model_cfg=typed.model,
-                              print_table=shard.is_main, shard=shard)
+        scores = evaluate_model(typed.model.name_or_path, typed.eval, typed.data, out, model_cfg=typed.model,
+                                print_table=shard.is_main, shard=shard)
+        end_process_groups()
+        return scores
     except UserError as err:
         fail(str(err))
     return None

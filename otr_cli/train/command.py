@@ -56,6 +56,7 @@ def train_task(cfg) -> Optional[dict]:
 
 def _train(typed) -> dict:
     """A training run that stops cleanly on preemption signals and takes every rank down on an error."""
+    from otr_cli.process_groups import end_process_groups
     from otr_cli.train import faults, preemption
     from otr_cli.train.distributed import populate_env_from_launcher
     from otr_cli.train.loop import resolve_output_dir, run_training
@@ -67,11 +68,14 @@ def _train(typed) -> dict:
         with preemption.watching():
             try:
                 with faults.stop_all_ranks_on_error(run_state, (UserError,)):
-                    return run_training(typed)
+                    summary = run_training(typed)
+                end_process_groups()  # outside: the run is finished and recorded whatever happens here
+                return summary
             except preemption.Preempted as stop:
                 # Still inside watching(): requeuing makes SLURM send this job a SIGTERM, which must not kill it
                 # before it has said what it did.
                 status = preemption.after_preemption(stop, int(os.environ["RANK"]), typed.launcher.max_requeues)
+                end_process_groups()  # after rank 0's requeue: the other ranks wait for it here
     except KeyboardInterrupt:
         stopped_at_once(run_state)
     if preemption.stopped_on_ctrl_c():
