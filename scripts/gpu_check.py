@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_check import process_table  # scripts/ is this script's directory, first on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "wheels" / "tokenizer"  # filled by gpu_check.sh --prepare (the GPU machine has no network)
 BUILTIN_TOKENIZER = "smollm2-135m-instruct"
@@ -212,18 +214,6 @@ def vllm_train_overrides(device: str, profile: dict, model_dir: Path, run_dir: P
             f"eval.every_steps_limit={profile['eval_limit']}", f"eval.limit={profile['eval_limit']}",
             f"eval.max_new_tokens={profile['max_new_tokens']}", "eval.backend=vllm", "eval.vllm.max_model_len=1024",
             *(["model.dtype=bfloat16", "deepspeed.precision=bf16"] if device == "cuda" else [])]
-
-
-def process_table() -> list[tuple[int, str, int, int]]:
-    """(pid, state, parent pid, session id) of every process, from /proc."""
-    table = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        table.append((int(stat.parent.name), fields[0], int(fields[1]), int(fields[3])))
-    return table
 
 
 def session_processes(session: int) -> list[int]:

@@ -128,15 +128,21 @@ Path(sys.argv[3]).write_text(json.dumps({{"completions": [["42"] * n for _ in re
 """
 
 
+def recording_child(tmp_path: Path) -> tuple[Path, Path]:
+    """(a stand-in vLLM interpreter running RECORDING_CHILD, the file where it records each model it was given)."""
+    record = tmp_path / "models.jsonl"
+    child = tmp_path / "python-with-vllm"
+    child.write_text(RECORDING_CHILD.format(python=sys.executable, record=str(record)))
+    child.chmod(0o755)
+    return child, record
+
+
 @pytest.mark.slow
 def test_training_with_vllm_evaluation_hands_the_child_an_exported_directory(tiny_model_dir, tmp_path):
     from helpers import tiny_overrides
     from otr_cli.cli import main
 
-    record = tmp_path / "models.jsonl"
-    child = tmp_path / "python-with-vllm"
-    child.write_text(RECORDING_CHILD.format(python=sys.executable, record=str(record)))
-    child.chmod(0o755)
+    child, record = recording_child(tmp_path)
     main(["train", *tiny_overrides(tiny_model_dir, tmp_path / "run", "trainer.max_steps=2", "trainer.save_steps=0",
                                    "eval.benchmarks=[synthetic_arith]", "eval.every_steps=1",
                                    "eval.every_steps_limit=2", "eval.limit=2", "eval.backend=vllm",
@@ -461,10 +467,7 @@ def test_one_vllm_engine_serves_every_benchmark_of_an_evaluation(tiny_model_dir,
     from otr_cli.config import DataConfig
     from otr_cli.eval.runner import evaluate_model
 
-    record = tmp_path / "models.jsonl"
-    child = tmp_path / "python-with-vllm"
-    child.write_text(RECORDING_CHILD.format(python=sys.executable, record=str(record)))
-    child.chmod(0o755)
+    child, record = recording_child(tmp_path)
     cfg = EvalConfig(benchmarks=["synthetic_arith", "synthetic_arith_ood"], limit=3, backend="vllm", batch_size=2,
                      vllm=VllmConfig(python=str(child)))
     results = evaluate_model(str(tiny_model_dir), cfg, DataConfig(), tmp_path / "eval")
